@@ -1,0 +1,178 @@
+"""The `kd-ray` command: one subcommand per stage, each driven by its typed config.
+
+Every field of a stage's config is a flag named by its dotted YAML path
+(``--corpus.path``, ``--teachers.0.model``); flags override the ``--config`` YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel
+
+from kd_ray import __version__
+from kd_ray.config import ConfigError, load_config
+from kd_ray.errors import KdRayUserError, unwrap_user_error
+
+# subcommand -> (module with CONFIG and main(cfg), one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "label": ("kd_ray.label", "Run teacher model(s) over a corpus with Ray Data; write raw logits as Parquet."),
+    "finetune": ("kd_ray.train", "Fine-tune a teacher classifier on gold labels with Ray Train + Accelerate."),
+    "distill": ("kd_ray.train", "Train a small student on soft labels with Ray Train + Accelerate."),
+    "evaluate": ("kd_ray.evaluate", "Compare teacher and student on a held-out labeled set; write metrics.json."),
+    "run": ("kd_ray.pipeline", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
+    "validate": ("kd_ray.soft_labels", "Check a soft-label folder: schema, metadata, ids, finite logits."),
+}
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    annotation = _unwrap_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _list_section_of(annotation: Any) -> type[BaseModel] | None:
+    annotation = _unwrap_optional(annotation)
+    if typing.get_origin(annotation) is list:
+        return _section_of(typing.get_args(annotation)[0])
+    return None
+
+
+def _field_help(field) -> str:
+    parts = [field.description or ""]
+    annotation = _unwrap_optional(field.annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        parts.append("one of " + ", ".join(map(str, typing.get_args(annotation))))
+    bounds = []
+    for m in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sym} {getattr(m, attr)}")
+    if bounds:
+        parts.append("allowed: " + ", ".join(bounds))
+    parts.append("required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}")
+    return " | ".join(p for p in parts if p).replace("%", "%%")
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "") -> None:
+    group = parser.add_argument_group(prefix.rstrip(".") or "options", model.__doc__ if prefix else None)
+    for name, field in model.model_fields.items():
+        dotted = prefix + name
+        section = _section_of(field.annotation)
+        list_section = _list_section_of(field.annotation)
+        if section is not None:
+            _add_flags(parser, section, dotted + ".")
+        elif list_section is not None:
+            # documented for the first element; any index works (see _parse_overrides)
+            _add_flags(parser, list_section, dotted + ".0.")
+        else:
+            group.add_argument(
+                "--" + dotted, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=_field_help(field)
+            )
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars so that "true", "3", "0.5", "null" and "[a, b]" mean what they say.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _parse_extra(extra: list[str]) -> dict[str, Any]:
+    """Accept ``--teachers.1.model x`` style flags for list elements beyond the documented first."""
+    overrides, i = {}, 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or i + 1 >= len(extra):
+            raise ConfigError(f"unrecognised argument {token!r}; run with --help to see the flags")
+        key, i = token[2:], i + 2
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i -= 1
+        else:
+            value = extra[i - 1]
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd-ray",
+        description="Knowledge distillation of text classifiers on Ray: label a corpus with a big teacher, "
+        "train a small student on its soft labels, tune and evaluate it.",
+        epilog="Each subcommand takes --config FILE.yaml; any field can be overridden as --<yaml.path> VALUE. "
+        "Example: kd-ray label --config jobs/configs/label-demo.yaml --output.path runs/labels",
+    )
+    parser.add_argument("--version", action="version", version=f"kd-ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML config for this stage.")
+        p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
+        module = _lazy_stage(module_name, name)
+        if module is not None:
+            config_model = module.CONFIGS.get(name)
+            if config_model is not None:
+                _add_flags(p, config_model)
+    return parser
+
+
+def _lazy_stage(module_name: str, stage: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None  # stage not built yet
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    entry: Callable = module.ENTRY_POINTS[args.command]
+    config_model = module.CONFIGS.get(args.command)
+    try:
+        if config_model is None:  # commands that take positional paths, e.g. validate
+            return entry(extra)
+        overrides = {
+            k: _parse_value(v)
+            for k, v in vars(args).items()
+            if k not in {"command", "config", "print_config", "_module"}
+        }
+        overrides.update(_parse_extra(extra))
+        cfg = load_config(config_model, args.config, overrides)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
+        entry(cfg)
+        return 0
+    except ConfigError as e:
+        print(f"kd-ray {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray wraps errors raised in its workers; show the user's cause plainly
+        user_error = unwrap_user_error(e)
+        if user_error is None:
+            raise
+        print(f"kd-ray {args.command}: error: {user_error}", file=sys.stderr)
+        return 1
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Typed configs for every stage, loaded from YAML and overridden from the command line.
+
+Each stage has one pydantic model. A field's ``description`` is its CLI help, its
+default is the CLI default, and its ``ge``/``le``/``Literal`` constraints are the
+valid range. Unknown keys are refused (``extra="forbid"``), and validation reports
+every problem at once, naming the field as both its YAML key and its CLI flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None,
+        description="Ray cluster to use: null starts a local Ray instance (or joins the one a "
+        "`ray job submit` job runs in); 'auto' joins a running cluster; or ray://host:port.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for a local Ray instance (null: all of this machine's)."
+    )
+
+
+class CorpusConfig(Section):
+    path: str = Field(
+        description="Corpus: a file, folder or glob (local, s3://, gs://) of Parquet, JSON Lines, "
+        "CSV/TSV or text files; a datasets save_to_disk folder; or hf://<hub name>."
+    )
+    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "text", "hf"] = Field(
+        "auto", description="File format; 'auto' goes by extension (.parquet, .jsonl/.json, .csv, .tsv, .txt)."
+    )
+    text_column: str = Field("text", description="Column holding the post text (ignored for text files).")
+    id_column: str | None = Field(
+        None,
+        description="Column of unique row ids; null derives a stable id '<file>:<row>' from each row's position.",
+    )
+    label_column: str | None = Field(None, description="Column of gold labels, if the corpus has some.")
+    label_names: list[str] | None = Field(
+        None,
+        description="Names of the gold labels; integer labels index into this list. Needed when the "
+        "label column holds integers.",
+    )
+    split: str = Field("train", description="Split of a Hugging Face dataset (hf:// or save_to_disk folder).")
+    normalize: bool = Field(
+        False,
+        description="Social-media normalisation: @mentions -> @user, links -> http, whitespace collapsed; "
+        "emojis kept. The teacher sees and the labels store the normalised text.",
+    )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="Null, empty or non-string texts and unknown gold labels: 'error' stops with the file and "
+        "row; 'skip' keeps them out of training but records them under <output>/_rejected/ and in the summary.",
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows per file (for quick trials).")
+
+
+class TeacherConfig(Section):
+    model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id.")
+    name: str = Field(
+        "teacher",
+        pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+        description="Name of this teacher; its logits go to the column '<name>_logits'.",
+    )
+    task: str = Field("sentiment", description="Task this teacher labels (several teachers may share a task).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated and counted.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+
+
+class LabelComputeConfig(Section):
+    concurrency: int | None = Field(
+        None, ge=1, description="Teacher actors; null: one per GPU when num_gpus > 0, else one per CPU / threads."
+    )
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per teacher actor (fractions share a GPU).")
+    num_cpus: float = Field(
+        0.5,
+        gt=0,
+        le=64,
+        description="CPUs Ray reserves per teacher actor (scheduling only; threads_per_actor sets the threads). "
+        "Under 1 so that N actors on N cores leave CPUs for the read tasks: with 1 the pipeline deadlocks.",
+    )
+    threads_per_actor: int = Field(1, ge=1, le=64, description="torch threads per actor on CPU.")
+    batch_size: int = Field(64, ge=1, le=8192, description="Texts per forward pass.")
+    block_rows: int = Field(
+        2048,
+        ge=1,
+        le=1_000_000,
+        description="Rows each actor receives at a time; they are sorted by length and cut into batches, "
+        "so larger blocks waste less compute on padding.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Inference precision: 'auto' is bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU."
+    )
+
+
+class LabelOutputConfig(Section):
+    path: str = Field(description="Output folder (local, s3://, gs://) for the soft-label Parquet files.")
+    rows_per_file: int = Field(100_000, ge=1, le=10_000_000, description="Target rows per Parquet file.")
+    logits_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage type of the raw logits (float16 halves their bytes)."
+    )
+    overwrite: bool = Field(False, description="Delete an existing, different output folder instead of refusing.")
+
+
+class LabelConfig(Section):
+    """`kd-ray label`: run one or more teachers over a corpus and store their raw logits as Parquet."""
+
+    corpus: CorpusConfig
+    teachers: list[TeacherConfig] = Field(min_length=1, description="Teachers to run; each adds a logits column.")
+    compute: LabelComputeConfig = Field(default_factory=LabelComputeConfig)
+    output: LabelOutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_teacher_names(self) -> LabelConfig:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique, got {dupes} more than once")
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``_set_dotted(t, "teachers.0.model", "x")`` sets ``t["teachers"][0]["model"]``."""
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in dotted.split(".")]
+    node: Any = tree
+    for key, next_key in zip(keys[:-1], keys[1:]):
+        empty: Any = [] if isinstance(next_key, int) else {}
+        if isinstance(key, int):
+            while len(node) <= key:
+                node.append({})
+            if not isinstance(node[key], type(empty)):
+                node[key] = empty
+        elif not isinstance(node.get(key), type(empty)):
+            node[key] = empty
+        node = node[key]
+    last = keys[-1]
+    if isinstance(last, int):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        flag = "--" + ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+        got = e.get("input")
+        got_text = "" if e["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '<top>'}: {e['msg']}{got_text}  [YAML key '{loc}', flag {flag}]")
+    return "\n".join(lines)
+
+
+def load_config(model: type[BaseModel], path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Build ``model`` from a YAML file plus dotted overrides (``{"corpus.path": "x"}``)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(tree).__name__}")
+        source = str(path)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " + command-line overrides"
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,30 @@
+"""Errors that mean "the input or config is wrong", as opposed to bugs."""
+
+from __future__ import annotations
+
+
+class KdRayUserError(ValueError):
+    """Bad input: the message names the file, row or field and what is allowed."""
+
+
+class CorpusError(KdRayUserError):
+    """A corpus file or row that cannot be labeled."""
+
+
+class ModelError(KdRayUserError):
+    """A teacher or student model that cannot be loaded or used."""
+
+
+class SoftLabelError(KdRayUserError):
+    """A soft-label folder whose schema, metadata or values do not match what is asked."""
+
+
+def unwrap_user_error(exc: BaseException) -> KdRayUserError | None:
+    """Find the KdRayUserError behind an exception, through Ray's task-error wrappers."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KdRayUserError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,228 @@
+"""Knowledge-distillation losses for text classifiers. Plain torch: no Ray, no Accelerate.
+
+Convention: ``alpha`` weighs the distillation term.
+
+    loss = alpha * distillation(student, teacher) + (1 - alpha) * CE(student, gold)
+
+``alpha=1`` is pure distillation, ``alpha=0`` is plain cross-entropy on the gold labels.
+The KL term is multiplied by ``T^2`` so the soft-target gradients keep the same
+magnitude whatever the temperature (Hinton et al. 2015, "Distilling the Knowledge in
+a Neural Network"). Other libraries differ: torchdistill puts ``alpha`` on the hard
+(gold) label and TextBrewer drops the ``T^2`` factor, so their hyperparameters do not
+transfer here unchanged.
+
+Rows whose gold label equals ``ignore_index`` (e.g. an unlabelled transfer set) add
+only the distillation term; the cross-entropy is averaged over labelled rows alone and
+is 0 when a batch has none.
+
+Shapes: logits are ``(batch, num_classes)`` floats, gold labels ``(batch,)`` long.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.ndim != 2 or teacher_logits.ndim != 2:
+        raise ValueError(
+            "student_logits and teacher_logits must be (batch, num_classes), got shapes "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[1] != teacher_logits.shape[1]:
+        raise ValueError(
+            f"student has {student_logits.shape[1]} classes but teacher has "
+            f"{teacher_logits.shape[1]}; their label sets must match"
+        )
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(
+            f"student batch size {student_logits.shape[0]} != teacher batch size "
+            f"{teacher_logits.shape[0]}"
+        )
+
+
+def gold_cross_entropy(
+    student_logits: Tensor, gold_labels: Tensor | None, *, ignore_index: int = -100
+) -> Tensor:
+    """Cross-entropy averaged over rows whose gold label is not ``ignore_index``.
+
+    Args:
+        student_logits: (batch, num_classes)
+        gold_labels: (batch,) long, or None when no row has a gold label.
+
+    Returns:
+        Scalar float32; 0 (with zero gradient) when no row has a gold label.
+    """
+    logits = student_logits.float()
+    if gold_labels is None:
+        return logits.sum() * 0.0
+    if gold_labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"gold_labels must be (batch,) = ({logits.shape[0]},), got {tuple(gold_labels.shape)}"
+        )
+    # sum / count rather than reduction="mean": the mean is 0/0 = NaN on an all-unlabelled batch.
+    summed = F.cross_entropy(logits, gold_labels, ignore_index=ignore_index, reduction="sum")
+    num_labelled = (gold_labels != ignore_index).sum().clamp(min=1)
+    return summed / num_labelled
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    gold_labels: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, gold)``.
+
+    The KL uses ``reduction="batchmean"`` (sum over classes, mean over all rows).
+
+    Args:
+        student_logits: (batch, num_classes)
+        teacher_logits: (batch, num_classes)
+        gold_labels: (batch,) long; ``ignore_index`` marks rows without a gold label.
+        temperature: softening temperature T > 0.
+        alpha: weight of the distillation term, in [0, 1].
+
+    Returns:
+        Scalar float32 loss.
+    """
+    _check_temperature(temperature)
+    _check_alpha(alpha)
+    _check_logits(student_logits, teacher_logits)
+    # Upcast: softmax/KL in bf16 loses the small probabilities that soft targets carry.
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+    ce = gold_cross_entropy(student_logits, gold_labels, ignore_index=ignore_index)
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+def mse_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    gold_labels: Tensor | None,
+    *,
+    alpha: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``alpha * MSE(student_logits, teacher_logits) + (1 - alpha) * CE(student, gold)``.
+
+    Logit matching (Ba & Caruana 2014); the MSE is the mean over all batch * num_classes
+    entries. Shapes as in ``distill_loss``.
+    """
+    _check_alpha(alpha)
+    _check_logits(student_logits, teacher_logits)
+    mse = F.mse_loss(student_logits.float(), teacher_logits.float())
+    ce = gold_cross_entropy(student_logits, gold_labels, ignore_index=ignore_index)
+    return alpha * mse + (1 - alpha) * ce
+
+
+def hard_label_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    gold_labels: Tensor | None,
+    *,
+    alpha: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """``alpha * CE(student, argmax teacher) + (1 - alpha) * CE(student, gold)``.
+
+    Pseudo-labelling: the teacher's top class is the target for every row. Shapes as in
+    ``distill_loss``.
+    """
+    _check_alpha(alpha)
+    _check_logits(student_logits, teacher_logits)
+    teacher_labels = teacher_logits.argmax(dim=-1)
+    pseudo = F.cross_entropy(student_logits.float(), teacher_labels)
+    ce = gold_cross_entropy(student_logits, gold_labels, ignore_index=ignore_index)
+    return alpha * pseudo + (1 - alpha) * ce
+
+
+def combine_teacher_logits(
+    teacher_logits: Sequence[Tensor], weights: Sequence[float] | None = None
+) -> Tensor:
+    """Weighted average of several teachers' logits for the same task.
+
+    Logits are averaged rather than probabilities so the result is what a single teacher
+    would emit: the temperature then softens it exactly as it would one teacher's output.
+
+    Args:
+        teacher_logits: n_teachers tensors, each (batch, num_classes).
+        weights: n_teachers non-negative weights, normalised to sum to 1; None = equal.
+
+    Returns:
+        (batch, num_classes) float32
+    """
+    if len(teacher_logits) == 0:
+        raise ValueError("teacher_logits is empty; need at least one teacher")
+    first_shape = tuple(teacher_logits[0].shape)
+    for i, logits in enumerate(teacher_logits):
+        if logits.ndim != 2:
+            raise ValueError(f"teacher {i} logits must be (batch, num_classes), got {tuple(logits.shape)}")
+        if logits.shape[1] != first_shape[1]:
+            raise ValueError(
+                f"teacher {i} has {logits.shape[1]} classes but teacher 0 has {first_shape[1]}; "
+                "combined teachers must share one label set"
+            )
+        if logits.shape[0] != first_shape[0]:
+            raise ValueError(
+                f"teacher {i} batch size {logits.shape[0]} != teacher 0 batch size {first_shape[0]}"
+            )
+    if weights is None:
+        weights = [1.0] * len(teacher_logits)
+    if len(weights) != len(teacher_logits):
+        raise ValueError(f"got {len(weights)} weights for {len(teacher_logits)} teachers")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"teacher weights must be finite and >= 0, got {list(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"teacher weights must not all be 0, got {list(weights)}")
+    stacked = torch.stack([logits.float() for logits in teacher_logits])  # (n_teachers, batch, C)
+    w = torch.tensor([float(x) / total for x in weights], dtype=stacked.dtype, device=stacked.device)
+    return torch.einsum("t,tbc->bc", w, stacked)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "kl": distill_loss,
+    "mse": mse_loss,
+    "hard": hard_label_loss,
+}
+
+
+def compute_loss(
+    kind: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    gold_labels: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Dispatch to ``LOSSES[kind]``. ``temperature`` is used only by ``"kl"``."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss kind {kind!r}; allowed: {sorted(LOSSES)}")
+    if kind == "kl":
+        return distill_loss(
+            student_logits, teacher_logits, gold_labels,
+            temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+        )
+    return LOSSES[kind](student_logits, teacher_logits, gold_labels, alpha=alpha, ignore_index=ignore_index)

@@ -1,0 +1,215 @@
+"""The soft-label Parquet format: its schema, its metadata, and the checks its readers run.
+
+A soft-label folder holds ``part-*.parquet`` files, ``_manifest.json`` and, when rows
+were skipped, ``_rejected/``. Every part file has these columns:
+
+==================  ==============================  ===============================================
+column              type                            meaning
+==================  ==============================  ===============================================
+``id``              string, not null                stable row id, unique in the folder
+``text``            string, not null                the text the teacher saw (normalised if asked)
+``label``           int32, nullable                 gold label as an index into ``id2label``;
+                                                    null when the row has none
+``<name>_logits``   fixed_size_list<float32|16, C>  raw logits of teacher ``<name>`` (no softmax,
+                                                    so the temperature is chosen at training time)
+``truncated``       bool                            the text was longer than a teacher's max_length
+==================  ==============================  ===============================================
+
+and a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
+``kd_ray_version``, ``teachers`` (per teacher: ``name``, ``task``, ``model``,
+``weights_sha256``, ``id2label``, ``max_length``), ``label_task`` and ``label_names``
+(the gold labels' task and names, in ``id2label`` order), ``normalize``,
+``logits_dtype``, ``corpus`` and ``config_hash``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from kd_ray.errors import SoftLabelError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"kd_ray"
+MANIFEST = "_manifest.json"
+REJECTED_DIR = "_rejected"
+
+
+def logits_column(teacher_name: str) -> str:
+    return f"{teacher_name}_logits"
+
+
+def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
+    """Arrow schema of a part file for the teachers described in ``metadata``."""
+    value_type = pa.float16() if metadata["logits_dtype"] == "float16" else pa.float32()
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+    ]
+    for t in metadata["teachers"]:
+        fields.append(pa.field(logits_column(t["name"]), pa.list_(value_type, len(t["id2label"])), nullable=False))
+    fields.append(pa.field("truncated", pa.bool_(), nullable=False))
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+@dataclass
+class SoftLabelInfo:
+    """What a soft-label folder holds, from its files' metadata."""
+
+    path: str
+    files: list[str]
+    metadata: dict[str, Any]
+    num_rows: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def teachers(self) -> list[dict[str, Any]]:
+        return self.metadata["teachers"]
+
+    def teacher(self, name: str | None = None) -> dict[str, Any]:
+        if name is None:
+            return self.teachers[0]
+        for t in self.teachers:
+            if t["name"] == name:
+                return t
+        raise SoftLabelError(
+            f"soft labels at {self.path} have no teacher named {name!r}; they hold {[t['name'] for t in self.teachers]}"
+        )
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    fs, root = _filesystem(path)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise SoftLabelError(f"soft-label folder {path} does not exist")
+    selector = pafs.FileSelector(root, recursive=False)
+    files = sorted(
+        f.path for f in fs.get_file_info(selector) if f.is_file and f.base_name.startswith("part-") and f.base_name.endswith(".parquet")
+    )
+    if not files:
+        raise SoftLabelError(f"soft-label folder {path} holds no part-*.parquet files; was `kd-ray label` run into it?")
+    return fs, files
+
+
+def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int, pa.Schema]:
+    try:
+        with fs.open_input_file(file) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            num_rows = pf.metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SoftLabelError(f"{file} is not a readable Parquet file ({e})") from e
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise SoftLabelError(f"{file} has no kd_ray metadata: it was not written by `kd-ray label`")
+    return json.loads(raw), num_rows, schema
+
+
+def read_soft_label_info(path: str) -> SoftLabelInfo:
+    """Read and cross-check the metadata of every part file (cheap: footers only)."""
+    fs, files = list_part_files(path)
+    first_meta, total, first_schema = None, 0, None
+    for file in files:
+        meta, rows, schema = _file_metadata(fs, file)
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise SoftLabelError(
+                f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray reads {SCHEMA_VERSION}"
+            )
+        if first_meta is None:
+            first_meta, first_schema = meta, schema
+        elif meta["teachers"] != first_meta["teachers"] or meta.get("config_hash") != first_meta.get("config_hash"):
+            raise SoftLabelError(f"{file} was labeled by a different teacher or config than {files[0]}; do not mix runs")
+        expected = soft_label_schema(meta).remove_metadata()
+        if not schema.remove_metadata().equals(expected):
+            raise SoftLabelError(f"{file} has schema\n{schema.remove_metadata()}\nexpected\n{expected}")
+        total += rows
+    return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total)
+
+
+def check_matches(info: SoftLabelInfo, *, id2label: dict | list | None = None, teacher_model: str | None = None,
+                  teacher_name: str | None = None) -> None:
+    """Refuse soft labels that don't fit what is being trained: another label set or order, another teacher."""
+    teacher = info.teacher(teacher_name)
+    if id2label is not None:
+        wanted = [id2label[i] for i in sorted(id2label, key=int)] if isinstance(id2label, dict) else list(id2label)
+        have = [teacher["id2label"][str(i)] for i in range(len(teacher["id2label"]))]
+        if wanted != have:
+            raise SoftLabelError(
+                f"soft labels at {info.path} were made by teacher {teacher['name']!r} with labels {have} "
+                f"(in this order), but the model being trained has {wanted}"
+            )
+    if teacher_model is not None and teacher_model not in (teacher["model"], teacher.get("weights_sha256")):
+        raise SoftLabelError(
+            f"soft labels at {info.path} come from teacher model {teacher['model']!r} "
+            f"(sha256 {teacher.get('weights_sha256', '?')[:12]}), not {teacher_model!r}"
+        )
+
+
+def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[str, Any]:
+    """Full check of a folder: metadata, schema, row count vs manifest, unique ids, finite logits."""
+    info = read_soft_label_info(path)
+    fs, _ = _filesystem(path)
+    ids = set()
+    problems: list[str] = []
+    label_count = len(info.metadata.get("label_names") or [])
+    for file in info.files:
+        with fs.open_input_file(file) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+                table = pa.Table.from_batches([batch])
+                for row_id in table.column("id").to_pylist():
+                    if row_id in ids:
+                        problems.append(f"{file}: id {row_id!r} appears more than once")
+                    ids.add(row_id)
+                for t in info.teachers:
+                    values = pc.list_flatten(table.column(logits_column(t["name"])))
+                    bad = pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0
+                    if bad:
+                        problems.append(f"{file}: {bad} NaN/Inf values in {logits_column(t['name'])}")
+                labels = table.column("label")
+                if label_count and pc.max(labels).as_py() is not None:
+                    lo, hi = pc.min(labels).as_py(), pc.max(labels).as_py()
+                    if lo < 0 or hi >= label_count:
+                        problems.append(f"{file}: gold label index outside 0..{label_count - 1}")
+        if len(problems) > 20:
+            break
+    manifest_rows = None
+    if require_manifest:
+        try:
+            with fs.open_input_stream(f"{_filesystem(path)[1]}/{MANIFEST}") as f:
+                manifest_rows = json.loads(f.read())["rows"]
+        except (FileNotFoundError, OSError):
+            problems.append(f"{path}/{MANIFEST} is missing: the labeling run did not finish")
+    if manifest_rows is not None and manifest_rows != info.num_rows:
+        problems.append(f"manifest says {manifest_rows} rows, the part files hold {info.num_rows}")
+    if problems:
+        raise SoftLabelError(f"soft labels at {path} failed validation:\n  " + "\n  ".join(problems[:20]))
+    return {"path": path, "files": len(info.files), "rows": info.num_rows, "teachers": [t["name"] for t in info.teachers]}
+
+
+def validate_main(argv: list[str]) -> int:
+    """`kd-ray validate FOLDER [FOLDER ...]`"""
+    if not argv or any(a.startswith("-") for a in argv):
+        print("usage: kd-ray validate SOFT_LABEL_FOLDER [...]", file=sys.stderr)
+        return 2
+    for path in argv:
+        summary = validate_soft_labels(path)
+        print(f"ok: {summary['rows']} rows in {summary['files']} files, teachers {summary['teachers']} ({path})")
+    return 0
+
+
+CONFIGS: dict = {"validate": None}
+ENTRY_POINTS = {"validate": validate_main}

