@@ -2,16 +2,17 @@
 # Stop the local Ray cluster that cluster/local-up.sh started.
 #
 #   cluster/local-down.sh           # stop this cluster's nodes, and only them
-#   cluster/local-down.sh --all     # `ray stop`: every Ray process of this user on this machine
+#   cluster/local-down.sh --all     # plain `ray stop`: every Ray process on this machine
 #   cluster/local-down.sh --clean   # also delete $KD_RAY_LOCAL_DIR (node logs)
 #
 # `ray stop` is the clean, preferred way (SIGTERM, a grace period, then SIGKILL), and this script
 # uses it when this cluster is the only Ray on the machine. But `ray stop` knows nothing of
-# clusters: it stops EVERY Ray process this user runs here, including another `ray start`
-# cluster or the local instance of a `ray.init()` in a test or notebook. So when other Ray nodes
-# are running, the script stops only this cluster's processes instead, by pid: those started
-# with an option pointing under $KD_RAY_LOCAL_DIR (each node's --temp-dir), and their children
-# (workers, job drivers); SIGTERM, up to GRACE_PERIOD seconds, then SIGKILL; GCS last.
+# clusters: it stops EVERY Ray process on the machine that it may signal (all users' when run as
+# root), including another `ray start` cluster or the local instance of a `ray.init()` in a test
+# or notebook. So when other Ray nodes are running, the script stops only this cluster's
+# processes instead, by pid: those started with an option pointing under $KD_RAY_LOCAL_DIR (each
+# node's --temp-dir), and their children (workers, job drivers); SIGTERM, up to GRACE_PERIOD
+# seconds, then SIGKILL; GCS last.
 #
 # Settings: RAY (ray executable), KD_RAY_LOCAL_DIR (as for local-up.sh), GRACE_PERIOD=20.
 set -euo pipefail
@@ -30,17 +31,22 @@ done
 RAY=${RAY:-ray}
 LOCAL_DIR=${KD_RAY_LOCAL_DIR:-/tmp/kd-ray-local}
 GRACE_PERIOD=${GRACE_PERIOD:-20}
+RAY_PORT=$(sed -n 's/^RAY_PORT=//p' "$LOCAL_DIR/cluster.env" 2>/dev/null || true)
+RAY_PORT=${RAY_PORT:-6390}
 UID_=$(id -u)
 
 # Pids of this user's processes with an option set to a path under $LOCAL_DIR (gcs_server,
 # raylet, dashboard, monitor, log monitor all get --temp-dir/--session-dir/--log_dir=...), not
-# e.g. a `tail -f` of a log there.
+# e.g. a `tail -f` of a log there; plus the head's Ray Client server (--address=<ip>:RAY_PORT).
 cluster_seed_pids() {
     local pid cmdline
-    for pid in $(pgrep -u "$UID_" -f -- "=$LOCAL_DIR/" || true); do
+    for pid in $(pgrep -u "$UID_" -f -- "=$LOCAL_DIR/|ray[.]util[.]client[.]server" || true); do
         [[ "$pid" == "$$" ]] && continue
         cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
-        if [[ "$cmdline" == *"=$LOCAL_DIR/"* ]]; then echo "$pid"; fi
+        if [[ "$cmdline" == *"=$LOCAL_DIR/"* ]] ||
+           [[ "$cmdline" == *ray.util.client.server* && "$cmdline" == *" --address="*":$RAY_PORT "* ]]; then
+            echo "$pid"
+        fi
     done
 }
 
@@ -60,10 +66,10 @@ cluster_pids() {
         }'
 }
 
-# Raylets (one per node) of this user that local-up.sh did not start.
+# Raylets (one per node), of any user, that local-up.sh did not start.
 foreign_raylets() {
     local pid
-    for pid in $(pgrep -u "$UID_" -x raylet || true); do
+    for pid in $(pgrep -x raylet || true); do
         tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "=$LOCAL_DIR/" || echo "$pid"
     done
 }
@@ -74,24 +80,24 @@ alive() { local p; for p in "$@"; do if kill -0 "$p" 2>/dev/null; then echo "$p"
 terminate() {
     [[ $# -gt 0 ]] || return 0
     kill -TERM "$@" 2>/dev/null || true
-    local deadline=$((SECONDS + GRACE_PERIOD)) left
-    while left=$(alive "$@"); [[ -n "$left" ]] && (( SECONDS < deadline )); do sleep 0.5; done
-    if [[ -n "$left" ]]; then
-        echo "SIGKILL after ${GRACE_PERIOD}s: $(echo $left)"
-        kill -KILL $left 2>/dev/null || true
+    local deadline=$((SECONDS + GRACE_PERIOD)) left=()
+    while mapfile -t left < <(alive "$@"); (( ${#left[@]} > 0 && SECONDS < deadline )); do sleep 0.5; done
+    if (( ${#left[@]} > 0 )); then
+        echo "SIGKILL after ${GRACE_PERIOD}s: ${left[*]}"
+        kill -KILL "${left[@]}" 2>/dev/null || true
     fi
 }
 
 ours=$(cluster_pids)
 foreign=$(foreign_raylets)
-if [[ -z "$ours" ]]; then
+if [[ -z "$ours" ]] && (( ! ALL )); then
     echo "No Ray nodes of this cluster ($LOCAL_DIR) are running."
 elif (( ALL )) || [[ -z "$foreign" ]]; then
     RAY_BIN=$(command -v "$RAY") || { echo "local-down.sh: '$RAY' not found; activate the virtualenv or set RAY=/path/to/ray" >&2; exit 1; }
-    echo "Stopping all Ray processes of $(id -un) on this machine (ray stop)"
+    echo "Stopping all Ray processes on this machine (ray stop)"
     "$RAY_BIN" stop --grace-period "$GRACE_PERIOD" >/dev/null 2>&1 || true
 else
-    echo "Other Ray nodes run here (raylet pids $(echo $foreign)); stopping only this cluster's processes"
+    echo "Other Ray nodes run here (raylet pids ${foreign//$'\n'/ }); stopping only this cluster's processes"
     gcs=()
     rest=()
     for pid in $ours; do
@@ -101,9 +107,9 @@ else
     terminate "${gcs[@]}"
 fi
 
-left=$(cluster_pids)
-if [[ -n "$left" ]]; then
-    echo "local-down.sh: processes of this cluster are still running: $(echo $left)" >&2
+remaining=$(cluster_pids)
+if [[ -n "$remaining" ]]; then
+    echo "local-down.sh: processes of this cluster are still running: ${remaining//$'\n'/ }" >&2
     exit 1
 fi
 rm -f "$LOCAL_DIR/cluster.env"

@@ -11,7 +11,8 @@
 # `ray.init()`, which use 6379 / 8265 / 10001 / 52365):
 #   RAY=ray                         ray executable; its folder goes first on PATH, so the jobs'
 #                                   `python` is the same environment
-#   RAY_PORT=6390                   head GCS port (the cluster address)
+#   RAY_PORT=6390                   head GCS port (the cluster address); Ray binds it on all
+#                                   interfaces, not just 127.0.0.1 (token auth guards it)
 #   DASHBOARD_PORT=8275             dashboard and job-submission server, bound to 127.0.0.1 only
 #   RAY_CLIENT_SERVER_PORT=RAY_PORT+1   Ray Client (ray://) server on the head
 #   NUM_WORKERS=1                   worker nodes (same as --workers)
@@ -56,7 +57,8 @@ DASHBOARD_URL="http://$NODE_IP:$DASHBOARD_PORT"
 
 RAY_BIN=$(command -v "$RAY") || { echo "local-up.sh: '$RAY' not found; activate the virtualenv or set RAY=/path/to/ray" >&2; exit 1; }
 # Jobs run `python` from the raylet's PATH: make it the interpreter that owns this `ray`.
-export PATH="$(dirname "$RAY_BIN"):$PATH"
+RAY_DIR=$(dirname "$RAY_BIN")
+export PATH="$RAY_DIR:$PATH"
 export RAY_USAGE_STATS_ENABLED=0
 
 # Token auth: `ray start --head` turns it on by itself when a token exists (~/.ray/auth_token,
@@ -81,6 +83,18 @@ for port in "$RAY_PORT" "$DASHBOARD_PORT" "$RAY_CLIENT_SERVER_PORT"; do
 done
 
 mkdir -p "$LOCAL_DIR/logs"
+# Read by local-down.sh (also after a failed start) and tests/cluster_helpers.py.
+cat >"$LOCAL_DIR/cluster.env" <<ENV
+RAY_ADDRESS=$ADDRESS
+DASHBOARD_URL=$DASHBOARD_URL
+RAY_PORT=$RAY_PORT
+NUM_NODES=$((NUM_WORKERS + 1))
+RAY_AUTH_MODE=$RAY_AUTH_MODE
+ENV
+
+# A failed start leaves nothing running: stop the nodes that did start.
+trap 'rc=$?; if (( rc != 0 )); then echo "local-up.sh: failed; stopping the nodes that started" >&2; KD_RAY_LOCAL_DIR="$LOCAL_DIR" RAY="$RAY_BIN" "$(dirname "$0")/local-down.sh" >&2 || true; fi' EXIT
+
 # Every node on one machine would otherwise take the fixed dashboard-agent port 52365 (the
 # first wins, the others log bind errors); 0 lets each pick a free port and report it to GCS.
 node_args=(--node-ip-address="$NODE_IP" --num-cpus="$NUM_CPUS" --num-gpus=0
@@ -92,14 +106,13 @@ ray_start() {
     local name=$1; shift
     local log="$LOCAL_DIR/logs/$name.start.log"
     if ! "$RAY_BIN" start "$@" >"$log" 2>&1; then
-        echo "local-up.sh: 'ray start' for $name failed; its output ($log):" >&2
-        tail -n 40 "$log" >&2
-        echo "local-up.sh: stopping what did start: cluster/local-down.sh" >&2
+        echo "local-up.sh: 'ray start' for $name failed; the end of its output ($log):" >&2
+        tail -n 30 "$log" >&2
         exit 1
     fi
 }
 
-echo "Starting Ray head at $ADDRESS (dashboard $DASHBOARD_URL), $NUM_CPUS CPUs"
+echo "Starting Ray head at $ADDRESS (dashboard $DASHBOARD_URL), $NUM_CPUS CPUs, auth: $RAY_AUTH_MODE"
 # --temp-dir per node (`ray start --help`: "Can be specified per node"): each node keeps its own
 # logs and sockets, so each node's log monitor tails only its own files (no doubled job logs).
 ray_start head --head "${node_args[@]}" \
@@ -123,7 +136,7 @@ deadline=$((SECONDS + READY_TIMEOUT))
 while (( SECONDS < deadline )); do
     alive=$("$RAY_BIN" status --address "$ADDRESS" 2>/dev/null \
         | awk '/^Active:/{on=1; next} /^Pending:/{on=0} on && /node_/{n++} END{print n+0}') || alive=0
-    (( alive >= want )) && break
+    if (( alive >= want )); then break; fi
     sleep 1
 done
 if (( alive < want )); then
@@ -132,24 +145,21 @@ if (( alive < want )); then
 fi
 # Any HTTP answer means the job server is up (401 when token auth is on).
 until [[ "$(curl -s -o /dev/null -w '%{http_code}' "$DASHBOARD_URL/api/version")" != 000 ]]; do
-    (( SECONDS < deadline )) || { echo "local-up.sh: job server at $DASHBOARD_URL did not answer" >&2; exit 1; }
+    if (( SECONDS >= deadline )); then echo "local-up.sh: job server at $DASHBOARD_URL did not answer" >&2; exit 1; fi
     sleep 1
 done
 
-# Read by local-down.sh and tests/cluster_helpers.py.
-cat >"$LOCAL_DIR/cluster.env" <<EOF
-RAY_ADDRESS=$ADDRESS
-DASHBOARD_URL=$DASHBOARD_URL
-NUM_NODES=$want
-EOF
-
-cat <<EOF
+auth_line=""
+if [[ "$RAY_AUTH_MODE" == token ]]; then
+    auth_line="  token auth is on: 'export RAY_AUTH_MODE=token' so the ray CLI sends the token"$'\n'
+fi
+cat <<MSG
 
 Ray cluster up: $want nodes ($NUM_WORKERS workers), $((want * NUM_CPUS)) CPUs; logs in $LOCAL_DIR.
-  status:    ray status --address $ADDRESS
+${auth_line}  status:    ray status --address $ADDRESS
   dashboard: $DASHBOARD_URL
   stop:      cluster/local-down.sh
 
 Run the demo pipeline on it:
 ray job submit --address $DASHBOARD_URL --working-dir . -- python jobs/pipeline.py --config jobs/configs/pipeline-demo.yaml
-EOF
+MSG

@@ -197,3 +197,97 @@ def load_config(model: type[BaseModel], path: str | Path | None = None, override
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class TrainArgs(Section):
+    """Optimisation and scaling, shared by `finetune` and `distill`."""
+
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data.")
+    batch_size: int = Field(32, ge=1, le=65_536, description="Examples per optimizer step on each worker.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.06, ge=0, le=0.5, description="Fraction of steps spent warming up the learning rate.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this value (null: no clipping).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text for the model being trained.")
+    seed: int = Field(0, ge=0, description="Seed for initialisation, shuffling and dropout.")
+    shuffle_buffer: int = Field(10_000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision (GPU).")
+    threads_per_worker: int = Field(1, ge=1, le=128, description="torch threads per worker on CPU.")
+    num_cpus_per_worker: float = Field(
+        0.75, gt=0, le=128,
+        description="CPUs Ray reserves per worker. Under 1 so that workers on every core still leave room for "
+        "the Ray Data tasks that stream their data.",
+    )
+    max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
+
+
+class EvalSetConfig(Section):
+    path: str = Field(description="Labeled data (any corpus format) to measure quality on.")
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the gold label.")
+    label_names: list[str] | None = Field(None, description="Names of integer gold labels, in order.")
+    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "hf"] = Field("auto", description="File format.")
+    normalize: bool = Field(False, description="Apply the social-media normalisation (match the training data).")
+
+    def as_corpus(self) -> CorpusConfig:
+        return CorpusConfig(path=self.path, text_column=self.text_column, label_column=self.label_column,
+                            label_names=self.label_names, format=self.format, normalize=self.normalize)
+
+
+class FinetuneConfig(Section):
+    """`kd-ray finetune`: train a teacher classifier on gold labels."""
+
+    data: CorpusConfig = Field(description="Labeled training data; rows without a gold label are skipped.")
+    base_model: str = Field(description="Pretrained encoder to start from: a model folder or hub id.")
+    labels: list[str] = Field(min_length=2, description="The label set, in the order the model's outputs take.")
+    validation: EvalSetConfig | None = Field(None, description="Labeled data scored after every epoch.")
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    output: str = Field(description="Folder for the fine-tuned model (a Hugging Face folder `kd-ray label` takes).")
+    storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
+                                     "null: <output>/../ray_train.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class StudentConfig(Section):
+    kind: Literal["cut", "pretrained", "config"] = Field(
+        "cut", description="'cut': keep num_layers of the teacher's layers (DistilBERT-style); 'pretrained': any "
+        "model folder or hub id in `model`; 'config': a fresh small BERT with the teacher's vocabulary.")
+    model: str | None = Field(None, description="For 'cut': the teacher to cut (null: the soft labels' teacher). "
+                              "For 'pretrained': the student's folder or hub id.")
+    num_layers: int = Field(2, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
+    layer_selection: Literal["spread", "first"] = Field("spread", description="Which teacher layers a 'cut' keeps.")
+    hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
+    num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
+    intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
+
+
+class DistillLossConfig(Section):
+    kind: Literal["kl", "mse", "hard"] = Field(
+        "kl", description="'kl': alpha*T^2*KL(teacher_T||student_T) + (1-alpha)*CE(gold); 'mse': on logits; "
+        "'hard': cross-entropy on the teacher's argmax.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature T of the distillation term.")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs "
+                         "cross-entropy on gold labels (rows without gold get only the distillation term).")
+    teachers: dict[str, float] | None = Field(
+        None, description="Teacher name -> weight, to distill from several teachers' logits at once "
+        "(null: the soft labels' first teacher).")
+
+
+class DistillConfig(Section):
+    """`kd-ray distill`: train a small student on a soft-label folder."""
+
+    soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    validation: EvalSetConfig | None = Field(None, description="Labeled data scored after every epoch.")
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    output: str = Field(description="Folder for the student (a Hugging Face folder `pipeline()` loads).")
+    storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
+                                     "null: <output>/../ray_train.")
+    ray: RayConfig = Field(default_factory=RayConfig)

@@ -204,12 +204,13 @@ def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] |
     text_col = "text" if shard.format == "text" else cfg.text_column
     row0 = shard.start
     emitted = 0
+    seen_ids: dict[str, int] = {}  # id -> first row, to name both rows of a duplicate
     for table in _read_tables(shard, cfg):
         if cfg.limit is not None:
             table = table.slice(0, max(0, cfg.limit - emitted))
         if table.num_rows == 0:
             continue
-        yield _check_rows(table, shard, cfg, text_col, row0, label_to_index)
+        yield _check_rows(table, shard, cfg, text_col, row0, label_to_index, seen_ids)
         row0 += table.num_rows
         emitted += table.num_rows
         if cfg.limit is not None and emitted >= cfg.limit:
@@ -223,7 +224,7 @@ def _missing_column(shard: Shard, table: pa.Table, column: str, field_name: str)
 
 
 def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str, row0: int,
-                label_to_index: dict[str, int] | None) -> pa.Table:
+                label_to_index: dict[str, int] | None, seen_ids: dict[str, int]) -> pa.Table:
     n = table.num_rows
     if text_col not in table.column_names:
         raise _missing_column(shard, table, text_col, "text_column")
@@ -239,6 +240,11 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
             row = pc.index(pc.is_null(ids), True).as_py()
             raise CorpusError(f"{shard.uri}: row {row0 + row} has a null id in column {cfg.id_column!r}")
         ids = ids.to_pylist()
+        for i, row_id in enumerate(ids):
+            first = seen_ids.setdefault(row_id, row0 + i)
+            if first != row0 + i:
+                raise CorpusError(f"{shard.uri}: rows {first} and {row0 + i} have the same id {row_id!r} in column "
+                                  f"{cfg.id_column!r} (corpus.id_column); ids must be unique")
     else:
         ids = [f"{shard.name}:{row0 + i}" for i in range(n)]
     # texts
@@ -253,7 +259,7 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
             text_list[i] = normalize_post(text)
     # gold labels
     label_idx: list[int | None] = [None] * n
-    if cfg.label_column:
+    if cfg.label_column and shard.format != "text":  # text files have no columns, so no gold labels
         if cfg.label_column not in table.column_names:
             raise _missing_column(shard, table, cfg.label_column, "label_column")
         for i, raw in enumerate(table.column(cfg.label_column).to_pylist()):

@@ -24,8 +24,8 @@ from ray.data import Datasink
 
 from kd_ray import __version__
 from kd_ray.config import LabelConfig
-from kd_ray.corpus import Shard, list_shards, read_shard
 from kd_ray.errors import CorpusError, KdRayUserError
+from kd_ray.ray_data import corpus_dataset
 from kd_ray.soft_labels import MANIFEST, REJECTED_DIR, SCHEMA_VERSION, soft_label_schema, validate_soft_labels
 from kd_ray.teacher import TeacherLabeler, teacher_metadata
 
@@ -166,11 +166,6 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> dict | None:
     return None
 
 
-def _read_shards_udf(batch: pa.Table, corpus_cfg, label_to_index):
-    for row in batch.to_pylist():
-        yield from read_shard(Shard(**row), corpus_cfg, label_to_index)
-
-
 def actor_count(cfg: LabelConfig) -> int:
     c = cfg.compute
     if c.concurrency:
@@ -190,17 +185,12 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     if done is not None:
         return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"], done["truncated"],
                             0.0, skipped_existing=True)
-    shards = list_shards(cfg.corpus)
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     init_ray(cfg.ray)
     c = cfg.compute
-    ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(_read_shards_udf, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"corpus_cfg": cfg.corpus, "label_to_index": label_to_index})
-    # One file is one read task; cut its output into blocks so that every actor gets work.
-    # Ray fuses this into the read task (same resources), so nothing is materialised twice.
-    ds = ds.repartition(target_num_rows_per_block=c.block_rows)
+    # One file is one read task; its rows are cut into blocks so that every actor gets work.
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows)
     ds = ds.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"teachers": metadata["teachers"], "batch_size": c.batch_size, "num_gpus": c.num_gpus,

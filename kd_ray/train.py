@@ -1,0 +1,322 @@
+"""`kd-ray finetune` and `kd-ray distill`: one Accelerate training loop, run data-parallel by Ray Train.
+
+``train_loop_per_worker`` reads like Accelerate's own examples; the Ray-specific lines are
+``get_dataset_shard``, ``get_checkpoint`` and ``report``. ``fit`` hands it to a TorchTrainer.
+Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a restarted
+run (a replaced worker, or the same command run again) continues from the last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
+from kd_ray.errors import KdRayUserError, SoftLabelError
+from kd_ray.soft_labels import check_matches, logits_column, read_soft_label_info
+
+TRAIN_STATE = "train_state.pt"
+DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold most CPUs
+RUN_INFO = "kd_ray_train.json"
+
+
+# ---------------------------------------------------------------------------- per-worker loop
+
+
+def _batch_arrays(batch: pa.Table, teacher_columns: list[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    texts = batch.column("text").to_pylist()
+    gold = pc.fill_null(batch.column("label"), -100).to_numpy(zero_copy_only=False).astype(np.int64)
+    logits = []
+    for col in teacher_columns:
+        arr = batch.column(col).combine_chunks()
+        logits.append(arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1))
+    return texts, gold, logits
+
+
+def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
+    """Logits of ``model`` on ``texts``, length-sorted batches. Returns (n, classes) float32."""
+    import torch
+
+    order = np.argsort([len(t) for t in texts])
+    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt").to(device)
+            out[idx] = model(**enc).logits.float().cpu().numpy()
+    return out
+
+
+def _validate(model, tokenizer, shard, job: dict, device) -> dict[str, float]:
+    from kd_ray.metrics import classification_metrics
+
+    texts, gold = [], []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        t, g, _ = _batch_arrays(batch, [])
+        texts += t
+        gold.append(g)
+    gold = np.concatenate(gold)
+    logits = predict_logits(model, tokenizer, texts, max_length=job["train"]["max_length"], batch_size=64,
+                            device=device)
+    m = classification_metrics(logits[gold >= 0], gold[gold >= 0], job["labels"])
+    return {f"val_{k}": m[k] for k in ("accuracy", "macro_f1", "macro_recall")}
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """One data-parallel worker. ``job`` is plain data (see ``_job``), so the loop runs anywhere."""
+    import ray.train
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from kd_ray.losses import combine_teacher_logits, compute_loss
+    from kd_ray.models import build_student, load_classifier
+
+    args = TrainArgs(**job["train"])
+    if not args.use_gpu:
+        torch.set_num_threads(args.threads_per_worker)
+    accelerator = Accelerator(cpu=not args.use_gpu, mixed_precision=args.mixed_precision)
+    set_seed(args.seed)
+    if job["mode"] == "finetune":
+        model, tokenizer = load_classifier(job["base_model"], job["labels"], what="base model")
+    else:
+        model, tokenizer = build_student(job["student"], job["teacher_model"], job["labels"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(job["rows"] / args.num_workers / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
+            from safetensors.torch import load_file
+
+            accelerator.unwrap_model(model).load_state_dict(load_file(Path(folder) / "model.safetensors"),
+                                                            strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, history = state["epoch"], state["history"]
+            torch.set_rng_state(state["rng"])
+
+    loss_cfg = job.get("loss") or {}
+    teacher_columns = list(job.get("teacher_weights") or {})
+    teacher_weights = list((job.get("teacher_weights") or {}).values())
+    train_shard = ray.train.get_dataset_shard("train")
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=args.batch_size, batch_format="pyarrow",
+                                              local_shuffle_buffer_size=args.shuffle_buffer or None,
+                                              local_shuffle_seed=args.seed * 1000 + epoch):
+            texts, gold, teacher = _batch_arrays(batch, teacher_columns)
+            enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True,
+                            return_tensors="pt").to(accelerator.device)
+            logits = model(**enc).logits.float()
+            gold_t = torch.as_tensor(gold, device=accelerator.device)
+            if job["mode"] == "finetune":
+                loss = torch.nn.functional.cross_entropy(logits, gold_t, ignore_index=-100)
+            else:
+                teacher_t = combine_teacher_logits([torch.as_tensor(t, device=accelerator.device) for t in teacher],
+                                                   teacher_weights)
+                loss = compute_loss(loss_cfg["kind"], logits, teacher_t, gold_t,
+                                    temperature=loss_cfg["temperature"], alpha=loss_cfg["alpha"])
+            accelerator.backward(loss)
+            if args.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            rows += len(texts)
+            loss_sum += loss.item()
+            steps += 1
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
+                   "samples_per_s": rows / seconds if seconds else 0.0, "rank": rank}
+        if rank == 0 and job.get("has_validation"):
+            metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
+                                     ray.train.get_dataset_shard("validation"), job, accelerator.device))
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:  # one copy of the state is enough; every worker reports its metrics
+                accelerator.unwrap_model(model).save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1, "history": history, "rng": torch.get_rng_state()},
+                           Path(folder) / TRAIN_STATE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if job.get("stop_after_epoch") == epoch + 1:  # lets tests stop a run midway, as a crash would
+            raise SystemExit(f"stopping after epoch {epoch + 1} as asked")
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+def _run_name(output: str, job: dict) -> str:
+    stable = {k: v for k, v in job.items() if k not in ("stop_after_epoch",)}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{Path(output).name}-{digest}"
+
+
+def _storage_path(output: str, storage_path: str | None) -> str:
+    if storage_path:
+        return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    return str(Path(output).resolve().parent / "ray_train")
+
+
+def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: str | None, ray_cfg: RayConfig):
+    """Run ``train_loop_per_worker`` on Ray Train and export the last checkpoint to ``output``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from kd_ray.runtime import init_ray
+
+    init_ray(ray_cfg)
+    name = _run_name(output, job)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                               resources_per_worker={"CPU": args.num_cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=_storage_path(output, storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise KdRayUserError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
+    export_checkpoint(result.checkpoint, output, job)
+    return result
+
+
+def export_checkpoint(checkpoint, output: str, job: dict) -> None:
+    """Copy the checkpoint's Hugging Face folder to ``output``, without the optimizer state."""
+    import torch
+
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
+        history = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)["history"]
+    info = {"mode": job["mode"], "labels": job["labels"], "history": history, "job": job}
+    (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # the model folder appears whole or not at all
+
+
+def read_run_info(folder: str) -> dict | None:
+    path = Path(folder) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _labeled_rows(batch: pa.Table) -> pa.Table:
+    """Finetune learns from rows that have a gold label and a usable text."""
+    return batch.filter(pc.and_(batch.column("label").is_valid(), batch.column("reject_reason").is_null()))
+
+
+def _common_job(args: TrainArgs) -> dict[str, Any]:
+    return {"train": args.model_dump(mode="json")}
+
+
+def run_finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None):
+    from kd_ray.ray_data import corpus_dataset
+
+    labels = list(cfg.labels)
+    train_ds = corpus_dataset(cfg.data, {n: i for i, n in enumerate(labels)}, num_cpus=DATA_TASK_CPUS)
+    train_ds = train_ds.map_batches(_labeled_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    rows = train_ds.count()
+    if rows == 0:
+        raise KdRayUserError(f"data.path {cfg.data.path} has no rows with a gold label in column "
+                             f"{cfg.data.label_column!r}; finetune needs labeled rows")
+    datasets = {"train": train_ds}
+    if cfg.validation:
+        datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(), {n: i for i, n in enumerate(labels)},
+                                                num_cpus=DATA_TASK_CPUS)
+    job = {**_common_job(cfg.train), "mode": "finetune", "base_model": cfg.base_model, "labels": labels,
+           "rows": rows, "has_validation": cfg.validation is not None, "stop_after_epoch": stop_after_epoch,
+           "data": cfg.data.model_dump(mode="json")}
+    return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
+
+
+def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
+    """Check the soft labels against the student config; return the job and soft-label info."""
+    info = read_soft_label_info(cfg.soft_labels)
+    names = [t["name"] for t in info.teachers]
+    weights = cfg.loss.teachers or {names[0]: 1.0}
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise SoftLabelError(f"loss.teachers names {unknown}, but the soft labels at {cfg.soft_labels} hold "
+                             f"teachers {names}")
+    first = info.teacher(next(iter(weights)))
+    labels = [first["id2label"][str(i)] for i in range(len(first["id2label"]))]
+    for name in weights:
+        check_matches(info, id2label=labels, teacher_name=name)
+    if info.num_rows == 0:
+        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no rows: the training set is empty")
+    if cfg.student.kind == "cut" and cfg.student.model is None and len(weights) > 1:
+        raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
+    job = {**_common_job(cfg.train), "mode": "distill", "labels": labels, "rows": info.num_rows,
+           "student": cfg.student.model_dump(mode="json"), "teacher_model": first["model"],
+           "loss": cfg.loss.model_dump(mode="json"),
+           "teacher_weights": {logits_column(n): w for n, w in weights.items()},
+           "soft_labels_hash": info.metadata["config_hash"], "has_validation": cfg.validation is not None}
+    return job, info
+
+
+def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None):
+    from kd_ray.ray_data import corpus_dataset, parquet_files_dataset
+
+    job, info = distill_job(cfg)
+    job["stop_after_epoch"] = stop_after_epoch
+    columns = ["text", "label", *job["teacher_weights"]]
+    datasets = {"train": parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)}
+    if cfg.validation:
+        datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(),
+                                                {n: i for i, n in enumerate(job["labels"])}, num_cpus=DATA_TASK_CPUS)
+    return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
+
+
+def _print_result(stage: str, output: str) -> None:
+    info = read_run_info(output)
+    last = info["history"][-1] if info and info["history"] else {}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
+    print(f"kd-ray {stage}: {len(info['history'])} epochs, last: {shown} -> {output}", flush=True)
+
+
+def finetune_main(cfg: FinetuneConfig) -> None:
+    run_finetune(cfg)
+    _print_result("finetune", cfg.output)
+
+
+def distill_main(cfg: DistillConfig) -> None:
+    run_distill(cfg)
+    _print_result("distill", cfg.output)
+
+
+CONFIGS = {"finetune": FinetuneConfig, "distill": DistillConfig}
+ENTRY_POINTS = {"finetune": finetune_main, "distill": distill_main}

@@ -1,0 +1,168 @@
+"""The typed configs and the `kd-ray` command line: help, overrides, validation messages, shipped YAMLs."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_ray.cli import STAGES, main
+from kd_ray.config import ConfigError, LabelConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "jobs" / "configs"
+REQUIRED = ["--corpus.path", "c", "--teachers.0.model", "m", "--output.path", "o"]
+REQUIRED_OVERRIDES = {"corpus.path": "c", "teachers.0.model": "m", "output.path": "o"}
+
+
+def test_top_level_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage in out
+
+
+def test_label_help_documents_each_flag_with_default_and_range(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["label", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag in ["--config", "--print-config", "--corpus.path", "--corpus.label_names", "--corpus.bad_rows",
+                 "--teachers.0.model", "--teachers.0.max_length", "--compute.batch_size", "--compute.block_rows",
+                 "--output.path", "--output.rows_per_file", "--output.overwrite", "--ray.address"]:
+        assert flag in out, flag
+    assert "Texts per forward pass. | allowed: >= 1, <= 8192 | default: 64" in out
+    assert "one of error, skip" in out
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).with_name("kd-ray")
+    result = subprocess.run([str(script), "label", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--teachers.0.model" in result.stdout
+
+
+def test_print_config_prints_the_resolved_yaml(capsys, tmp_path):
+    config = tmp_path / "label.yaml"
+    config.write_text(yaml.safe_dump({"corpus": {"path": "from-yaml", "normalize": True},
+                                      "teachers": [{"model": "yaml-model"}], "output": {"path": "o"}}))
+    code = main(["label", "--config", str(config), "--print-config", "--teachers.0.model", "x",
+                 "--corpus.label_names", "[a, b]", "--output.overwrite", "true", "--corpus.limit", "5",
+                 "--teachers.1.name=second", "--teachers.1.model", "y"])
+    assert code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["corpus"]["path"] == "from-yaml"  # from the file
+    assert printed["corpus"]["normalize"] is True
+    assert printed["corpus"]["label_names"] == ["a", "b"]  # YAML list syntax on the command line
+    assert printed["corpus"]["limit"] == 5
+    assert printed["output"]["overwrite"] is True
+    assert [(t["model"], t["name"]) for t in printed["teachers"]] == [("x", "teacher"), ("y", "second")]
+    assert printed["compute"]["batch_size"] == 64  # defaults are filled in
+    # what is printed loads back into the same config
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    assert load_config(LabelConfig, tmp_path / "printed.yaml").model_dump() == LabelConfig.model_validate(printed).model_dump()
+
+
+def test_equals_form_works_for_later_list_elements_in_any_position(capsys):
+    assert main(["label", *REQUIRED, "--print-config", "--teachers.1.model=y", "--teachers.1.name=second"]) == 0
+    assert [t["name"] for t in yaml.safe_load(capsys.readouterr().out)["teachers"]] == ["teacher", "second"]
+
+
+def test_unknown_key_names_the_field_and_flag():
+    with pytest.raises(ConfigError, match=r"corpus.txt_column: Extra inputs are not permitted.*flag --corpus.txt_column"):
+        load_config(LabelConfig, overrides={**REQUIRED_OVERRIDES, "corpus.txt_column": "body"})
+
+
+def test_wrong_type_names_the_field_the_value_and_the_flag():
+    with pytest.raises(ConfigError, match=r"compute.batch_size: .*integer.*\(got 'many'\).*flag --compute.batch_size"):
+        load_config(LabelConfig, overrides={**REQUIRED_OVERRIDES, "compute.batch_size": "many"})
+
+
+def test_out_of_range_and_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(LabelConfig, overrides={"teachers.0.model": "m", "compute.batch_size": 0,
+                                            "compute.precision": "fp64", "corpus.bad_rows": "ignore"})
+    message = str(info.value)
+    assert "compute.batch_size: Input should be greater than or equal to 1 (got 0)" in message
+    assert "flag --compute.precision" in message and "'fp64'" in message
+    assert "corpus.bad_rows" in message and "'error' or 'skip'" in message
+    assert "corpus.path: Field required" in message and "output: Field required" in message
+
+
+def test_yaml_file_problems_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(LabelConfig, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(LabelConfig, tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("corpus: {path: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(LabelConfig, tmp_path / "broken.yaml")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--compute.batch_size", "0"], "compute.batch_size: Input should be greater than or equal to 1"),
+    (["--corpus.txt_column", "body"], "flag --corpus.txt_column"),
+    (["--teachers.0.max_length", "4"], "teachers.0.max_length: Input should be greater than or equal to 8"),
+    (["--teachers.1.model", "y"], "teacher names must be unique, got ['teacher']"),
+    (["--teachers.0.name", "1bad"], "teachers.0.name: String should match pattern"),
+    (["stray"], "unrecognised argument 'stray'"),
+])
+def test_cli_config_errors_exit_2_with_the_message(capsys, argv, expected):
+    assert main(["label", *REQUIRED, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd-ray label: ")
+    assert expected in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------- shipped YAMLs
+
+
+def _stage_of(path: Path) -> str:
+    """Stage of a shipped YAML: its file name starts with the stage (label-demo.yaml), else a `stage:` key."""
+    for stage in sorted(STAGES, key=len, reverse=True):
+        if path.stem == stage or path.stem.startswith(stage + "-"):
+            return stage
+    stage = (yaml.safe_load(path.read_text()) or {}).get("stage")
+    assert stage in STAGES, f"{path.name}: name it <stage>-*.yaml with a stage in {sorted(STAGES)}"
+    return stage
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_into_its_stage_config(path):
+    stage = _stage_of(path)
+    module_name = STAGES[stage][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        pytest.skip(f"{module_name} (stage {stage}) is not built yet")
+    config_model = module.CONFIGS.get(stage)
+    if config_model is None:
+        pytest.skip(f"stage {stage} takes no config")
+    cfg = load_config(config_model, path)
+    assert isinstance(cfg, config_model)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_opens_with_the_command_that_runs_it(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert any("kd-ray" in line or "ray job submit" in line for line in header), \
+        f"{path.name} should open with a comment holding the exact command that runs it"
+
+
+def test_label_demo_config_is_shipped():
+    cfg = load_config(LabelConfig, CONFIG_DIR / "label-demo.yaml")
+    assert cfg.teachers and cfg.corpus.path and cfg.output.path

@@ -1,0 +1,276 @@
+"""Reading corpora without Ray: kd_ray.corpus.list_shards and read_shard on files built in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kd_ray.config import CorpusConfig
+from kd_ray.corpus import ROW_SCHEMA, list_shards, read_shard
+from kd_ray.errors import CorpusError
+from kd_ray.normalize import normalize_post
+
+TEACHER_ORDER = {"negative": 0, "neutral": 1, "positive": 2}
+
+
+def read_all(label_to_index=None, **corpus) -> pa.Table:
+    cfg = CorpusConfig(**corpus)
+    tables = [t for shard in list_shards(cfg) for t in read_shard(shard, cfg, label_to_index)]
+    return pa.concat_tables(tables)
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_csv(path, rows: list[dict], delimiter: str = ",") -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path):
+    """The same five posts in each of the five formats, plus files the reader must pass over."""
+    texts = ["good flight", "awful delay, 2 hours", 'she said "never again"', "ok\tfine", "love the crew 🙂"]
+    root = tmp_path / "corpus"
+    (root / "nested").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts}), root / "a.parquet")
+    write_jsonl(root / "b.jsonl", [{"text": t} for t in texts])
+    write_csv(root / "c.csv", [{"text": t} for t in texts])
+    write_csv(root / "d.tsv", [{"text": t.replace("\t", " ")} for t in texts], delimiter="\t")
+    (root / "nested" / "e.txt").write_text("".join(t.replace("\t", " ") + "\n" for t in texts))
+    (root / "_manifest.json").write_text("{}")
+    (root / ".hidden.txt").write_text("not a post\n")
+    (root / "README.md").write_text("not a corpus file\n")
+    return root, texts
+
+
+def test_list_shards_finds_every_format_in_name_order(mixed_corpus):
+    root, _ = mixed_corpus
+    shards = list_shards(CorpusConfig(path=str(root)))
+    assert [(s.name, s.format) for s in shards] == [
+        ("a.parquet", "parquet"), ("b.jsonl", "jsonl"), ("c.csv", "csv"), ("d.tsv", "tsv"), ("nested/e.txt", "text"),
+    ]
+
+
+def test_glob_and_single_file(mixed_corpus):
+    root, _ = mixed_corpus
+    assert [s.name for s in list_shards(CorpusConfig(path=f"{root}/*.cs?"))] == ["c.csv"]
+    [shard] = list_shards(CorpusConfig(path=str(root / "b.jsonl")))
+    assert (shard.name, shard.format) == ("b.jsonl", "jsonl")
+
+
+def test_every_format_reads_the_same_texts_with_positional_ids(mixed_corpus):
+    root, texts = mixed_corpus
+    table = read_all(path=str(root))
+    assert table.schema == ROW_SCHEMA
+    assert table.num_rows == 25
+    rows = table.to_pylist()
+    for k, name in enumerate(["a.parquet", "b.jsonl", "c.csv", "d.tsv", "nested/e.txt"]):
+        got = rows[5 * k:5 * k + 5]
+        assert [r["id"] for r in got] == [f"{name}:{i}" for i in range(5)]
+        expected = texts if name in ("a.parquet", "b.jsonl", "c.csv") else [t.replace("\t", " ") for t in texts]
+        assert [r["text"] for r in got] == expected
+    assert all(r["label"] is None and r["reject_reason"] is None for r in rows)
+
+
+def test_derived_ids_are_the_same_on_every_read(mixed_corpus):
+    root, _ = mixed_corpus
+    assert read_all(path=str(root)).column("id").to_pylist() == read_all(path=str(root)).column("id").to_pylist()
+
+
+def test_compressed_files_are_read(tmp_path):
+    with gzip.open(tmp_path / "posts.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "late again"}) + "\n")
+    with gzip.open(tmp_path / "posts.txt.gz", "wt") as f:
+        f.write("fine\n")
+    table = read_all(path=str(tmp_path))
+    assert table.column("id").to_pylist() == ["posts.jsonl.gz:0", "posts.txt.gz:0"]
+    assert table.column("text").to_pylist() == ["late again", "fine"]
+
+
+def test_csv_keeps_numeric_looking_texts_and_ids_as_strings(tmp_path):
+    write_csv(tmp_path / "p.csv", [{"id": "007", "text": "123"}, {"id": "008", "text": "two\nlines"}])
+    table = read_all(path=str(tmp_path), id_column="id")
+    assert table.column("id").to_pylist() == ["007", "008"]
+    assert table.column("text").to_pylist() == ["123", "two\nlines"]
+
+
+def test_limit_reads_at_most_n_rows_per_file(mixed_corpus):
+    root, _ = mixed_corpus
+    table = read_all(path=str(root), limit=2)
+    assert table.num_rows == 10
+    assert table.column("id").to_pylist()[:3] == ["a.parquet:0", "a.parquet:1", "b.jsonl:0"]
+
+
+def test_normalize_rewrites_mentions_links_and_whitespace_but_keeps_emojis(tmp_path):
+    raw = ["@AmericanAir see  https://t.co/x 😡", "  hi\t@bob   www.x.com/y  ", "mail a@b.com"]
+    write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in raw])
+    table = read_all(path=str(tmp_path), normalize=True)
+    assert table.column("text").to_pylist() == ["@user see http 😡", "hi @user http", "mail a@b.com"]
+    assert normalize_post(raw[0]) == "@user see http 😡"
+
+
+def test_gold_labels_become_indices_in_the_teachers_order(tmp_path):
+    write_jsonl(tmp_path / "names.jsonl", [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"},
+                                           {"text": "c", "label": None}, {"text": "d", "label": ""}])
+    table = read_all(TEACHER_ORDER, path=str(tmp_path), label_column="label")
+    assert table.column("label").to_pylist() == [2, 0, None, None]
+
+
+def test_integer_gold_labels_index_into_label_names(tmp_path):
+    # the corpus numbers its labels differently from the teacher: 0 = positive
+    write_jsonl(tmp_path / "ints.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
+    write_csv(tmp_path / "ints.csv", [{"text": "c", "label": "1"}])
+    table = read_all(TEACHER_ORDER, path=str(tmp_path), label_column="label",
+                     label_names=["positive", "neutral", "negative"])
+    assert table.column("id").to_pylist() == ["ints.csv:0", "ints.jsonl:0", "ints.jsonl:1"]
+    assert table.column("label").to_pylist() == [1, 2, 0]
+
+
+def test_text_files_carry_no_gold_labels_in_a_labeled_corpus(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "a", "label": "neutral"}])
+    (tmp_path / "b.txt").write_text("unlabeled post\n")
+    table = read_all(TEACHER_ORDER, path=str(tmp_path), label_column="label")
+    assert table.column("label").to_pylist() == [1, None]
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+
+
+def test_save_to_disk_dataset_reads_with_stable_ids(tmp_path):
+    import datasets
+
+    texts = [f"post {i}" for i in range(7)]
+    datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(7)]}).save_to_disk(tmp_path / "ds")
+    cfg = CorpusConfig(path=str(tmp_path / "ds"), label_column="label", label_names=["negative", "neutral", "positive"])
+    shards = list_shards(cfg, hf_rows_per_shard=3)
+    assert [(s.format, s.start, s.stop) for s in shards] == [("hf", 0, 3), ("hf", 3, 6), ("hf", 6, 7)]
+
+    def read():
+        return pa.concat_tables(t for s in list_shards(cfg, hf_rows_per_shard=3) for t in read_shard(s, cfg, TEACHER_ORDER))
+
+    first, second = read(), read()
+    assert first.column("id").to_pylist() == [f"ds[train]:{i}" for i in range(7)]
+    assert second.column("id").to_pylist() == first.column("id").to_pylist()
+    assert first.column("text").to_pylist() == texts
+    assert first.column("label").to_pylist() == [i % 3 for i in range(7)]
+
+
+def test_dataset_dict_split_is_chosen_and_a_missing_split_is_named(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
+        "test": datasets.Dataset.from_dict({"text": ["c"]}),
+    }).save_to_disk(tmp_path / "dd")
+    assert read_all(path=str(tmp_path / "dd"), split="test").column("text").to_pylist() == ["c"]
+    with pytest.raises(CorpusError, match=r"splits \['test', 'train'\], not corpus.split='validation'"):
+        list_shards(CorpusConfig(path=str(tmp_path / "dd"), split="validation"))
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_missing_path_and_folder_without_corpus_files_are_named(tmp_path):
+    with pytest.raises(CorpusError, match=r"corpus.path '.*nowhere' does not exist"):
+        list_shards(CorpusConfig(path=str(tmp_path / "nowhere")))
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(CorpusError, match=r"matches no readable corpus files \(found only .*notes.md.*set corpus.format"):
+        list_shards(CorpusConfig(path=str(tmp_path)))
+
+
+def _write_bad(tmp_path, kind: str):
+    """A one-file corpus with one kind of bad input; returns (file name, CorpusConfig overrides)."""
+    if kind == "missing text column":
+        write_jsonl(tmp_path / "p.jsonl", [{"body": "a"}])
+        return "p.jsonl", {}
+    if kind == "null text":
+        write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"text": None}])
+        return "p.jsonl", {}
+    if kind in ("empty text", "whitespace text"):
+        write_csv(tmp_path / "p.csv", [{"text": "a"}, {"text": "b"}, {"text": "" if kind == "empty text" else "  \t "}])
+        return "p.csv", {}
+    if kind == "integer texts":
+        write_jsonl(tmp_path / "p.jsonl", [{"text": 1}, {"text": 2}])
+        return "p.jsonl", {}
+    if kind == "mixed-type texts":
+        write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"text": 2}])
+        return "p.jsonl", {}
+    if kind == "invalid utf-8":
+        (tmp_path / "p.txt").write_bytes(b"fine\nbad \xff\xfe byte\n")
+        return "p.txt", {}
+    if kind == "unknown gold label":
+        write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "label": "positive"}, {"text": "b", "label": "angry"}])
+        return "p.jsonl", {"label_column": "label"}
+    if kind == "gold index out of range":
+        write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 5}])
+        return "p.jsonl", {"label_column": "label", "label_names": ["negative", "neutral", "positive"]}
+    if kind == "duplicate ids":
+        pq.write_table(pa.table({"id": ["x1", "x2", "x1"], "text": ["a", "b", "c"]}), tmp_path / "p.parquet")
+        return "p.parquet", {"id_column": "id"}
+    if kind == "null id":
+        pq.write_table(pa.table({"id": ["x1", None], "text": ["a", "b"]}), tmp_path / "p.parquet")
+        return "p.parquet", {"id_column": "id"}
+    if kind == "missing id column":
+        pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
+        return "p.parquet", {"id_column": "post_id"}
+    if kind == "missing label column":
+        pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
+        return "p.parquet", {"label_column": "gold"}
+    raise AssertionError(kind)
+
+
+# kind -> what the message must say (besides the file name)
+BAD_INPUT = {
+    "missing text column": r"has no column 'text' \(corpus.text_column\); its columns are \['body'\]",
+    "null text": r"row 1 \(id 'p.jsonl:1'\) has null text in column 'text'.*corpus.bad_rows=skip",
+    "empty text": r"row 2 \(id 'p.csv:2'\) has empty text in column 'text'",
+    "whitespace text": r"row 2 \(id 'p.csv:2'\) has empty text in column 'text'",
+    "integer texts": r"column 'text' \(corpus.text_column\) holds int64, not text",
+    "mixed-type texts": r"cannot read as jsonl",
+    "invalid utf-8": r"line 2 is not valid UTF-8",
+    "unknown gold label": r"row 1 \(id 'p.jsonl:1'\) has gold label 'angry' not in \['negative', 'neutral', "
+                          r"'positive'\] in column 'label'",
+    "gold index out of range": r"row 1 .*has gold label 5 not in .* in column 'label'",
+    "duplicate ids": r"rows 0 and 2 have the same id 'x1' in column 'id' \(corpus.id_column\)",
+    "null id": r"row 1 has a null id in column 'id'",
+    "missing id column": r"has no column 'post_id' \(corpus.id_column\)",
+    "missing label column": r"has no column 'gold' \(corpus.label_column\)",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUT))
+def test_bad_input_names_the_file_row_and_field(tmp_path, kind):
+    file_name, overrides = _write_bad(tmp_path, kind)
+    with pytest.raises(CorpusError, match=BAD_INPUT[kind]) as info:
+        read_all(TEACHER_ORDER, path=str(tmp_path), **overrides)
+    assert str(tmp_path / file_name) in str(info.value)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("null text", "null text"), ("empty text", "empty text"), ("whitespace text", "empty text"),
+    ("unknown gold label", "gold label 'angry' not in"), ("gold index out of range", "gold label 5 not in"),
+])
+def test_bad_rows_skip_marks_rows_instead_of_raising(tmp_path, kind, reason):
+    file_name, overrides = _write_bad(tmp_path, kind)
+    table = read_all(TEACHER_ORDER, path=str(tmp_path), bad_rows="skip", **overrides)
+    reasons = table.column("reject_reason").to_pylist()
+    bad_row = 2 if file_name.endswith(".csv") else 1
+    assert [i for i, r in enumerate(reasons) if r is not None] == [bad_row]
+    assert reasons[bad_row].startswith(reason)
+    assert table.column("label").to_pylist()[bad_row] is None
+
+
+@pytest.mark.parametrize("kind", ["integer texts", "duplicate ids", "missing text column"])
+def test_bad_rows_skip_still_refuses_file_level_problems(tmp_path, kind):
+    _, overrides = _write_bad(tmp_path, kind)
+    with pytest.raises(CorpusError, match=BAD_INPUT[kind]):
+        read_all(TEACHER_ORDER, path=str(tmp_path), bad_rows="skip", **overrides)

@@ -1,0 +1,527 @@
+"""`kd-ray label` end to end on the session's local Ray: files, ids, logits, metadata, reruns, bad input.
+
+One 20,000-row run over five file formats is shared by most assertions; the other runs use
+corpora of tens of rows. Errors raised before any Ray work are checked without a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import LABELS, random_posts
+
+import kd_ray
+from kd_ray.cli import main
+from kd_ray.config import LabelConfig, load_config
+from kd_ray.errors import CorpusError, KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
+from kd_ray.label import run_label
+from kd_ray.normalize import normalize_post
+from kd_ray.soft_labels import MANIFEST, METADATA_KEY, REJECTED_DIR, soft_label_schema, validate_soft_labels
+from kd_ray.teacher import weights_sha256
+
+MAX_LENGTH = 48
+ROWS_PER_FILE = 5_000
+BLOCK_ROWS = 1_000
+CORPUS_LABEL_NAMES = ["positive", "negative", "neutral"]  # integer labels in b.jsonl index this, not the teacher
+# file -> rows; sizes differ so that file and block boundaries do not line up
+FILES = {"a.parquet": 6_000, "b.jsonl": 5_000, "c.csv": 4_000, "sub/d.tsv": 3_000, "e.txt": 2_000}
+
+
+def direct_logits(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 256) -> np.ndarray:
+    """The teacher run the plain transformers way: input order, padded per batch, fp32."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            out.append(model(**batch).logits.numpy())
+    return np.concatenate(out)
+
+
+def read_parts(folder: Path) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob("part-*.parquet")))
+
+
+def part_metadata(path: Path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+
+
+def label_cfg(corpus: Path, teacher: Path, output: Path, **overrides) -> LabelConfig:
+    base = {"corpus.path": str(corpus), "teachers.0.model": str(teacher), "output.path": str(output),
+            "compute.concurrency": 1}
+    return load_config(LabelConfig, overrides={**base, **overrides})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher, tmp_path_factory) -> Path:
+    """The tiny teacher with larger random weights: BERT's 0.02 init gives nearly the same logits
+    for every post (std ~3e-5), which would make logit comparisons vacuous. Here std ~0.2."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "sharp-teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------- the shared 20k-row run
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """20,000 posts over five formats, gold labels in four of them, a few posts far over MAX_LENGTH.
+
+    Returns (folder, expected) with expected: id -> (text, teacher label index or None).
+    """
+    root = tmp_path_factory.mktemp("big-corpus")
+    texts = random_posts(sum(FILES.values()), seed=7)
+    for i in range(0, 6_000, 600):  # ten very long posts in a.parquet
+        texts[i] = " ".join(random_posts(40, seed=i, min_words=20, max_words=20))
+    rng = np.random.default_rng(0)
+    names = [LABELS[k] for k in rng.integers(0, 3, len(texts))]
+    expected, start = {}, 0
+    for name, n in FILES.items():
+        rows = range(start, start + n)
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gold: list = [names[i] if i % 7 else None for i in rows]  # every 7th row has no gold label
+        if name.endswith(".parquet"):
+            pq.write_table(pa.table({"text": [texts[i] for i in rows], "label": gold}), path)
+        elif name.endswith(".jsonl"):
+            gold = [CORPUS_LABEL_NAMES.index(g) if g else None for g in gold]
+            write_jsonl(path, [{"label": g, "text": texts[i]} for g, i in zip(gold, rows)])
+            gold = [CORPUS_LABEL_NAMES[g] if g is not None else None for g in gold]
+        elif name.endswith((".csv", ".tsv")):
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f, delimiter="," if name.endswith(".csv") else "\t")
+                writer.writerow(["text", "label"])
+                writer.writerows([texts[i], g or ""] for g, i in zip(gold, rows))
+        else:
+            path.write_text("".join(texts[i] + "\n" for i in rows))
+            gold = [None] * n  # text files carry no gold labels
+        for k, i in enumerate(rows):
+            expected[f"{name}:{k}"] = (texts[i], LABELS.index(gold[k]) if gold[k] else None)
+        start += n
+    return root, expected
+
+
+@pytest.fixture(scope="module")
+def big_run(ray_session, teacher, big_corpus, tmp_path_factory):
+    corpus, expected = big_corpus
+    out = tmp_path_factory.mktemp("big-run") / "labels"
+    cfg = label_cfg(corpus, teacher, out, **{
+        "corpus.label_column": "label", "corpus.label_names": CORPUS_LABEL_NAMES,
+        "teachers.0.max_length": MAX_LENGTH, "compute.block_rows": BLOCK_ROWS, "compute.concurrency": None,
+        "output.rows_per_file": ROWS_PER_FILE,
+    })
+    summary = run_label(cfg)
+    table = read_parts(out)
+    order = np.argsort(np.array(table.column("id").to_pylist()))
+    return summary, out, table.take(pa.array(order))
+
+
+def test_output_ids_are_the_input_ids_exactly(big_corpus, big_run):
+    _, expected = big_corpus
+    summary, _, table = big_run
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(expected) == summary.rows == 20_000
+    assert set(ids) == set(expected)
+    assert table.column("text").to_pylist() == [expected[i][0] for i in ids]
+
+
+def test_logits_equal_the_model_run_directly(teacher, big_run):
+    _, _, table = big_run
+    logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)
+    reference = direct_logits(teacher, table.column("text").to_pylist(), MAX_LENGTH)
+    assert logits.shape == (20_000, len(LABELS))
+    np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=0)
+    assert logits.std(axis=0).min() > 0.05  # posts get clearly different logits, so a mix-up would show
+
+
+def test_gold_labels_are_indices_in_the_teachers_label_order(big_corpus, big_run):
+    _, expected = big_corpus
+    _, _, table = big_run
+    labels = table.column("label").to_pylist()
+    assert labels == [expected[i][1] for i in table.column("id").to_pylist()]
+    assert set(labels) == {0, 1, 2, None}
+
+
+def test_long_texts_are_truncated_and_counted(teacher, big_run):
+    from transformers import AutoTokenizer
+
+    summary, out, table = big_run
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    lengths = np.array([len(ids) for ids in tokenizer(table.column("text").to_pylist())["input_ids"]])
+    too_long = lengths > MAX_LENGTH
+    assert too_long.sum() >= 10  # at least the ten long posts
+    assert table.column("truncated").to_pylist() == too_long.tolist()
+    assert summary.truncated == too_long.sum() == json.loads((out / MANIFEST).read_text())["truncated"]
+
+
+def test_every_part_file_carries_complete_provenance(teacher, big_run):
+    _, out, _ = big_run
+    manifest = json.loads((out / MANIFEST).read_text())
+    for path in sorted(out.glob("part-*.parquet")):
+        meta = part_metadata(path)
+        assert meta["kd_ray_version"] == kd_ray.__version__
+        assert meta["config_hash"] == manifest["config_hash"] and len(meta["config_hash"]) == 16
+        assert meta["normalize"] is False and meta["logits_dtype"] == "float32"
+        assert meta["label_names"] == LABELS and meta["label_task"] == "sentiment"
+        [stored] = meta["teachers"]
+        assert stored["model"] == str(Path(teacher).resolve())
+        assert stored["weights_sha256"] == weights_sha256(Path(teacher)) and len(stored["weights_sha256"]) == 64
+        assert stored["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+        assert stored["max_length"] == MAX_LENGTH
+        assert (stored["name"], stored["task"]) == ("teacher", "sentiment")
+        assert pq.read_schema(path).remove_metadata().equals(soft_label_schema(meta).remove_metadata())
+
+
+def test_files_respect_rows_per_file_and_match_the_manifest(big_run):
+    summary, out, _ = big_run
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    rows = [pq.ParquetFile(out / p).metadata.num_rows for p in parts]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sum(rows) == manifest["rows"] == 20_000
+    assert manifest["files"] == parts and summary.files == len(parts)
+    assert (manifest["rejected"], summary.rejected) == (0, 0)
+    # rows_per_file is a minimum per file (Ray's min_rows_per_write): all files but one reach it,
+    # and none runs more than a few blocks past it.
+    assert 2 <= len(parts) <= math.ceil(20_000 / ROWS_PER_FILE)
+    assert sum(r < ROWS_PER_FILE for r in rows) <= 1
+    assert max(rows) < ROWS_PER_FILE + 3 * BLOCK_ROWS
+    leftovers = sorted(p.name for p in out.iterdir() if p.name not in parts and p.name != MANIFEST)
+    assert leftovers == []  # no temp files, no _rejected/ when nothing was rejected
+    assert "20000 rows" in summary.line()
+
+
+def test_relabeling_gives_the_same_ids_and_logits_and_one_file_by_default(capsys, teacher, big_corpus,
+                                                                          big_run, tmp_path):
+    corpus, _ = big_corpus
+    _, first_out, first = big_run
+    out = tmp_path / "again"
+    code = main(["label", "--corpus.path", str(corpus), "--corpus.label_column", "label",
+                 "--corpus.label_names", "[positive, negative, neutral]", "--teachers.0.model", str(teacher),
+                 "--teachers.0.max_length", str(MAX_LENGTH), "--output.path", str(out)])
+    assert code == 0
+    assert "20000 rows -> 1 files" in capsys.readouterr().out
+    assert len(list(out.glob("part-*.parquet"))) == 1  # 20k rows < the default rows_per_file
+    second = read_parts(out)
+    second = second.take(pa.array(np.argsort(np.array(second.column("id").to_pylist()))))
+    assert second.column("id").to_pylist() == first.column("id").to_pylist()
+    # batches are cut differently, so equal up to float rounding
+    np.testing.assert_allclose(np.array(second.column("teacher_logits").to_pylist()),
+                               np.array(first.column("teacher_logits").to_pylist()), atol=1e-5, rtol=0)
+    # where the files go is not part of what was labeled
+    assert (json.loads((out / MANIFEST).read_text())["config_hash"]
+            == json.loads((first_out / MANIFEST).read_text())["config_hash"])
+
+
+# ---------------------------------------------------------------------------- kd-ray validate
+
+
+def test_validate_passes_on_a_finished_run(capsys, big_run):
+    _, out, _ = big_run
+    assert main(["validate", str(out)]) == 0
+    assert f"ok: 20000 rows in {len(list(out.glob('part-*.parquet')))} files, teachers ['teacher']" in capsys.readouterr().out
+
+
+def _corrupt_copy(out: Path, tmp_path: Path, how: str) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    part = sorted(copy.glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    schema = table.schema
+    if how == "nan logits":
+        logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)
+        logits[3, 1] = np.nan
+        column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
+        pq.write_table(table.set_column(table.schema.get_field_index("teacher_logits"), schema.field("teacher_logits"),
+                                        column).cast(schema), part)
+    elif how == "duplicate id":
+        pq.write_table(table.slice(0, 1).cast(schema), copy / "part-99999-extra.parquet")
+    elif how == "no manifest":
+        (copy / MANIFEST).unlink()
+    elif how == "foreign run":
+        meta = part_metadata(part)
+        meta["config_hash"] = "0" * 16
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), part)
+    elif how == "no metadata":
+        pq.write_table(table.replace_schema_metadata(None), part)
+    elif how == "gold label out of range":
+        labels = pa.array([7] * table.num_rows, pa.int32())
+        pq.write_table(table.set_column(table.schema.get_field_index("label"), schema.field("label"), labels), part)
+    elif how == "no part files":
+        for p in copy.glob("part-*.parquet"):
+            p.unlink()
+    return copy
+
+
+@pytest.mark.parametrize("how, message", [
+    ("nan logits", r"part-\d{5}-\w+\.parquet: 1 NaN/Inf values in teacher_logits"),
+    ("duplicate id", r"id '.*' appears more than once(.|\n)*manifest says 20000 rows, the part files hold 20001"),
+    ("no manifest", r"_manifest.json is missing: the labeling run did not finish"),
+    ("foreign run", r"was labeled by a different teacher or config than .*; do not mix runs"),
+    ("no metadata", r"has no kd_ray metadata: it was not written by `kd-ray label`"),
+    ("gold label out of range", r"gold label index outside 0..2"),
+    ("no part files", r"holds no part-\*\.parquet files"),
+])
+def test_validate_names_what_is_wrong_with_a_corrupted_folder(capsys, big_run, tmp_path, how, message):
+    _, out, _ = big_run
+    copy = _corrupt_copy(out, tmp_path, how)
+    with pytest.raises(SoftLabelError, match=message):
+        validate_soft_labels(str(copy))
+    assert main(["validate", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kd-ray validate: error: ") and str(copy) in err
+
+
+def test_validate_without_a_folder_prints_usage(capsys):
+    assert main(["validate"]) == 2
+    assert "usage: kd-ray validate" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- normalisation, reruns
+
+
+RAW_POSTS = ["@AmericanAir see  https://t.co/x 😡", "  thanks\t@crew   for the seat 🙂 ", "late again www.x.com/y",
+             "@a @b @c", "fine"] * 6
+
+
+@pytest.fixture(scope="module")
+def normalized_run(ray_session, teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("normalized")
+    write_jsonl(root / "corpus" / "posts.jsonl", [{"id": f"p{i}", "text": t} for i, t in enumerate(RAW_POSTS)])
+    overrides = {"corpus.id_column": "id", "corpus.normalize": True}
+    cfg = label_cfg(root / "corpus", teacher, root / "labels", **overrides)
+    return run_label(cfg), root, overrides
+
+
+def test_normalized_text_is_stored_and_labeled(teacher, normalized_run):
+    summary, root, _ = normalized_run
+    table = read_parts(root / "labels")
+    assert summary.rows == 30 and summary.files == 1
+    assert table.column("id").to_pylist() == [f"p{i}" for i in range(30)]
+    texts = table.column("text").to_pylist()
+    assert texts[:5] == ["@user see http 😡", "thanks @user for the seat 🙂", "late again http", "@user @user @user",
+                         "fine"]
+    assert texts == [normalize_post(t) for t in RAW_POSTS]
+    logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(logits, direct_logits(teacher, texts, 128), atol=1e-4, rtol=0)
+    assert not np.allclose(logits[:4], direct_logits(teacher, RAW_POSTS[:4], 128), atol=1e-2)
+    assert part_metadata(next((root / "labels").glob("part-*.parquet")))["normalize"] is True
+
+
+def test_rerunning_the_same_config_is_a_no_op_that_says_so(capsys, teacher, normalized_run):
+    first, root, overrides = normalized_run
+    out = root / "labels"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    summary = run_label(label_cfg(root / "corpus", teacher, out, **overrides))
+    assert summary.skipped_existing and (summary.rows, summary.files) == (first.rows, first.files)
+    code = main(["label", "--corpus.path", str(root / "corpus"), "--corpus.id_column", "id", "--corpus.normalize",
+                 "true", "--teachers.0.model", str(teacher), "--output.path", str(out)])
+    assert code == 0
+    assert "already holds 30 rows labeled with this config; nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_different_config_is_refused_unless_overwrite(capsys, teacher, normalized_run, tmp_path):
+    _, root, overrides = normalized_run
+    out = tmp_path / "labels"
+    shutil.copytree(root / "labels", out)
+    old_hash = json.loads((out / MANIFEST).read_text())["config_hash"]
+    refused = r"already holds finished labels of another config \(hash \w+\).*set output.overwrite=true"
+    with pytest.raises(KdRayUserError, match=refused):
+        run_label(label_cfg(root / "corpus", teacher, out, **{**overrides, "corpus.normalize": False}))
+    assert main(["label", "--corpus.path", str(root / "corpus"), "--corpus.id_column", "id", "--teachers.0.model",
+                 str(teacher), "--teachers.0.max_length", "64", "--output.path", str(out)]) == 1
+    assert "already holds finished labels of another config" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["config_hash"] == old_hash  # untouched
+
+    old_parts = {p.name for p in out.glob("part-*.parquet")}
+    summary = run_label(label_cfg(root / "corpus", teacher, out, **{
+        **overrides, "corpus.normalize": False, "output.overwrite": True, "output.logits_dtype": "float16"}))
+    assert not summary.skipped_existing and summary.rows == 30
+    assert json.loads((out / MANIFEST).read_text())["config_hash"] != old_hash
+    assert not old_parts & {p.name for p in out.glob("part-*.parquet")}
+    table = read_parts(out)
+    assert table.column("text").to_pylist() == RAW_POSTS
+    assert table.schema.field("teacher_logits").type == pa.list_(pa.float16(), 3)
+    np.testing.assert_allclose(np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32),
+                               direct_logits(teacher, RAW_POSTS, 128), atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------- bad rows set aside
+
+
+def test_bad_rows_skip_sets_them_aside_with_their_reason(ray_session, teacher, tmp_path):
+    rows = [{"id": f"p{i}", "text": f"good post {i}", "label": LABELS[i % 3]} for i in range(20)]
+    rows[3]["text"] = None
+    rows[5]["text"] = ""
+    rows[8]["text"] = " \t "
+    rows[13]["label"] = "angry"
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", rows)
+    pq.write_table(pa.table({"id": ["q0", "q1"], "text": ["fine", "late"], "label": ["neutral", None]}),
+                   tmp_path / "corpus" / "b.parquet")
+    out = tmp_path / "labels"
+    summary = run_label(label_cfg(tmp_path / "corpus", teacher, out, **{
+        "corpus.id_column": "id", "corpus.label_column": "label", "corpus.bad_rows": "skip"}))
+    bad = {"p3": "null text", "p5": "empty text", "p8": "empty text",
+           "p13": "gold label 'angry' not in ['negative', 'neutral', 'positive']"}
+    assert (summary.rows, summary.rejected) == (18, 4)
+    labeled = read_parts(out)
+    assert sorted(labeled.column("id").to_pylist()) == sorted({r["id"] for r in rows} - set(bad) | {"q0", "q1"})
+    assert np.isfinite(np.array(labeled.column("teacher_logits").to_pylist())).all()
+    by_id = dict(zip(labeled.column("id").to_pylist(), labeled.column("label").to_pylist()))
+    assert (by_id["p0"], by_id["p1"], by_id["p2"], by_id["q0"], by_id["q1"]) == (0, 1, 2, 1, None)
+    rejected = pq.read_table(out / REJECTED_DIR).to_pylist()
+    assert {r["id"]: r["reject_reason"] for r in rejected} == bad
+    assert {r["id"]: r["text"] for r in rejected}["p8"] == " \t "
+    assert json.loads((out / MANIFEST).read_text())["rejected"] == 4
+    validate_soft_labels(str(out))  # _rejected/ does not count as labels
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+
+
+def test_save_to_disk_dataset_is_labeled_with_stable_ids(ray_session, teacher, tmp_path):
+    import datasets
+
+    from kd_ray.config import CorpusConfig
+    from kd_ray.corpus import list_shards, read_shard
+
+    texts = random_posts(40, seed=3)
+    datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(40)]}).save_to_disk(tmp_path / "tweets")
+    overrides = {"corpus.label_column": "label", "corpus.label_names": LABELS}
+    summary = run_label(label_cfg(tmp_path / "tweets", teacher, tmp_path / "labels", **overrides))
+    table = read_parts(tmp_path / "labels")
+    assert summary.rows == 40
+    assert table.column("id").to_pylist() == [f"tweets[train]:{i}" for i in range(40)]
+    assert table.column("text").to_pylist() == texts
+    assert table.column("label").to_pylist() == [i % 3 for i in range(40)]
+    # reading the dataset again gives the same ids
+    corpus_cfg = CorpusConfig(path=str(tmp_path / "tweets"), label_column="label", label_names=LABELS)
+    again = [i for s in list_shards(corpus_cfg) for t in read_shard(s, corpus_cfg, None) for i in t.column("id").to_pylist()]
+    assert again == table.column("id").to_pylist()
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _plain_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(folder)
+    return folder
+
+
+def _no_weights(teacher: Path, folder: Path) -> Path:
+    shutil.copytree(teacher, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing model", r"teacher model folder .*/nowhere does not exist"),
+    ("model without weights", r"teacher model folder .*/no-weights has no weights \(expected one of model.safetensors"),
+    ("model without config", r"teacher model folder .*/no-config has no config.json"),
+    ("not a classifier", r"teacher '.*/plain-bert' is a \['BertModel'\] model, not a sequence classifier"),
+    ("foreign label name", r"corpus.label_names has 'angry', which teacher 'teacher' \(.*\) does not predict; "
+                           r"its labels are \['negative', 'neutral', 'positive'\]"),
+    ("missing corpus", r"corpus.path '.*/no-corpus' does not exist"),
+    ("output is a file", r"output.path .*/labels is a file, not a folder"),
+])
+def test_errors_before_any_labeling_name_the_problem(capsys, ray_session, teacher, tmp_path, problem, message):
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", [{"text": "good", "label": "positive"}])
+    model, out = str(teacher), tmp_path / "labels"
+    extra: list[str] = []
+    if problem == "missing model":
+        model = str(tmp_path / "nowhere")
+    elif problem == "model without weights":
+        model = str(_no_weights(teacher, tmp_path / "no-weights"))
+    elif problem == "model without config":
+        model = str(tmp_path / "no-config")
+        shutil.copytree(teacher, model, ignore=shutil.ignore_patterns("config.json"))
+    elif problem == "not a classifier":
+        model = str(_plain_bert(tmp_path / "plain-bert"))
+    elif problem == "foreign label name":
+        extra = ["--corpus.label_column", "label", "--corpus.label_names", "[negative, angry]"]
+    elif problem == "missing corpus":
+        corpus = tmp_path / "no-corpus"
+    elif problem == "output is a file":
+        out.write_text("")
+    capsys.readouterr()  # drop the progress bars of saving models
+    argv = ["label", "--corpus.path", str(corpus), "--teachers.0.model", model, "--output.path", str(out), *extra]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kd-ray label: error: ")
+    assert re.search(message, err), err
+    assert not (out / MANIFEST).exists()
+
+
+def test_model_errors_are_typed(ray_session, teacher, tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": "good"}])
+    with pytest.raises(ModelError, match="not a sequence classifier"):
+        run_label(label_cfg(tmp_path / "corpus", _plain_bert(tmp_path / "plain"), tmp_path / "labels"))
+    assert not (tmp_path / "labels").exists()  # refused before the output folder is made
+
+
+def test_bad_row_in_a_worker_reaches_the_cli_as_a_plain_message(capsys, ray_session, teacher, tmp_path):
+    write_jsonl(tmp_path / "corpus" / "posts.jsonl", [{"text": "good"}, {"text": "fine"}, {"text": None}])
+    out = tmp_path / "labels"
+    assert main(["label", "--corpus.path", str(tmp_path / "corpus"), "--teachers.0.model", str(teacher),
+                 "--output.path", str(out), "--compute.concurrency", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/corpus/posts.jsonl: row 2 (id 'posts.jsonl:2') has null text in column 'text'" in err
+    assert "corpus.bad_rows=skip" in err
+    assert not (out / MANIFEST).exists()
+    # the cause, not Ray's traceback of the worker
+    assert err.startswith("kd-ray label: error: /") and "Traceback" not in err and "ray::" not in err, err
+
+
+def test_invalid_utf8_in_a_worker_unwraps_to_a_corpus_error(ray_session, teacher, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "posts.txt").write_bytes(b"good\nfine\nbad \xff byte\n")
+    out = tmp_path / "labels"
+    with pytest.raises(Exception) as info:
+        run_label(label_cfg(tmp_path / "corpus", teacher, out))
+    error = unwrap_user_error(info.value)
+    assert isinstance(error, CorpusError)
+    assert "posts.txt: line 3 is not valid UTF-8" in str(error)
+    assert not (out / MANIFEST).exists()
+
+
+def test_duplicate_ids_across_files_fail_the_run_without_a_manifest(capsys, ray_session, teacher, tmp_path):
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"id": "x1", "text": "good"}, {"id": "x2", "text": "bad"}])
+    pq.write_table(pa.table({"id": ["x3", "x1"], "text": ["fine", "late"]}), tmp_path / "corpus" / "b.parquet")
+    out = tmp_path / "labels"
+    assert main(["label", "--corpus.path", str(tmp_path / "corpus"), "--corpus.id_column", "id",
+                 "--teachers.0.model", str(teacher), "--output.path", str(out), "--compute.concurrency", "1"]) == 1
+    assert "id 'x1' appears more than once" in capsys.readouterr().err
+    assert not (out / MANIFEST).exists()
