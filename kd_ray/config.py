@@ -38,9 +38,9 @@ class RayConfig(Section):
 
 
 class CorpusConfig(Section):
-    path: str = Field(
-        description="Corpus: a file, folder or glob (local, s3://, gs://) of Parquet, JSON Lines, "
-        "CSV/TSV or text files; a datasets save_to_disk folder; or hf://<hub name>."
+    path: str | list[str] = Field(
+        description="Corpus: a file, folder or glob (local, s3://, gs://) of Parquet, JSON Lines, CSV/TSV or text "
+        "files; a datasets save_to_disk folder; hf://<hub name>; or a list of these."
     )
     format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "text", "hf"] = Field(
         "auto", description="File format; 'auto' goes by extension (.parquet, .jsonl/.json, .csv, .tsv, .txt)."
@@ -51,6 +51,9 @@ class CorpusConfig(Section):
         description="Column of unique row ids; null derives a stable id '<file>:<row>' from each row's position.",
     )
     label_column: str | None = Field(None, description="Column of gold labels, if the corpus has some.")
+    partial_labels: bool = Field(
+        False, description="Files without the label column are read as unlabeled rows (a labeled set plus an "
+        "unlabeled transfer set); otherwise a missing label column is an error.")
     label_names: list[str] | None = Field(
         None,
         description="Names of the gold labels; integer labels index into this list. Needed when the "
@@ -291,3 +294,65 @@ class DistillConfig(Section):
     storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
                                      "null: <output>/../ray_train.")
     ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------- evaluation and the pipeline
+
+
+class EvalArgs(Section):
+    batch_size: int = Field(64, ge=1, le=8192, description="Texts per forward pass when scoring and timing.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text for every model compared.")
+    threads: int = Field(2, ge=1, le=256, description="torch threads for the CPU throughput measurement.")
+    timing_rows: int = Field(1000, ge=10, description="Test rows timed per model for throughput (rows/s).")
+    timing_repeats: int = Field(3, ge=1, le=50, description="Timed passes per model, alternating; the median is kept.")
+
+
+class EvaluateConfig(Section):
+    """`kd-ray evaluate`: teacher and student(s) side by side on a held-out labeled set."""
+
+    test: EvalSetConfig
+    teacher: str = Field(description="Teacher model folder or hub id.")
+    student: str = Field(description="Student model folder or hub id.")
+    others: dict[str, str] = Field(default_factory=dict, description="More models to report, name -> folder "
+                                   "(e.g. the student trained without distillation).")
+    eval: EvalArgs = Field(default_factory=EvalArgs)
+    output: str = Field(description="Folder for metrics.json.")
+
+
+class PipelineTeacherConfig(Section):
+    model: str | None = Field(None, description="A ready teacher classifier (folder or hub id); null: fine-tune "
+                              "`base_model` on data.train first.")
+    base_model: str | None = Field(None, description="Pretrained encoder to fine-tune into the teacher.")
+    train: TrainArgs = Field(default_factory=TrainArgs, description="Fine-tuning settings.")
+
+
+class PipelineDataConfig(Section):
+    train: CorpusConfig = Field(description="Labeled set: fine-tunes the teacher; labeled by it for distillation.")
+    transfer: CorpusConfig | None = Field(None, description="Unlabeled transfer set: labeled by the teacher only.")
+    validation: EvalSetConfig | None = Field(None, description="Scored after every training epoch.")
+    test: EvalSetConfig = Field(description="Held out: touched only by the final evaluation.")
+
+
+class PipelineConfig(Section):
+    """`kd-ray run`: fine-tune the teacher, label, distill, evaluate, from one YAML."""
+
+    output: str = Field(description="Run folder: teacher/, soft_labels/, student/, metrics.json land here.")
+    labels: list[str] = Field(min_length=2, description="The label set, in output order.")
+    data: PipelineDataConfig
+    teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
+    label: LabelComputeConfig = Field(default_factory=LabelComputeConfig, description="Labeling compute.")
+    teacher_max_length: int = Field(128, ge=8, le=8192, description="Teacher tokens per text when labeling.")
+    logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    distill: TrainArgs = Field(default_factory=TrainArgs, description="Student training settings.")
+    baseline_without_distillation: bool = Field(
+        True, description="Also train the same student with alpha=0 on the labeled rows only, and report it.")
+    eval: EvalArgs = Field(default_factory=EvalArgs)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> PipelineConfig:
+        if (self.teacher.model is None) == (self.teacher.base_model is None):
+            raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        return self

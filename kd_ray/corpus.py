@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from kd_ray.config import CorpusConfig
 from kd_ray.errors import CorpusError
 from kd_ray.normalize import normalize_post
+from kd_ray.storage import filesystem
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -58,9 +59,7 @@ class Shard:
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path and not path.startswith("hf://"):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
+    return filesystem(path)
 
 
 def _file_format(name: str, configured: str) -> str | None:
@@ -82,7 +81,15 @@ def _is_hf_dataset_dir(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shard]:
-    """Resolve ``cfg.path`` (file, folder, glob, URI, HF dataset) to a sorted list of shards."""
+    """Resolve ``cfg.path`` (file, folder, glob, URI, HF dataset, or a list of them) to shards."""
+    if isinstance(cfg.path, list):
+        shards = [s for p in cfg.path for s in list_shards(cfg.model_copy(update={"path": p}), hf_rows_per_shard)]
+        names = [s.name for s in shards]
+        clashes = sorted({n for n in names if names.count(n) > 1})
+        if clashes:
+            raise CorpusError(f"corpus.path entries share the file names {clashes}, which would give rows the same "
+                              f"derived ids; rename the files or set corpus.id_column")
+        return shards
     path = cfg.path.rstrip("/")
     if path.startswith("hf://") or cfg.format == "hf":
         return _hf_shards(cfg, hf_rows_per_shard)
@@ -260,9 +267,10 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
     # gold labels
     label_idx: list[int | None] = [None] * n
     if cfg.label_column and shard.format != "text":  # text files have no columns, so no gold labels
-        if cfg.label_column not in table.column_names:
+        if cfg.label_column not in table.column_names and not cfg.partial_labels:
             raise _missing_column(shard, table, cfg.label_column, "label_column")
-        for i, raw in enumerate(table.column(cfg.label_column).to_pylist()):
+        raw_labels = table.column(cfg.label_column).to_pylist() if cfg.label_column in table.column_names else []
+        for i, raw in enumerate(raw_labels):
             if raw is None or raw == "":
                 continue
             name = _label_name(raw, cfg)

@@ -26,6 +26,7 @@ from kd_ray import __version__
 from kd_ray.config import LabelConfig
 from kd_ray.errors import CorpusError, KdRayUserError
 from kd_ray.ray_data import corpus_dataset
+from kd_ray.storage import filesystem
 from kd_ray.soft_labels import MANIFEST, REJECTED_DIR, SCHEMA_VERSION, soft_label_schema, validate_soft_labels
 from kd_ray.teacher import TeacherLabeler, teacher_metadata
 
@@ -101,7 +102,7 @@ class SoftLabelDatasink(Datasink):
         return "SoftLabelWrite"
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
-        fs, root = output_fs(self.output)
+        fs, root = filesystem(self.output)
         schema = soft_label_schema(self.metadata)
         name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp, final = f"{root}/.tmp-{name}", f"{root}/{name}"
@@ -130,12 +131,6 @@ class SoftLabelDatasink(Datasink):
         self.results = write_result.write_returns
 
 
-def output_fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(path)
-
-
 def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
@@ -146,7 +141,7 @@ def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
 
 def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> dict | None:
     """Returns the manifest if this exact labeling already finished; refuses to mix runs."""
-    fs, root = output_fs(cfg.output.path)
+    fs, root = filesystem(cfg.output.path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
         manifest = _read_manifest(fs, root)
@@ -216,19 +211,20 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         seconds=time.perf_counter() - start,
     )
     _remove_empty_parts(cfg.output.path, results)
+    if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
+        where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
+        raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")
     validate_soft_labels(cfg.output.path, require_manifest=False)
     manifest = {**asdict(summary), "files": sorted(r["file"] for r in results if r["rows"]),
                 "config_hash": metadata["config_hash"], "rows_per_s": summary.rows_per_s}
-    fs, root = output_fs(cfg.output.path)
+    fs, root = filesystem(cfg.output.path)
     with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
         f.write(json.dumps(manifest, indent=2).encode())
-    if summary.rows == 0:
-        raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected)")
     return summary
 
 
 def _remove_empty_parts(output: str, results: list[dict]) -> None:
-    fs, root = output_fs(output)
+    fs, root = filesystem(output)
     for r in results:
         if not r["rows"]:
             fs.delete_file(f"{root}/{r['file']}")

@@ -9,6 +9,7 @@ import ray.data
 
 from kd_ray.config import CorpusConfig
 from kd_ray.corpus import Shard, list_shards, read_shard
+from kd_ray.storage import filesystem
 
 
 def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None):
@@ -36,10 +37,8 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
 def _read_parquet_udf(batch: pa.Table, columns: list[str], rows_per_block: int):
     import pyarrow.parquet as pq
 
-    from kd_ray.soft_labels import _filesystem
-
     for path in batch.column("path").to_pylist():
-        fs, local = _filesystem(path)
+        fs, local = filesystem(path)
         with fs.open_input_file(local) as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=columns):
                 yield pa.Table.from_batches([record_batch])

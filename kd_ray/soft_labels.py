@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from kd_ray.errors import SoftLabelError
+from kd_ray.storage import filesystem
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"kd_ray"
@@ -85,14 +86,8 @@ class SoftLabelInfo:
         )
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
 def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, root = _filesystem(path)
+    fs, root = filesystem(path)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise SoftLabelError(f"soft-label folder {path} does not exist")
@@ -162,7 +157,7 @@ def check_matches(info: SoftLabelInfo, *, id2label: dict | list | None = None, t
 def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[str, Any]:
     """Full check of a folder: metadata, schema, row count vs manifest, unique ids, finite logits."""
     info = read_soft_label_info(path)
-    fs, _ = _filesystem(path)
+    fs, _ = filesystem(path)
     ids = set()
     problems: list[str] = []
     label_count = len(info.metadata.get("label_names") or [])
@@ -189,7 +184,7 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
     manifest_rows = None
     if require_manifest:
         try:
-            with fs.open_input_stream(f"{_filesystem(path)[1]}/{MANIFEST}") as f:
+            with fs.open_input_stream(f"{filesystem(path)[1]}/{MANIFEST}") as f:
                 manifest_rows = json.loads(f.read())["rows"]
         except (FileNotFoundError, OSError):
             problems.append(f"{path}/{MANIFEST} is missing: the labeling run did not finish")

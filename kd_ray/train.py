@@ -25,8 +25,10 @@ import pyarrow.compute as pc
 from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
 from kd_ray.errors import KdRayUserError, SoftLabelError
 from kd_ray.soft_labels import check_matches, logits_column, read_soft_label_info
+from kd_ray.storage import absolute_if_local
 
 TRAIN_STATE = "train_state.pt"
+LOG_EVERY_STEPS = 50
 DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold most CPUs
 RUN_INFO = "kd_ray_train.json"
 
@@ -121,9 +123,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     teacher_weights = list((job.get("teacher_weights") or {}).values())
     train_shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
+    resumed_from = start_epoch
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        started, rows, loss_sum, steps, seen_ids = time.perf_counter(), 0, 0.0, 0, []
         for batch in train_shard.iter_batches(batch_size=args.batch_size, batch_format="pyarrow",
                                               local_shuffle_buffer_size=args.shuffle_buffer or None,
                                               local_shuffle_seed=args.seed * 1000 + epoch):
@@ -148,9 +151,18 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             rows += len(texts)
             loss_sum += loss.item()
             steps += 1
+            if job.get("record_ids_to"):
+                seen_ids += batch.column("id").to_pylist()
+            if rank == 0 and steps % LOG_EVERY_STEPS == 0:
+                print(f"epoch {epoch + 1}/{args.epochs} step {steps}/{steps_per_epoch} loss {loss_sum / steps:.4f} "
+                      f"{rows * args.num_workers / (time.perf_counter() - started):.1f} samples/s", flush=True)
+        if job.get("record_ids_to"):  # test hook: which rows each worker saw
+            Path(job["record_ids_to"]).mkdir(parents=True, exist_ok=True)
+            (Path(job["record_ids_to"]) / f"epoch{epoch + 1}-rank{rank}.json").write_text(json.dumps(seen_ids))
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
-                   "samples_per_s": rows / seconds if seconds else 0.0, "rank": rank}
+                   "samples_per_s": rows / seconds if seconds else 0.0, "rank": rank,
+                   "resumed_from_epoch": resumed_from}
         if rank == 0 and job.get("has_validation"):
             metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
                                      ray.train.get_dataset_shard("validation"), job, accelerator.device))
@@ -172,8 +184,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- driver side
 
 
+TEST_HOOKS = ("stop_after_epoch", "record_ids_to")
+
+
 def _run_name(output: str, job: dict) -> str:
-    stable = {k: v for k, v in job.items() if k not in ("stop_after_epoch",)}
+    stable = {k: v for k, v in job.items() if k not in TEST_HOOKS}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{Path(output).name}-{digest}"
 
@@ -223,6 +238,7 @@ def export_checkpoint(checkpoint, output: str, job: dict) -> None:
     with checkpoint.as_directory() as folder:
         shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
         history = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)["history"]
+    job = {k: v for k, v in job.items() if k not in TEST_HOOKS}
     info = {"mode": job["mode"], "labels": job["labels"], "history": history, "job": job}
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
@@ -237,6 +253,16 @@ def read_run_info(folder: str) -> dict | None:
 def _labeled_rows(batch: pa.Table) -> pa.Table:
     """Finetune learns from rows that have a gold label and a usable text."""
     return batch.filter(pc.and_(batch.column("label").is_valid(), batch.column("reject_reason").is_null()))
+
+
+def _gold_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch.column("label").is_valid())
+
+
+def _count_gold_rows(info) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(info.files, format="parquet").count_rows(filter=pads.field("label").is_valid())
 
 
 def _common_job(args: TrainArgs) -> dict[str, Any]:
@@ -257,7 +283,7 @@ def run_finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None):
     if cfg.validation:
         datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(), {n: i for i, n in enumerate(labels)},
                                                 num_cpus=DATA_TASK_CPUS)
-    job = {**_common_job(cfg.train), "mode": "finetune", "base_model": cfg.base_model, "labels": labels,
+    job = {**_common_job(cfg.train), "mode": "finetune", "base_model": absolute_if_local(cfg.base_model), "labels": labels,
            "rows": rows, "has_validation": cfg.validation is not None, "stop_after_epoch": stop_after_epoch,
            "data": cfg.data.model_dump(mode="json")}
     return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
@@ -276,25 +302,32 @@ def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
     labels = [first["id2label"][str(i)] for i in range(len(first["id2label"]))]
     for name in weights:
         check_matches(info, id2label=labels, teacher_name=name)
-    if info.num_rows == 0:
-        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no rows: the training set is empty")
+    gold_only = cfg.loss.alpha == 0  # no distillation term: rows without gold would contribute nothing
+    rows = _count_gold_rows(info) if gold_only else info.num_rows
+    if rows == 0:
+        what = "rows with a gold label (alpha=0 trains on gold labels only)" if gold_only else "rows"
+        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no {what}: the training set is empty")
     if cfg.student.kind == "cut" and cfg.student.model is None and len(weights) > 1:
         raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
-    job = {**_common_job(cfg.train), "mode": "distill", "labels": labels, "rows": info.num_rows,
-           "student": cfg.student.model_dump(mode="json"), "teacher_model": first["model"],
+    job = {**_common_job(cfg.train), "mode": "distill", "labels": labels, "rows": rows, "gold_only": gold_only,
+           "student": {**cfg.student.model_dump(mode="json"), "model": absolute_if_local(cfg.student.model)},
+           "teacher_model": first["model"],
            "loss": cfg.loss.model_dump(mode="json"),
            "teacher_weights": {logits_column(n): w for n, w in weights.items()},
            "soft_labels_hash": info.metadata["config_hash"], "has_validation": cfg.validation is not None}
     return job, info
 
 
-def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None):
+def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, record_ids_to: str | None = None):
     from kd_ray.ray_data import corpus_dataset, parquet_files_dataset
 
     job, info = distill_job(cfg)
-    job["stop_after_epoch"] = stop_after_epoch
-    columns = ["text", "label", *job["teacher_weights"]]
-    datasets = {"train": parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)}
+    job.update(stop_after_epoch=stop_after_epoch, record_ids_to=record_ids_to)
+    columns = ["id", "text", "label", *job["teacher_weights"]]
+    train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
+    if job["gold_only"]:
+        train_ds = train_ds.map_batches(_gold_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    datasets = {"train": train_ds}
     if cfg.validation:
         datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(),
                                                 {n: i for i, n in enumerate(job["labels"])}, num_cpus=DATA_TASK_CPUS)

@@ -126,10 +126,15 @@ def test_cli_config_errors_exit_2_with_the_message(capsys, argv, expected):
 
 
 def _stage_of(path: Path) -> str:
-    """Stage of a shipped YAML: its file name starts with the stage (label-demo.yaml), else a `stage:` key."""
-    for stage in sorted(STAGES, key=len, reverse=True):
-        if path.stem == stage or path.stem.startswith(stage + "-"):
-            return stage
+    """Stage of a shipped YAML: its file name starts with the stage or its module (label-demo.yaml,
+    pipeline-gpu.yaml for `run` in kd_ray.pipeline), else a top-level `stage:` key says it."""
+    prefixes = {stage: stage for stage in STAGES}
+    modules = [module.rsplit(".", 1)[-1] for module, _ in STAGES.values()]
+    prefixes.update({m: stage for stage, (module, _) in STAGES.items()
+                     if modules.count(m := module.rsplit(".", 1)[-1]) == 1 and m not in prefixes})
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if path.stem == prefix or path.stem.startswith(prefix + "-"):
+            return prefixes[prefix]
     stage = (yaml.safe_load(path.read_text()) or {}).get("stage")
     assert stage in STAGES, f"{path.name}: name it <stage>-*.yaml with a stage in {sorted(STAGES)}"
     return stage

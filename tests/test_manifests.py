@@ -368,7 +368,7 @@ REFERENCED_JOB_FILES = sorted(
 def test_entrypoints_name_job_files():
     entrypoints = [p.values[0]["spec"]["entrypoint"] for p in RAY_DOCS if p.values[0]["kind"] == "RayJob"]
     assert entrypoints and all(_JOB_PATH.search(e) for e in entrypoints), entrypoints
-    assert {"jobs/label.py", "jobs/distill.py", "jobs/tune.py", "jobs/pipeline.py"} <= set(REFERENCED_JOB_FILES)
+    assert {"jobs/label.py", "jobs/distill.py", "jobs/pipeline.py"} <= set(REFERENCED_JOB_FILES)
 
 
 @pytest.mark.parametrize("relative_path", REFERENCED_JOB_FILES)

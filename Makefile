@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` (set up, then run the main job) and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo demo-data test test-fast clean
+
+setup:
+	bash infra/setup.sh
+
+demo-data: setup
+	$(PY) jobs/prepare_vader.py --out data/vader
+
+demo: demo-data
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} .venv/bin/kd-ray run --config jobs/configs/pipeline-demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not cluster and not fault"
+
+clean:
+	rm -rf runs

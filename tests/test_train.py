@@ -1,0 +1,153 @@
+"""Fine-tuning and distillation on Ray Train + Accelerate, with tiny models on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import LABELS, random_posts
+from kd_ray.config import ConfigError, DistillConfig, FinetuneConfig, LabelConfig, load_config
+from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
+from kd_ray.label import run_label
+from kd_ray.train import read_run_info, run_distill, run_finetune
+
+FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
+        "train.num_cpus_per_worker": 0.5, "train.max_failures": 0}
+
+
+def _labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
+    """Posts whose label follows a word in them, so a model can learn it."""
+    posts = random_posts(n, seed=seed, max_words=12)
+    labels = ["negative" if "bad" in p or "awful" in p else "positive" if "great" in p or "love" in p else "neutral"
+              for p in posts]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "text": posts, "label": labels}),
+                   folder / "labeled.parquet")
+    return folder / "labeled.parquet"
+
+
+@pytest.fixture(scope="module")
+def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
+    """400 labeled rows + 400 unlabeled ones, labeled by the tiny teacher."""
+    root = tmp_path_factory.mktemp("soft")
+    labeled = _labeled_corpus(root / "corpus", 400)
+    unlabeled = root / "corpus" / "unlabeled.txt"
+    unlabeled.write_text("\n".join(random_posts(400, seed=9)) + "\n")
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": [str(labeled), str(unlabeled)], "corpus.label_column": "label", "corpus.partial_labels": True,
+        "teachers.0.model": str(tiny_teacher), "output.path": str(root / "labels")})
+    run_label(cfg)
+    return root / "labels"
+
+
+def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
+    return load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(out),
+                                                 "student.num_layers": 1, **FAST, **overrides})
+
+
+def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny_teacher, ray_session):
+    from transformers import pipeline
+
+    from kd_ray.teacher import describe_model
+
+    data = _labeled_corpus(tmp_path / "data", 200)
+    cfg = load_config(FinetuneConfig, overrides={
+        "data.path": str(data), "data.label_column": "label", "base_model": str(tiny_teacher),
+        "labels": LABELS, "output": str(tmp_path / "teacher"), "validation.path": str(data), **FAST})
+    run_finetune(cfg)
+    info = read_run_info(str(tmp_path / "teacher"))
+    assert [h["epoch"] for h in info["history"]] == [1, 2]
+    assert info["history"][0]["rows"] == 200 and "val_macro_recall" in info["history"][-1]
+    assert describe_model(str(tmp_path / "teacher"))["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert not (tmp_path / "teacher" / "train_state.pt").exists()
+    predictions = pipeline("text-classification", model=str(tmp_path / "teacher"))(["great flight", "awful seat"])
+    assert {p["label"] for p in predictions} <= set(LABELS)
+
+
+def test_distill_two_workers_see_disjoint_data(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.num_workers": 2})
+    run_distill(cfg, record_ids_to=str(tmp_path / "seen"))
+    for epoch in (1, 2):
+        seen = [set(json.loads((tmp_path / "seen" / f"epoch{epoch}-rank{r}.json").read_text())) for r in (0, 1)]
+        assert seen[0] and seen[1] and not seen[0] & seen[1]
+        assert len(seen[0] | seen[1]) >= 800 - 1  # equal split may drop at most num_workers - 1 rows
+    history = read_run_info(str(tmp_path / "student"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_distill_stopped_after_first_epoch_resumes_from_checkpoint(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 3})
+    with pytest.raises(Exception):
+        run_distill(cfg, stop_after_epoch=1)
+    assert not (tmp_path / "student").exists()  # nothing exported from a failed run
+    run_distill(cfg)
+    history = read_run_info(str(tmp_path / "student"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # epochs 2 and 3 ran in the second run, which started from the epoch-1 checkpoint
+    assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]
+
+
+def test_alpha_zero_trains_on_gold_rows_only(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.alpha": 0.0, "train.epochs": 1})
+    run_distill(cfg)
+    assert read_run_info(str(tmp_path / "student"))["history"][0]["rows"] == 400
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.temperature": 0}, "loss.temperature"),
+    ({"loss.alpha": 1.5}, "loss.alpha"),
+    ({"loss.alpha": -0.1}, "loss.alpha"),
+    ({"train.batch_size": 0}, "train.batch_size"),
+    ({"student.kind": "tiny"}, "student.kind"),
+])
+def test_bad_distill_config_names_the_field(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(DistillConfig, overrides={"soft_labels": "x", "output": str(tmp_path), **overrides})
+
+
+def test_student_path_that_does_not_exist(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student",
+                       **{"student.kind": "pretrained", "student.model": str(tmp_path / "missing")})
+    with pytest.raises(Exception) as err:
+        run_distill(cfg)
+    assert isinstance(unwrap_user_error(err.value), ModelError)
+    assert "does not exist" in str(unwrap_user_error(err.value))
+
+
+def test_soft_labels_with_another_label_set_are_refused(tmp_path, soft_labels, tiny_teacher):
+    from conftest import build_tiny_classifier
+
+    other = build_tiny_classifier(tmp_path / "other", labels=["neg", "pos"])
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.kind": "cut", "student.model": str(other)})
+    with pytest.raises(Exception) as err:
+        run_distill(cfg)
+    assert "labels" in str(unwrap_user_error(err.value))
+
+
+def test_unknown_teacher_in_loss_is_refused(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.teachers": {"nobody": 1.0}})
+    with pytest.raises(SoftLabelError, match="nobody"):
+        run_distill(cfg)
+
+
+def test_empty_training_set_is_refused(tmp_path, soft_labels):
+    # soft labels with no gold at all, then alpha=0: nothing to learn from
+    root = tmp_path / "unlabeled"
+    table = pq.read_table(next(soft_labels.glob("part-*.parquet")))
+    unlabeled = table.set_column(table.schema.get_field_index("label"), table.schema.field("label"),
+                                 pa.nulls(table.num_rows, pa.int32()))
+    root.mkdir()
+    pq.write_table(unlabeled, root / "part-00000.parquet")
+    cfg = _distill_cfg(root, tmp_path / "student", **{"loss.alpha": 0.0})
+    with pytest.raises(SoftLabelError, match="empty"):
+        run_distill(cfg)
+
+
+def test_missing_soft_label_folder(tmp_path):
+    cfg = _distill_cfg(tmp_path / "nothing", tmp_path / "student")
+    with pytest.raises(KdRayUserError, match="does not exist"):
+        run_distill(cfg)
