@@ -26,5 +26,9 @@ def unwrap_user_error(exc: BaseException) -> KdRayUserError | None:
         seen.add(id(exc))
         if isinstance(exc, KdRayUserError):
             return exc
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train's WorkerGroupError
+            found = unwrap_user_error(failure)
+            if found is not None:
+                return found
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
-from kd_ray.errors import KdRayUserError, SoftLabelError
+from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.soft_labels import check_matches, logits_column, read_soft_label_info
 from kd_ray.storage import absolute_if_local
 
@@ -307,6 +307,9 @@ def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
     if rows == 0:
         what = "rows with a gold label (alpha=0 trains on gold labels only)" if gold_only else "rows"
         raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no {what}: the training set is empty")
+    local = cfg.student.model and cfg.student.model.startswith((".", "/", "~"))
+    if local and not Path(cfg.student.model).expanduser().exists():
+        raise ModelError(f"student.model {cfg.student.model} does not exist")
     if cfg.student.kind == "cut" and cfg.student.model is None and len(weights) > 1:
         raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
     job = {**_common_job(cfg.train), "mode": "distill", "labels": labels, "rows": rows, "gold_only": gold_only,

@@ -187,7 +187,7 @@ def test_missing_path_and_folder_without_corpus_files_are_named(tmp_path):
         list_shards(CorpusConfig(path=str(tmp_path)))
 
 
-def _write_bad(tmp_path, kind: str):
+def write_bad_corpus(tmp_path, kind: str):
     """A one-file corpus with one kind of bad input; returns (file name, CorpusConfig overrides)."""
     if kind == "missing text column":
         write_jsonl(tmp_path / "p.jsonl", [{"body": "a"}])
@@ -249,7 +249,7 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize("kind", list(BAD_INPUT))
 def test_bad_input_names_the_file_row_and_field(tmp_path, kind):
-    file_name, overrides = _write_bad(tmp_path, kind)
+    file_name, overrides = write_bad_corpus(tmp_path, kind)
     with pytest.raises(CorpusError, match=BAD_INPUT[kind]) as info:
         read_all(TEACHER_ORDER, path=str(tmp_path), **overrides)
     assert str(tmp_path / file_name) in str(info.value)
@@ -260,7 +260,7 @@ def test_bad_input_names_the_file_row_and_field(tmp_path, kind):
     ("unknown gold label", "gold label 'angry' not in"), ("gold index out of range", "gold label 5 not in"),
 ])
 def test_bad_rows_skip_marks_rows_instead_of_raising(tmp_path, kind, reason):
-    file_name, overrides = _write_bad(tmp_path, kind)
+    file_name, overrides = write_bad_corpus(tmp_path, kind)
     table = read_all(TEACHER_ORDER, path=str(tmp_path), bad_rows="skip", **overrides)
     reasons = table.column("reject_reason").to_pylist()
     bad_row = 2 if file_name.endswith(".csv") else 1
@@ -271,6 +271,6 @@ def test_bad_rows_skip_marks_rows_instead_of_raising(tmp_path, kind, reason):
 
 @pytest.mark.parametrize("kind", ["integer texts", "duplicate ids", "missing text column"])
 def test_bad_rows_skip_still_refuses_file_level_problems(tmp_path, kind):
-    _, overrides = _write_bad(tmp_path, kind)
+    _, overrides = write_bad_corpus(tmp_path, kind)
     with pytest.raises(CorpusError, match=BAD_INPUT[kind]):
         read_all(TEACHER_ORDER, path=str(tmp_path), bad_rows="skip", **overrides)
