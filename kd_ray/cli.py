@@ -99,14 +99,16 @@ def _parse_extra(extra: list[str]) -> dict[str, Any]:
     overrides, i = {}, 0
     while i < len(extra):
         token = extra[i]
-        if not token.startswith("--") or i + 1 >= len(extra):
+        if not token.startswith("--"):
             raise ConfigError(f"unrecognised argument {token!r}; run with --help to see the flags")
-        key, i = token[2:], i + 2
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i -= 1
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            key, value = token[2:], extra[i + 1]
+            i += 2
         else:
-            value = extra[i - 1]
+            raise ConfigError(f"flag {token} needs a value")
         overrides[key] = _parse_value(value)
     return overrides
 

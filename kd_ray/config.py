@@ -134,7 +134,8 @@ class LabelConfig(Section):
         names = [t.name for t in self.teachers]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"teacher names must be unique, got {dupes} more than once")
+            raise ValueError(f"teacher names (teachers.N.name, flag --teachers.N.name) must be unique; "
+                             f"{dupes} appear more than once")
         return self
 
 

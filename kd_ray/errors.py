@@ -6,6 +6,16 @@ from __future__ import annotations
 class KdRayUserError(ValueError):
     """Bad input: the message names the file, row or field and what is allowed."""
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # Ray appends retry advice to str(); the user needs only this
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
 
 class CorpusError(KdRayUserError):
     """A corpus file or row that cannot be labeled."""
@@ -30,5 +40,6 @@ def unwrap_user_error(exc: BaseException) -> KdRayUserError | None:
             found = unwrap_user_error(failure)
             if found is not None:
                 return found
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        cause = getattr(exc, "cause", None)  # RayTaskError(CorpusError) carries the original as .cause
+        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ or exc.__context__
     return None

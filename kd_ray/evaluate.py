@@ -100,7 +100,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    names = [k for k, v in report.items() if isinstance(v, dict) and "macro_recall" in v]
+    names = [k for k, v in report.items() if isinstance(v, dict) and "params" in v]
     head = f"{'model':<16}{'macro_recall':>13}{'macro_f1':>10}{'accuracy':>10}{'agree':>8}{'params':>12}{'rows/s':>9}"
     rows = [head]
     for n in names:

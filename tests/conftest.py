@@ -45,6 +45,7 @@ def build_tiny_classifier(folder: Path, *, num_layers: int = 2, labels=LABELS, s
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=num_layers,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                        initializer_range=0.2,  # spread logits across posts so that mixing rows up would show
                         num_labels=len(labels), id2label=dict(enumerate(labels)),
                         label2id={n: i for i, n in enumerate(labels)})
     model = BertForSequenceClassification(config)

@@ -512,9 +512,6 @@ def test_bad_row_in_a_worker_reaches_the_cli_with_file_row_and_column(capsys, ra
     assert not (out / MANIFEST).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="kd_ray.errors.unwrap_user_error returns Ray's RayTaskError(CorpusError) "
-                   "wrapper, whose str() is the worker's traceback, and Ray Data appends retry advice to the "
-                   "error's args; remove this mark once the CLI prints the plain message")
 def test_worker_errors_print_without_rays_traceback(capsys, ray_session, teacher, tmp_path):
     write_jsonl(tmp_path / "corpus" / "posts.jsonl", [{"text": "good"}, {"text": None}])
     assert main(["label", "--corpus.path", str(tmp_path / "corpus"), "--teachers.0.model", str(teacher),

@@ -1,0 +1,97 @@
+"""`kd-ray run` end to end with a tiny model: the exact files and row counts a run produces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import LABELS, REPO, random_posts
+from kd_ray.cli import main as cli_main
+
+
+def _csv(path: Path, n: int, seed: int, with_labels: bool = True) -> Path:
+    import csv
+
+    posts = random_posts(n, seed=seed, max_words=10)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label"] if with_labels else ["id", "text"])
+        for i, p in enumerate(posts):
+            label = "negative" if "bad" in p else "positive" if "great" in p else "neutral"
+            w.writerow([f"{path.stem}-{i}", p, label] if with_labels else [f"{path.stem}-{i}", p])
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_teacher, ray_session):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    data.mkdir()
+    files = {name: _csv(data / f"{name}.csv", n, seed, name != "transfer")
+             for name, n, seed in [("train", 150, 1), ("transfer", 250, 2), ("validation", 60, 3), ("test", 80, 4)]}
+    config = {
+        "output": str(root / "run"), "labels": LABELS,
+        "data": {"train": {"path": str(files["train"]), "id_column": "id", "label_column": "label", "normalize": True},
+                 "transfer": {"path": str(files["transfer"]), "id_column": "id", "normalize": True},
+                 "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
+        "teacher": {"base_model": str(tiny_teacher),
+                    "train": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5}},
+        "student": {"num_layers": 1},
+        "distill": {"epochs": 2, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
+        "eval": {"max_length": 32, "timing_rows": 50, "timing_repeats": 1},
+    }
+    import yaml
+
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", "--config", str(root / "run.yaml")]) == 0
+    return root
+
+
+def test_run_writes_every_stage_output(pipeline_run):
+    run = pipeline_run / "run"
+    for model in ("teacher", "student", "student_alpha0"):
+        assert {"config.json", "model.safetensors", "tokenizer.json", "kd_ray_train.json"} <= {
+            p.name for p in (run / model).iterdir()}
+    parts = sorted((run / "soft_labels").glob("part-*.parquet"))
+    ids = pq.read_table(parts, columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted([f"train-{i}" for i in range(150)] + [f"transfer-{i}" for i in range(250)])
+    labels = pq.read_table(parts, columns=["label"]).column("label")
+    assert labels.null_count == 250  # the transfer set's gold stays hidden
+    assert json.loads((run / "soft_labels" / "_manifest.json").read_text())["rows"] == 400
+
+
+def test_metrics_json_has_teacher_student_and_baseline(pipeline_run):
+    metrics = json.loads((pipeline_run / "run" / "metrics.json").read_text())
+    assert metrics["test"]["rows"] == 80
+    for model in ("teacher", "student", "student_alpha0"):
+        for key in ("accuracy", "macro_f1", "macro_recall", "params", "rows_per_s", "ece", "per_class_recall"):
+            assert key in metrics[model], (model, key)
+    assert metrics["student"]["params"] < metrics["teacher"]["params"]
+    assert 0 <= metrics["student"]["agreement"] <= 1
+    assert metrics["retention"]["macro_recall"] == pytest.approx(
+        metrics["student"]["macro_recall"] / metrics["teacher"]["macro_recall"])
+    assert metrics["speedup"] == pytest.approx(metrics["student"]["rows_per_s"] / metrics["teacher"]["rows_per_s"])
+    assert metrics["labeling"]["rows"] == 400
+
+
+def test_rerun_skips_finished_stages(pipeline_run, capsys):
+    before = {p: p.stat().st_mtime for p in (pipeline_run / "run").glob("*/model.safetensors")}
+    assert cli_main(["run", "--config", str(pipeline_run / "run.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "skipping finetune" in out and "skipping distill" in out and "nothing to do" in out
+    after = {p: p.stat().st_mtime for p in (pipeline_run / "run").glob("*/model.safetensors")}
+    assert before == after
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py") if p.name != "prepare_vader.py"))
+def test_job_entry_points_run(script):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"], capture_output=True, text=True,
+                            cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
+    assert "ray job submit" in (REPO / "jobs" / script).read_text()
