@@ -3,6 +3,7 @@
 #
 #   cluster/local-down.sh           # stop this cluster's nodes, and only them
 #   cluster/local-down.sh --all     # plain `ray stop`: every Ray process on this machine
+#   cluster/local-down.sh --by-pid  # never `ray stop`: always stop by pid, as below (the tests use this)
 #   cluster/local-down.sh --clean   # also delete $KD_RAY_LOCAL_DIR (node logs)
 #
 # `ray stop` is the clean, preferred way (SIGTERM, a grace period, then SIGKILL), and this script
@@ -12,17 +13,20 @@
 # or notebook. So when other Ray nodes are running, the script stops only this cluster's
 # processes instead, by pid: those started with an option pointing under $KD_RAY_LOCAL_DIR (each
 # node's --temp-dir), and their children (workers, job drivers); SIGTERM, up to GRACE_PERIOD
-# seconds, then SIGKILL; GCS last.
+# seconds, then SIGKILL; GCS last. --by-pid does that even when no other Ray node is seen, since
+# another Ray instance may be starting at that very moment (a test session's `ray.init()`).
 #
 # Settings: RAY (ray executable), KD_RAY_LOCAL_DIR (as for local-up.sh), GRACE_PERIOD=20.
 set -euo pipefail
 
 ALL=0
 CLEAN=0
+BY_PID=0
 for arg in "$@"; do
     case "$arg" in
         --all) ALL=1 ;;
         --clean) CLEAN=1 ;;
+        --by-pid) BY_PID=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "local-down.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
@@ -92,12 +96,16 @@ ours=$(cluster_pids)
 foreign=$(foreign_raylets)
 if [[ -z "$ours" ]] && (( ! ALL )); then
     echo "No Ray nodes of this cluster ($LOCAL_DIR) are running."
-elif (( ALL )) || [[ -z "$foreign" ]]; then
+elif (( ALL )) || { [[ -z "$foreign" ]] && (( ! BY_PID )); }; then
     RAY_BIN=$(command -v "$RAY") || { echo "local-down.sh: '$RAY' not found; activate the virtualenv or set RAY=/path/to/ray" >&2; exit 1; }
     echo "Stopping all Ray processes on this machine (ray stop)"
     "$RAY_BIN" stop --grace-period "$GRACE_PERIOD" >/dev/null 2>&1 || true
 else
-    echo "Other Ray nodes run here (raylet pids ${foreign//$'\n'/ }); stopping only this cluster's processes"
+    if [[ -n "$foreign" ]]; then
+        echo "Other Ray nodes run here (raylet pids ${foreign//$'\n'/ }); stopping only this cluster's processes"
+    else
+        echo "Stopping this cluster's processes by pid"
+    fi
     gcs=()
     rest=()
     for pid in $ours; do

@@ -93,7 +93,7 @@ RAY_AUTH_MODE=$RAY_AUTH_MODE
 ENV
 
 # A failed start leaves nothing running: stop the nodes that did start.
-trap 'rc=$?; if (( rc != 0 )); then echo "local-up.sh: failed; stopping the nodes that started" >&2; KD_RAY_LOCAL_DIR="$LOCAL_DIR" RAY="$RAY_BIN" "$(dirname "$0")/local-down.sh" >&2 || true; fi' EXIT
+trap 'rc=$?; if (( rc != 0 )); then echo "local-up.sh: failed; stopping the nodes that started" >&2; KD_RAY_LOCAL_DIR="$LOCAL_DIR" RAY="$RAY_BIN" "$(dirname "$0")/local-down.sh" --by-pid >&2 || true; fi' EXIT
 
 # Every node on one machine would otherwise take the fixed dashboard-agent port 52365 (the
 # first wins, the others log bind errors); 0 lets each pick a free port and report it to GCS.

@@ -113,7 +113,8 @@ class LabelComputeConfig(Section):
 
 class LabelOutputConfig(Section):
     path: str = Field(description="Output folder (local, s3://, gs://) for the soft-label Parquet files.")
-    rows_per_file: int = Field(100_000, ge=1, le=10_000_000, description="Target rows per Parquet file.")
+    rows_per_file: int = Field(100_000, ge=1, le=10_000_000, description="Rows per Parquet file, at least: a file closes once it holds this "
+                               "many (it may run over by up to one block); the last file may hold fewer.")
     logits_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Storage type of the raw logits (float16 halves their bytes)."
     )
@@ -244,18 +245,24 @@ class EvalSetConfig(Section):
                             label_names=self.label_names, format=self.format, normalize=self.normalize)
 
 
-class FinetuneConfig(Section):
+class TrainStageConfig(Section):
+    """What every training stage has: settings, validation data, where the model and checkpoints go."""
+
+    output: str = Field(description="Folder for the trained model: a Hugging Face folder that `kd-ray label`, "
+                        "`kd-ray evaluate` and `transformers.pipeline()` load.")
+    validation: EvalSetConfig | None = Field(None, description="Labeled data scored after every epoch.")
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
+                                     "null: <output>/../ray_train.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class FinetuneConfig(TrainStageConfig):
     """`kd-ray finetune`: train a teacher classifier on gold labels."""
 
     data: CorpusConfig = Field(description="Labeled training data; rows without a gold label are skipped.")
     base_model: str = Field(description="Pretrained encoder to start from: a model folder or hub id.")
     labels: list[str] = Field(min_length=2, description="The label set, in the order the model's outputs take.")
-    validation: EvalSetConfig | None = Field(None, description="Labeled data scored after every epoch.")
-    train: TrainArgs = Field(default_factory=TrainArgs)
-    output: str = Field(description="Folder for the fine-tuned model (a Hugging Face folder `kd-ray label` takes).")
-    storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
-                                     "null: <output>/../ray_train.")
-    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class StudentConfig(Section):
@@ -283,18 +290,12 @@ class DistillLossConfig(Section):
         "(null: the soft labels' first teacher).")
 
 
-class DistillConfig(Section):
+class DistillConfig(TrainStageConfig):
     """`kd-ray distill`: train a small student on a soft-label folder."""
 
     soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
-    validation: EvalSetConfig | None = Field(None, description="Labeled data scored after every epoch.")
-    train: TrainArgs = Field(default_factory=TrainArgs)
-    output: str = Field(description="Folder for the student (a Hugging Face folder `pipeline()` loads).")
-    storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
-                                     "null: <output>/../ray_train.")
-    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 # ---------------------------------------------------------------------------- evaluation and the pipeline

@@ -24,7 +24,7 @@ from ray.data import Datasink
 
 from kd_ray import __version__
 from kd_ray.config import LabelConfig
-from kd_ray.errors import CorpusError, KdRayUserError
+from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
 from kd_ray.storage import filesystem
 from kd_ray.soft_labels import MANIFEST, REJECTED_DIR, SCHEMA_VERSION, soft_label_schema, validate_soft_labels
@@ -214,7 +214,12 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
         raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")
-    validate_soft_labels(cfg.output.path, require_manifest=False)
+    try:
+        validate_soft_labels(cfg.output.path, require_manifest=False)
+    except SoftLabelError as e:
+        hint = (f"\nids come from corpus.id_column={cfg.corpus.id_column!r}: each must be unique across all files"
+                if cfg.corpus.id_column and "more than once" in str(e) else "")
+        raise SoftLabelError(f"{e}{hint}\nno _manifest.json was written: this output is incomplete") from None
     manifest = {**asdict(summary), "files": sorted(r["file"] for r in results if r["rows"]),
                 "config_hash": metadata["config_hash"], "rows_per_s": summary.rows_per_s}
     fs, root = filesystem(cfg.output.path)

@@ -11,8 +11,8 @@ per node, joined over 127.0.0.1), so tests exercise exactly what a user runs::
         stop_local_cluster()
 
 The ``ray`` used is the one next to this interpreter, so the cluster and the jobs run in the
-test's own environment. ``stop_local_cluster`` stops only this cluster's processes when other
-Ray instances run on the machine (see local-down.sh); it raises if any of them survive.
+test's own environment. ``stop_local_cluster`` stops only this cluster's processes, by pid (see
+local-down.sh); it raises if any of them survive.
 """
 
 from __future__ import annotations
@@ -88,8 +88,12 @@ def start_local_cluster(
 
 
 def stop_local_cluster(local_dir: str = DEFAULT_LOCAL_DIR, timeout_s: float = 120) -> None:
-    """Stop the cluster that ``start_local_cluster`` started (a no-op when none runs)."""
-    _run(["bash", str(LOCAL_DOWN)], _script_env(local_dir), timeout_s)
+    """Stop the cluster that ``start_local_cluster`` started (a no-op when none runs).
+
+    Always by pid (``local-down.sh --by-pid``), never `ray stop`: a test must not stop another
+    Ray instance on the machine, even one that starts while this cluster goes down.
+    """
+    _run(["bash", str(LOCAL_DOWN), "--by-pid"], _script_env(local_dir), timeout_s)
 
 
 def _read_cluster_env(local_dir: str) -> dict[str, str]:
