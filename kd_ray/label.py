@@ -145,8 +145,8 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> dict | None:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
         manifest = _read_manifest(fs, root)
-        if manifest and manifest.get("config_hash") == metadata["config_hash"] and not cfg.output.overwrite:
-            return manifest
+        if manifest and manifest.get("config_hash") == metadata["config_hash"]:
+            return manifest  # this exact labeling is done
         if not cfg.output.overwrite:
             state = (f"finished labels of another config (hash {manifest.get('config_hash')})" if manifest
                      else "files of an unfinished or foreign run")

@@ -38,7 +38,9 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     stages["label"] = LabelConfig(
         corpus=cfg.data.train.model_copy(update={"path": flat, "partial_labels": cfg.data.transfer is not None}),
         teachers=[TeacherConfig(model=teacher_path, max_length=cfg.teacher_max_length)],
-        compute=cfg.label, output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype),
+        compute=cfg.label,
+        # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
+        output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True),
         ray=cfg.ray)
     stages["distill"] = DistillConfig(soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss,
                                       validation=cfg.data.validation, train=cfg.distill,
