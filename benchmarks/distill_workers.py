@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--test", required=True, help="Labeled test CSV/Parquet.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, help="Override the config's epochs.")
     parser.add_argument("--work-dir", default="runs/bench-distill-workers")
     parser.add_argument("--out", default="benchmarks/results/distill_workers.json")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
         for workers in args.workers:
             # same total batch per step: each of n workers takes batch/n
             train = base.train.model_copy(update={
-                "num_workers": workers, "seed": seed, "batch_size": base.train.batch_size // workers,
+                "num_workers": workers, "seed": seed, "epochs": args.epochs or base.train.epochs, "batch_size": base.train.batch_size // workers,
                 "threads_per_worker": max(1, base.train.threads_per_worker // workers),
                 "num_cpus_per_worker": base.train.num_cpus_per_worker / workers})
             out = Path(args.work_dir) / f"w{workers}-s{seed}"

@@ -34,12 +34,15 @@ def unwrap_user_error(exc: BaseException) -> KdRayUserError | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):  # RayTaskError(CorpusError) is a CorpusError too; .cause is the original
+            exc = cause
+            continue
         if isinstance(exc, KdRayUserError):
             return exc
         for failure in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train's WorkerGroupError
             found = unwrap_user_error(failure)
             if found is not None:
                 return found
-        cause = getattr(exc, "cause", None)  # RayTaskError(CorpusError) carries the original as .cause
-        exc = (cause if isinstance(cause, BaseException) else None) or exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__
     return None

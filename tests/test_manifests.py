@@ -275,7 +275,8 @@ def test_ray_manifest_follows_project_conventions(doc):
     assert any(int(n) > 0 for n in gpu_limits), "a GPU worker group"
     if doc["kind"] == "RayJob":
         argv = shlex.split(doc["spec"]["entrypoint"])
-        assert argv[argv.index("--output.path") + 1].startswith(SHARED_MOUNT + "/")
+        flag = "--output.path" if "--output.path" in argv else "--output"  # label vs training stages
+        assert argv[argv.index(flag) + 1].startswith(SHARED_MOUNT + "/")
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
 
 
@@ -377,3 +378,16 @@ def test_referenced_job_file_exists(relative_path):
         f"{relative_path} is named by a file under cluster/ but does not exist "
         "(expected until the jobs/ entry points and configs are written)"
     )
+
+
+@pytest.mark.parametrize("doc", [d for d in RAY_DOCS if d.values[0]["kind"] == "RayJob"])
+def test_rayjob_entrypoint_parses_with_its_config(doc, capsys):
+    """The entrypoint's config and flag overrides resolve through the real CLI."""
+    from kd_ray.cli import main as cli_main
+
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    stage = {"label.py": "label", "distill.py": "distill", "pipeline.py": "run", "finetune.py": "finetune"}[
+        Path(argv[1]).name]
+    config = [REPO_ROOT / a if a.endswith(".yaml") else a for a in argv[2:]]
+    assert cli_main([stage, *map(str, config), "--print-config"]) == 0
+    assert SHARED_MOUNT in capsys.readouterr().out
