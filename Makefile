@@ -7,7 +7,7 @@ setup:
 	bash infra/setup.sh
 
 demo-data: setup
-	$(PY) jobs/prepare_vader.py --out data/vader
+	$(PY) jobs/prepare_vader.py --out data/vader --sources tweets,amazon --fractions train=0.25,validation=0.08,test=0.12
 
 demo: demo-data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} .venv/bin/kd-ray run --config jobs/configs/pipeline-demo.yaml
