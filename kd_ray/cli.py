@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from kd_ray import __version__
 from kd_ray.config import ConfigError, load_config
-from kd_ray.errors import KdRayUserError, unwrap_user_error
+from kd_ray.errors import unwrap_user_error
 
 # subcommand -> (module with CONFIG and main(cfg), one-line help)
 STAGES: dict[str, tuple[str, str]] = {

@@ -58,10 +58,6 @@ class Shard:
     stop: int | None = None
 
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    return filesystem(path)
-
-
 def _file_format(name: str, configured: str) -> str | None:
     if configured != "auto":
         return configured
@@ -93,7 +89,7 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
     path = cfg.path.rstrip("/")
     if path.startswith("hf://") or cfg.format == "hf":
         return _hf_shards(cfg, hf_rows_per_shard)
-    fs, base = _fs(path)
+    fs, base = filesystem(path)
     if any(ch in base for ch in "*?["):
         root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0] or "."
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -158,7 +154,7 @@ def _read_tables(shard: Shard, cfg: CorpusConfig) -> Iterator[pa.Table]:
         for start in range(shard.start, shard.stop, READ_ROWS):
             yield dataset[start:min(start + READ_ROWS, shard.stop)]
         return
-    fs, path = _fs(shard.uri)
+    fs, path = filesystem(shard.uri)
     try:
         if shard.format == "parquet":
             with fs.open_input_file(path) as f:

@@ -53,7 +53,7 @@ def evaluate_models(models: dict[str, str], test: EvalSetConfig, args: EvalArgs)
     loaded = {}
     labels = None
     for name, path in models.items():
-        info = describe_model(path, what=name)
+        info = describe_model(path, what=name, hash_weights=False)  # checks it, reads its labels
         names = [info["id2label"][str(i)] for i in range(len(info["id2label"]))]
         if labels is not None and names != labels:
             raise KdRayUserError(f"{name} {path} predicts {names}, but the teacher predicts {labels}")

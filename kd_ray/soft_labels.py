@@ -117,7 +117,7 @@ def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int,
 def read_soft_label_info(path: str) -> SoftLabelInfo:
     """Read and cross-check the metadata of every part file (cheap: footers only)."""
     fs, files = list_part_files(path)
-    first_meta, total, first_schema = None, 0, None
+    first_meta, total = None, 0
     for file in files:
         meta, rows, schema = _file_metadata(fs, file)
         if meta.get("schema_version") != SCHEMA_VERSION:
@@ -125,7 +125,7 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
                 f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray reads {SCHEMA_VERSION}"
             )
         if first_meta is None:
-            first_meta, first_schema = meta, schema
+            first_meta = meta
         elif meta["teachers"] != first_meta["teachers"] or meta.get("config_hash") != first_meta.get("config_hash"):
             raise SoftLabelError(f"{file} was labeled by a different teacher or config than {files[0]}; do not mix runs")
         expected = soft_label_schema(meta).remove_metadata()

@@ -34,7 +34,8 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_model(model: str, *, revision: str | None = None, what: str = "teacher") -> dict[str, Any]:
+def describe_model(model: str, *, revision: str | None = None, what: str = "teacher",
+                   hash_weights: bool = True) -> dict[str, Any]:
     """Check that ``model`` is a loadable sequence classifier; return its provenance.
 
     Loads only the config (and hashes local weights), so it is cheap on the driver.
@@ -66,7 +67,8 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
     return {
         "model": str(folder.resolve()) if is_local else model,
         "revision": revision,
-        "weights_sha256": weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}",
+        "weights_sha256": (weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}")
+        if hash_weights else None,
         "id2label": id2label,
         "architecture": architectures[0],
     }
