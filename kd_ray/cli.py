@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "label": ("kd_ray.label", "Run teacher model(s) over a corpus with Ray Data; write raw logits as Parquet."),
     "finetune": ("kd_ray.train", "Fine-tune a teacher classifier on gold labels with Ray Train + Accelerate."),
     "distill": ("kd_ray.train", "Train a small student on soft labels with Ray Train + Accelerate."),
+    "tune": ("kd_ray.tune", "Search temperature, alpha and learning rate with Ray Tune (ASHA), one Train run per trial."),
     "evaluate": ("kd_ray.evaluate", "Compare teacher and student on a held-out labeled set; write metrics.json."),
     "run": ("kd_ray.pipeline", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
     "validate": ("kd_ray.soft_labels", "Check a soft-label folder: schema, metadata, ids, finite logits."),

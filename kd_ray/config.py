@@ -8,6 +8,8 @@ every problem at once, naming the field as both its YAML key and its CLI flag.
 
 from __future__ import annotations
 
+import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,8 +172,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         flag = "--" + ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
         got = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across fields; its message names them
+            lines += [f"  {line}" for line in msg.split("\n")]
+            continue
         got_text = "" if e["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc or '<top>'}: {e['msg']}{got_text}  [YAML key '{loc}', flag {flag}]")
+        lines.append(f"  {loc}: {msg}{got_text}  [YAML key '{loc}', flag {flag}]")
     return "\n".join(lines)
 
 
@@ -296,6 +302,121 @@ class DistillConfig(TrainStageConfig):
     soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+
+
+# ---------------------------------------------------------------------------- tuning
+
+# Short names for the hyperparameters people tune most; any dotted path into the distill config also works.
+TUNE_ALIASES = {"temperature": "loss.temperature", "alpha": "loss.alpha", "learning_rate": "train.learning_rate"}
+
+
+class ParamSpec(Section):
+    """One searched hyperparameter: a range to sample from, or values to choose or grid over."""
+
+    distribution: Literal["uniform", "loguniform", "choice", "grid"] = Field(
+        description="'uniform'/'loguniform' sample from [low, high]; 'choice' samples from values; "
+        "'grid' runs every value (times search.num_samples).")
+    low: float | None = Field(None, description="Lower end of a uniform/loguniform range.")
+    high: float | None = Field(None, description="Upper end of a uniform/loguniform range (> low).")
+    values: list[Any] | None = Field(None, description="Candidates for choice/grid (at least one).")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> ParamSpec:
+        if self.distribution in ("uniform", "loguniform"):
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.distribution} range needs both low and high")
+            if not self.low < self.high:
+                raise ValueError(f"empty range: low={self.low} must be below high={self.high}")
+            if self.distribution == "loguniform" and self.low <= 0:
+                raise ValueError(f"a loguniform range needs low > 0, got low={self.low}")
+        elif not self.values:
+            raise ValueError(f"'{self.distribution}' needs a non-empty list of values")
+        return self
+
+
+class SearchConfig(Section):
+    """The Ray Tune search: what to vary, how many trials, and when to stop a trial early."""
+
+    space: dict[str, ParamSpec] = Field(
+        min_length=1, description="Hyperparameter -> range. Names: temperature, alpha, learning_rate, or any dotted path "
+        "into the distill config (e.g. train.weight_decay, student.num_layers).")
+    num_samples: int = Field(8, ge=1, le=10_000, description="Trials to sample (with grid entries: repeats of the grid).")
+    include_default: bool = Field(
+        True, description="Run the distill config's own values as the first trial, so the table shows what the "
+        "search gained over the defaults.")
+    metric: Literal["val_macro_recall", "val_macro_f1", "val_accuracy"] = Field(
+        "val_macro_recall", description="Validation metric maximised, scored after every epoch.")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="'asha' stops trials that trail at epoch "
+                                               "milestones (early stopping); 'fifo' runs every trial to the end.")
+    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the top 1/reduction_factor at each milestone.")
+    max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once; each trial is a "
+                                       "Ray Train run with distill.train.num_workers workers.")
+    trial_cpus: float = Field(0.05, gt=0, description="CPUs reserved for each trial's driver process (it only "
+                              "launches and watches the Train workers, so a sliver leaves the cores to them).")
+    max_failures: int = Field(1, ge=-1, description="Times a failed trial is retried (-1: no limit).")
+    seed: int = Field(0, ge=0, description="Seed of the random search.")
+
+
+class TuneConfig(Section):
+    """`kd-ray tune`: search temperature, alpha and learning rate with Ray Tune, one Ray Train run per trial."""
+
+    distill: DistillConfig = Field(description="The distillation every trial runs, before the searched values "
+                                   "are set; distill.validation is required (it scores the trials).")
+    search: SearchConfig
+    output: str = Field(description="Run folder: trials.csv, trial_epochs.csv, best_config.yaml, the best "
+                        "student (student/) and Ray Tune's experiment state (experiment/).")
+    overwrite: bool = Field(False, description="Start over when the output folder holds a search with another "
+                            "config (otherwise refused); a search with the same config is resumed.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _student_goes_to_output(cls, data: Any) -> Any:
+        # Trials never export their own model; only the winner is copied, to <output>/student.
+        if isinstance(data, dict) and isinstance(data.get("distill"), dict) and data.get("output"):
+            data["distill"].setdefault("output", str(Path(str(data["output"])) / "student"))
+        return data
+
+    @model_validator(mode="after")
+    def _searchable(self) -> TuneConfig:
+        """Every searched name must be a field of the distill config, and every value one it accepts."""
+        if self.distill.validation is None:
+            raise ValueError("distill.validation is required: it scores every trial (flag --distill.validation.path)")
+        base = self.distill.model_dump(mode="json")
+        problems = []
+        for name, spec in self.search.space.items():
+            path = TUNE_ALIASES.get(name, name)
+            if not _is_scalar_field(DistillConfig, path):
+                problems.append(f"search.space.{name}: unknown hyperparameter; use one of {sorted(TUNE_ALIASES)} or "
+                                "a dotted path to a number or choice in the distill config (e.g. train.weight_decay)")
+                continue
+            ends = spec.values if spec.values is not None else [spec.low, spec.high]
+            for value in ends:
+                tree = copy.deepcopy(base)
+                _set_dotted(tree, path, value)
+                try:
+                    DistillConfig.model_validate(tree)
+                except ValidationError as e:
+                    problems.append(f"search.space.{name}: value {value!r} is not allowed for {path}: "
+                                    f"{e.errors()[0]['msg']}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def _is_scalar_field(model: type[BaseModel], dotted: str) -> bool:
+    """True when ``dotted`` names a leaf (not a section) of ``model``."""
+    head, _, rest = dotted.partition(".")
+    field = model.model_fields.get(head)
+    if field is None:
+        return False
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    section = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if rest:
+        return section is not None and _is_scalar_field(section, rest)
+    return section is None
 
 
 # ---------------------------------------------------------------------------- evaluation and the pipeline

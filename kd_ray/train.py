@@ -187,7 +187,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 TEST_HOOKS = ("stop_after_epoch", "record_ids_to")
 
 
-def _run_name(output: str, job: dict) -> str:
+def run_name(output: str, job: dict) -> str:
     stable = {k: v for k, v in job.items() if k not in TEST_HOOKS}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{Path(output).name}-{digest}"
@@ -199,29 +199,34 @@ def _storage_path(output: str, storage_path: str | None) -> str:
     return str(Path(output).resolve().parent / "ray_train")
 
 
-def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: str | None, ray_cfg: RayConfig):
-    """Run ``train_loop_per_worker`` on Ray Train and export the last checkpoint to ``output``."""
+def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage_path: str, callbacks=()):
+    """The TorchTrainer that runs ``train_loop_per_worker``; a run with ``name`` already in
+    ``storage_path`` resumes from its last checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kd_ray.runtime import init_ray
-
-    init_ray(ray_cfg)
-    name = _run_name(output, job)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                                resources_per_worker={"CPU": args.num_cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=_storage_path(output, storage_path),
+            name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+
+
+def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: str | None, ray_cfg: RayConfig):
+    """Run ``train_loop_per_worker`` on Ray Train and export the last checkpoint to ``output``."""
+    from kd_ray.runtime import init_ray
+
+    init_ray(ray_cfg)
+    name = run_name(output, job)
+    result = build_trainer(job, datasets, args, name, _storage_path(output, storage_path)).fit()
     if result.checkpoint is None:
         raise KdRayUserError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
     export_checkpoint(result.checkpoint, output, job)
@@ -321,11 +326,10 @@ def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
     return job, info
 
 
-def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, record_ids_to: str | None = None):
+def distill_datasets(cfg: DistillConfig, job: dict, info) -> dict:
+    """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
     from kd_ray.ray_data import corpus_dataset, parquet_files_dataset
 
-    job, info = distill_job(cfg)
-    job.update(stop_after_epoch=stop_after_epoch, record_ids_to=record_ids_to)
     columns = ["id", "text", "label", *job["teacher_weights"]]
     train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
     if job["gold_only"]:
@@ -334,7 +338,13 @@ def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, reco
     if cfg.validation:
         datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(),
                                                 {n: i for i, n in enumerate(job["labels"])}, num_cpus=DATA_TASK_CPUS)
-    return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
+    return datasets
+
+
+def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, record_ids_to: str | None = None):
+    job, info = distill_job(cfg)
+    job.update(stop_after_epoch=stop_after_epoch, record_ids_to=record_ids_to)
+    return fit(job, distill_datasets(cfg, job, info), cfg.train, cfg.output, cfg.storage_path, cfg.ray)
 
 
 def _print_result(stage: str, output: str) -> None:

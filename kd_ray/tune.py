@@ -1,0 +1,236 @@
+"""`kd-ray tune`: a Ray Tune search over distillation hyperparameters, one Ray Train run per trial.
+
+Train V2's pattern: each Tune trial runs ``_trial``, a driver function that builds a TorchTrainer
+for its values and passes the workers' per-epoch reports on to Tune (``TuneReportCallback``);
+ASHA stops trials that trail at epoch milestones. Every trial reads the same soft-label Parquet.
+An interrupted search resumes when the same command runs again (``Tuner.restore``): finished
+trials are kept, unfinished ones continue from their last epoch checkpoint.
+
+Outputs, in ``output``: trials.csv (one row per trial), trial_epochs.csv (one row per trial and
+epoch), best_config.yaml (a config `kd-ray distill` accepts), student/ (the best trial's model),
+tune_summary.json, and experiment/ (Ray Tune's own state).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kd_ray.config import TUNE_ALIASES, DistillConfig, SearchConfig, TuneConfig, _set_dotted, dump_config
+from kd_ray.errors import KdRayUserError
+
+EXPERIMENT = "experiment"
+SPEC_FILE = "tune_spec.json"
+STARTS_FILE = "starts.log"  # one line per start of a trial: more than one means it was retried or resumed
+
+
+def searched_paths(search: SearchConfig) -> dict[str, str]:
+    """Search-space name -> dotted path in the distill config."""
+    return {name: TUNE_ALIASES.get(name, name) for name in search.space}
+
+
+def param_space(search: SearchConfig) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "uniform": lambda s: tune.uniform(s.low, s.high),
+        "loguniform": lambda s: tune.loguniform(s.low, s.high),
+        "choice": lambda s: tune.choice(s.values),
+        "grid": lambda s: tune.grid_search(s.values),
+    }
+    return {path: make[search.space[name].distribution](search.space[name])
+            for name, path in searched_paths(search).items()}
+
+
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def trial_config(base: dict, values: dict[str, Any]) -> DistillConfig:
+    """The distill config a trial runs: ``base`` with the trial's values set at their dotted paths."""
+    tree = copy.deepcopy(base)
+    for path, value in values.items():
+        _set_dotted(tree, path, value)
+    return DistillConfig.model_validate(tree)
+
+
+def _trial(values: dict[str, Any], base: dict, storage_path: str) -> None:
+    """One Tune trial: a whole Ray Train distillation run with this trial's values (the Train V2 driver)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from kd_ray.train import build_trainer, distill_datasets, distill_job, run_name
+
+    cfg = trial_config(base, values)
+    job, info = distill_job(cfg)
+    with open(Path(ray.tune.get_context().get_trial_dir()) / STARTS_FILE, "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    # The run name is a hash of the job: a trial restarted after a crash resumes its own Train run.
+    trainer = build_trainer(job, distill_datasets(cfg, job, info), cfg.train, run_name("trial", job), storage_path,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def trial_dirname(trial) -> str:
+    """``trial_00003``: the index in which Tune created the trial (values live in trials.csv)."""
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def _spec(cfg: TuneConfig) -> dict:
+    return {"distill": cfg.distill.model_dump(mode="json"), "search": cfg.search.model_dump(mode="json")}
+
+
+def _tuner(cfg: TuneConfig, out: Path, trainable):
+    """A new Tuner, or the interrupted one restored from ``out/experiment``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    experiment, spec = out / EXPERIMENT, _spec(cfg)
+    if tune.Tuner.can_restore(str(experiment)):
+        saved = json.loads((out / SPEC_FILE).read_text()) if (out / SPEC_FILE).is_file() else None
+        if saved == spec:
+            print(f"kd-ray tune: resuming the search in {experiment}: finished trials are kept", flush=True)
+            return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        if not cfg.overwrite:
+            raise KdRayUserError(f"{out} holds a search with another config ({out / SPEC_FILE}); choose another "
+                                 f"output, or set overwrite: true (flag --overwrite true) to start over there")
+        print(f"kd-ray tune: overwrite: deleting the earlier search in {out}", flush=True)
+        for old in (experiment, out / "ray_train"):
+            shutil.rmtree(old, ignore_errors=True)
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+
+    search, epochs = cfg.search, cfg.distill.train.epochs
+    paths = searched_paths(search)
+    has_grid = any(s.distribution == "grid" for s in search.space.values())
+    points = []
+    if search.include_default and not has_grid:  # the grid already fixes which points run
+        base = cfg.distill.model_dump(mode="json")
+        points = [{path: _get_dotted(base, path) for path in paths.values()}]
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(search.grace_period, epochs),
+                                  reduction_factor=search.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(search),
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode="max", num_samples=search.num_samples, scheduler=scheduler,
+            # BasicVariantGenerator takes the concurrency limit itself (TuneConfig's applies to Searchers only)
+            search_alg=BasicVariantGenerator(points_to_evaluate=points or None, random_state=search.seed,
+                                             max_concurrent=search.max_concurrent_trials),
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out),
+                                  failure_config=tune.FailureConfig(max_failures=search.max_failures)),
+    )
+
+
+def trials_tables(grid, cfg: TuneConfig):
+    """(per-trial table, per-epoch table) as pandas DataFrames, trials in the order they were created."""
+    import pandas as pd
+
+    paths, metric, epochs = searched_paths(cfg.search), cfg.search.metric, cfg.distill.train.epochs
+    trials, per_epoch = [], []
+    for result in grid:
+        trial_id = Path(result.path).name
+        values = {name: result.config.get(path) for name, path in paths.items()}
+        history = result.metrics_dataframe
+        rows = []
+        if history is not None and "epoch" in history:
+            # a resumed trial may report an epoch twice; its last report counts
+            history = history.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+            rows = history.to_dict("records")
+        for r in rows:
+            per_epoch.append({"trial": trial_id, **values, "epoch": int(r["epoch"]), "train_loss": r.get("train_loss"),
+                              **{k: r.get(k) for k in ("val_macro_recall", "val_macro_f1", "val_accuracy")},
+                              "checkpoint_path": r.get("checkpoint_path")})
+        done = int(rows[-1]["epoch"]) if rows else 0
+        status = "error" if result.error else ("completed" if done >= epochs else "stopped early")
+        starts_file = Path(result.path) / STARTS_FILE
+        trials.append({"trial": trial_id, **values, "status": status, "epochs": done,
+                       metric: rows[-1].get(metric) if rows else None,
+                       **{f"{metric}_epoch{int(r['epoch'])}": r.get(metric) for r in rows},
+                       "starts": len(starts_file.read_text().splitlines()) if starts_file.is_file() else 0,
+                       "error": str(result.error).splitlines()[0] if result.error else None})
+    table = pd.DataFrame(trials).sort_values("trial").reset_index(drop=True)  # creation order
+    return table, pd.DataFrame(per_epoch)
+
+
+def run_tune(cfg: TuneConfig) -> dict:
+    from ray import tune
+
+    from kd_ray.runtime import init_ray
+    from kd_ray.train import distill_job, export_checkpoint
+
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    distill_job(cfg.distill)  # checks the soft labels and the student before any trial starts
+    init_ray(cfg.ray)
+    base = cfg.distill.model_dump(mode="json")
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage_path=str(out / "ray_train")),
+                                    {"CPU": cfg.search.trial_cpus})
+    tuner = _tuner(cfg, out, trainable)
+    print(f"kd-ray tune: searching {sorted(cfg.search.space)} for the best {cfg.search.metric}. If this run is "
+          f"interrupted, run the same command again: it resumes from {out / EXPERIMENT}", flush=True)
+    grid = tuner.fit()
+
+    table, epochs_table = trials_tables(grid, cfg)
+    table.to_csv(out / "trials.csv", index=False)
+    epochs_table.to_csv(out / "trial_epochs.csv", index=False)
+    metric = cfg.search.metric
+    finished = table[(table["status"] == "completed") & table[metric].notna()]
+    if finished.empty:
+        raise KdRayUserError(f"no trial finished all {cfg.distill.train.epochs} epochs; see {out / 'trials.csv'} "
+                             "and the trial errors above")
+    best = finished.loc[finished[metric].idxmax()]  # first of equals: the default trial wins ties
+    values = {path: best[name] for name, path in searched_paths(cfg.search).items()}
+    best_cfg = trial_config(base, {p: (v.item() if hasattr(v, "item") else v) for p, v in values.items()})
+    best_cfg = best_cfg.model_copy(update={"output": str(out / "student")})
+    last = epochs_table[(epochs_table["trial"] == best["trial"])].sort_values("epoch").iloc[-1]
+    import ray.train
+
+    job, _ = distill_job(best_cfg)
+    export_checkpoint(ray.train.Checkpoint(last["checkpoint_path"]), best_cfg.output, job)
+    (out / "best_config.yaml").write_text(
+        f"# kd-ray distill --config {out / 'best_config.yaml'}\n"
+        f"# best of {len(table)} trials by {metric} = {best[metric]:.4f} (trial {best['trial']})\n"
+        + dump_config(best_cfg))
+    default = table.iloc[0] if cfg.search.include_default else None
+    summary = {"metric": metric, "best_trial": best["trial"], "best_value": float(best[metric]),
+               "best_values": {n: best[n].item() if hasattr(best[n], "item") else best[n] for n in cfg.search.space},
+               "default_trial": default["trial"] if default is not None else None,
+               "default_value": float(default[metric]) if default is not None and default[metric] == default[metric]
+               else None,
+               "default_status": default["status"] if default is not None else None,
+               "trials": len(table), "stopped_early": int((table["status"] == "stopped early").sum()),
+               "errors": int((table["status"] == "error").sum()), "student": best_cfg.output,
+               "spec_hash": hashlib.sha256(json.dumps(_spec(cfg), sort_keys=True).encode()).hexdigest()[:10]}
+    (out / "tune_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(cfg: TuneConfig) -> dict:
+    import pandas as pd
+
+    summary = run_tune(cfg)
+    table = pd.read_csv(Path(cfg.output) / "trials.csv")
+    shown = [c for c in table.columns if c not in ("error",)]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+        print(table[shown].to_string(index=False))
+    print(f"kd-ray tune: best {summary['metric']} {summary['best_value']:.4f} with {summary['best_values']} "
+          f"({summary['trials']} trials, {summary['stopped_early']} stopped early by ASHA, {summary['errors']} failed). "
+          f"Student: {summary['student']}; config: {Path(cfg.output) / 'best_config.yaml'}", flush=True)
+    return summary
+
+
+CONFIGS = {"tune": TuneConfig}
+ENTRY_POINTS = {"tune": main}
