@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tune": ("kd_ray.tune", "Search temperature, alpha and learning rate with Ray Tune (ASHA), one Train run per trial."),
     "evaluate": ("kd_ray.evaluate", "Compare teacher and student on a held-out labeled set; write metrics.json."),
     "run": ("kd_ray.pipeline", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
+    "report": ("kd_ray.report", "Write an HTML page with plots (and the plots as PNG) for a run folder."),
     "validate": ("kd_ray.soft_labels", "Check a soft-label folder: schema, metadata, ids, finite logits."),
 }
 

@@ -469,6 +469,9 @@ class PipelineConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
     distill: TrainArgs = Field(default_factory=TrainArgs, description="Student training settings.")
+    tune: SearchConfig | None = Field(
+        None, description="Search T, alpha and learning rate with Ray Tune instead of one distillation with `loss` "
+        "and `distill`, which become the search's first trial; the best trial's student is the run's student.")
     baseline_without_distillation: bool = Field(
         True, description="Also train the same student with alpha=0 on the labeled rows only, and report it.")
     eval: EvalArgs = Field(default_factory=EvalArgs)
@@ -478,4 +481,6 @@ class PipelineConfig(Section):
     def _teacher_source(self) -> PipelineConfig:
         if (self.teacher.model is None) == (self.teacher.base_model is None):
             raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        if self.tune is not None and self.data.validation is None:
+            raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
         return self

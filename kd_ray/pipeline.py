@@ -2,7 +2,8 @@
 
   data.train --finetune--> teacher/ --label (train + transfer)--> soft_labels/
   soft_labels/ --distill--> student/   (and student_alpha0/: the same student without distillation)
-  teacher/, student/ --evaluate on data.test--> metrics.json
+               (or, with a `tune:` section, --tune--> tune/, whose best student is the run's student)
+  teacher/, student/ --evaluate on data.test--> metrics.json --> report.html, report/*.png
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 from kd_ray.config import (DistillConfig, EvaluateConfig, FinetuneConfig, LabelConfig, LabelOutputConfig,
-                           PipelineConfig, TeacherConfig)
+                           PipelineConfig, TeacherConfig, TuneConfig)
 from kd_ray.evaluate import run_evaluate, summary_table
 from kd_ray.label import run_label
+from kd_ray.report import write_report
 from kd_ray.storage import absolute_if_local
 from kd_ray.train import distill_job, read_run_info, run_distill, run_finetune
+from kd_ray.tune import run_tune
 
 
 def _up_to_date(folder: Path, job_matches) -> bool:
@@ -45,12 +48,16 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     stages["distill"] = DistillConfig(soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss,
                                       validation=cfg.data.validation, train=cfg.distill,
                                       output=str(out / "student"), ray=cfg.ray)
+    student = str(out / "student")
+    if cfg.tune is not None:  # the search replaces the single distillation; its first trial is that one
+        stages["tune"] = TuneConfig(distill=stages["distill"], search=cfg.tune, output=str(out / "tune"), ray=cfg.ray)
+        student = str(out / "tune" / "student")
     others = {}
     if cfg.baseline_without_distillation:
         stages["distill_alpha0"] = stages["distill"].model_copy(
             update={"loss": cfg.loss.model_copy(update={"alpha": 0.0}), "output": str(out / "student_alpha0")})
         others["student_alpha0"] = str(out / "student_alpha0")
-    stages["evaluate"] = EvaluateConfig(test=cfg.data.test, teacher=teacher_path, student=str(out / "student"),
+    stages["evaluate"] = EvaluateConfig(test=cfg.data.test, teacher=teacher_path, student=student,
                                         others=others, eval=cfg.eval, output=str(out))
     return stages
 
@@ -78,8 +85,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             timed("finetune", run_finetune, ft)
     summary = timed("label", run_label, stages["label"])
     print(summary.line(), flush=True)
+    if "tune" in stages:
+        timed("tune", run_tune, stages["tune"])
     for name in ("distill", "distill_alpha0"):
-        if name not in stages:
+        if name not in stages or (name == "distill" and "tune" in stages):
             continue
         dc = stages[name]
         job, _ = distill_job(dc)
@@ -92,6 +101,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     report["labeling"] = {"rows": summary.rows, "rows_per_s": summary.rows_per_s, "files": summary.files,
                           "rejected": summary.rejected, "truncated": summary.truncated}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    report["report_html"] = str(write_report(out))
     return report
 
 
@@ -101,6 +111,7 @@ def main(cfg: PipelineConfig) -> dict:
     print(f"kd-ray run: student keeps {report['retention']['macro_recall']:.1%} of the teacher's macro-recall at "
           f"{report['speedup']:.2f}x its CPU rows/s. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})",
           flush=True)
+    print(f"kd-ray run: report: {report['report_html']} (plots as PNG in {Path(cfg.output) / 'report'})", flush=True)
     return report
 
 

@@ -21,8 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd_ray.config import TUNE_ALIASES, DistillConfig, SearchConfig, TuneConfig, _set_dotted, dump_config
-from kd_ray.errors import KdRayUserError
+from kd_ray.config import (
+    TUNE_ALIASES,
+    DistillConfig,
+    SearchConfig,
+    TuneConfig,
+    _set_dotted,
+    dump_config,
+)
+from kd_ray.errors import KdRayUserError, unwrap_user_error
+from kd_ray.storage import absolute_if_local
 
 EXPERIMENT = "experiment"
 SPEC_FILE = "tune_spec.json"
@@ -76,6 +84,15 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str) -> None:
     trainer = build_trainer(job, distill_datasets(cfg, job, info), cfg.train, run_name("trial", job), storage_path,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
+
+
+def _with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """Trials run in their own trial folders: relative paths must not depend on the working directory."""
+    update = {"soft_labels": absolute_if_local(cfg.soft_labels),
+              "student": cfg.student.model_copy(update={"model": absolute_if_local(cfg.student.model)})}
+    if cfg.validation:
+        update["validation"] = cfg.validation.model_copy(update={"path": absolute_if_local(cfg.validation.path)})
+    return cfg.model_copy(update=update)
 
 
 def trial_dirname(trial) -> str:
@@ -160,9 +177,16 @@ def trials_tables(grid, cfg: TuneConfig):
                        metric: rows[-1].get(metric) if rows else None,
                        **{f"{metric}_epoch{int(r['epoch'])}": r.get(metric) for r in rows},
                        "starts": len(starts_file.read_text().splitlines()) if starts_file.is_file() else 0,
-                       "error": str(result.error).splitlines()[0] if result.error else None})
+                       "error": _error_line(result.error)})
     table = pd.DataFrame(trials).sort_values("trial").reset_index(drop=True)  # creation order
     return table, pd.DataFrame(per_epoch)
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    user_error = unwrap_user_error(error)
+    return str(user_error) if user_error else f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"
 
 
 def run_tune(cfg: TuneConfig) -> dict:
@@ -172,10 +196,10 @@ def run_tune(cfg: TuneConfig) -> dict:
     from kd_ray.train import distill_job, export_checkpoint
 
     out = Path(cfg.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     distill_job(cfg.distill)  # checks the soft labels and the student before any trial starts
+    out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
-    base = cfg.distill.model_dump(mode="json")
+    base = _with_absolute_paths(cfg.distill).model_dump(mode="json")
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage_path=str(out / "ray_train")),
                                     {"CPU": cfg.search.trial_cpus})
     tuner = _tuner(cfg, out, trainable)
@@ -189,8 +213,9 @@ def run_tune(cfg: TuneConfig) -> dict:
     metric = cfg.search.metric
     finished = table[(table["status"] == "completed") & table[metric].notna()]
     if finished.empty:
-        raise KdRayUserError(f"no trial finished all {cfg.distill.train.epochs} epochs; see {out / 'trials.csv'} "
-                             "and the trial errors above")
+        errors = table["error"].dropna()
+        raise KdRayUserError(f"no trial finished all {cfg.distill.train.epochs} epochs; see {out / 'trials.csv'}"
+                             + (f"; the first error: {errors.iloc[0]}" if len(errors) else ""))
     best = finished.loc[finished[metric].idxmax()]  # first of equals: the default trial wins ties
     values = {path: best[name] for name, path in searched_paths(cfg.search).items()}
     best_cfg = trial_config(base, {p: (v.item() if hasattr(v, "item") else v) for p, v in values.items()})

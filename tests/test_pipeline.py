@@ -95,3 +95,44 @@ def test_job_entry_points_run(script):
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout
     assert "ray job submit" in (REPO / "jobs" / script).read_text()
+
+
+def _report_images(page: str) -> int:
+    return page.count("src='data:image/png;base64,")
+
+
+def test_run_ends_with_a_report_that_says_it_has_no_tuning(pipeline_run):
+    from matplotlib.image import imread
+
+    run = pipeline_run / "run"
+    page = (run / "report.html").read_text()
+    pngs = sorted(p.stem for p in (run / "report").glob("*.png"))
+    assert pngs == ["confusion", "efficiency", "quality", "soft_labels", "training"]
+    assert _report_images(page) == len(pngs)  # the page embeds every plot: it needs no other file
+    for name in pngs:
+        height, width, _ = imread(run / "report" / f"{name}.png").shape
+        assert height > 200 and width > 400
+    assert "No tuning in this run" in page
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"{metrics['retention']['macro_recall']:.1%}" in page
+
+
+def test_run_with_a_tune_section_evaluates_the_best_trial(pipeline_run, capsys):
+    """Last in this module: it turns the shared run into a tuned one."""
+    import yaml
+
+    config = yaml.safe_load((pipeline_run / "run.yaml").read_text())
+    config["tune"] = {"space": {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0}},
+                      "num_samples": 2, "scheduler": "fifo"}
+    (pipeline_run / "tuned.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", "--config", str(pipeline_run / "tuned.yaml")]) == 0
+    out = capsys.readouterr().out
+    run = pipeline_run / "run"
+    assert "skipping finetune" in out and f"report: {run / 'report.html'}" in out
+    summary = json.loads((run / "tune" / "tune_summary.json").read_text())
+    assert summary["trials"] == 2 and summary["student"] == str((run / "tune" / "student").resolve())
+    best = json.loads((run / "tune" / "student" / "kd_ray_train.json").read_text())
+    assert best["job"]["loss"]["temperature"] == pytest.approx(summary["best_values"]["temperature"])
+    page = (run / "report.html").read_text()
+    assert "Best of 2 trials" in page and "No tuning" not in page
+    assert {"tuning_landscape.png", "trial_curves.png"} <= {p.name for p in (run / "report").glob("*.png")}

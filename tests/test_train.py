@@ -8,40 +8,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import LABELS, labeled_corpus
 
-from conftest import LABELS, random_posts
-from kd_ray.config import ConfigError, DistillConfig, FinetuneConfig, LabelConfig, load_config
+from kd_ray.config import ConfigError, DistillConfig, FinetuneConfig, load_config
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
-from kd_ray.label import run_label
 from kd_ray.train import read_run_info, run_distill, run_finetune
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
         "train.num_cpus_per_worker": 0.5, "train.max_failures": 0}
-
-
-def _labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
-    """Posts whose label follows a word in them, so a model can learn it."""
-    posts = random_posts(n, seed=seed, max_words=12)
-    labels = ["negative" if "bad" in p or "awful" in p else "positive" if "great" in p or "love" in p else "neutral"
-              for p in posts]
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "text": posts, "label": labels}),
-                   folder / "labeled.parquet")
-    return folder / "labeled.parquet"
-
-
-@pytest.fixture(scope="module")
-def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
-    """400 labeled rows + 400 unlabeled ones, labeled by the tiny teacher."""
-    root = tmp_path_factory.mktemp("soft")
-    labeled = _labeled_corpus(root / "corpus", 400)
-    unlabeled = root / "corpus" / "unlabeled.txt"
-    unlabeled.write_text("\n".join(random_posts(400, seed=9)) + "\n")
-    cfg = load_config(LabelConfig, overrides={
-        "corpus.path": [str(labeled), str(unlabeled)], "corpus.label_column": "label", "corpus.partial_labels": True,
-        "teachers.0.model": str(tiny_teacher), "output.path": str(root / "labels")})
-    run_label(cfg)
-    return root / "labels"
 
 
 def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
@@ -54,7 +28,7 @@ def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny
 
     from kd_ray.teacher import describe_model
 
-    data = _labeled_corpus(tmp_path / "data", 200)
+    data = labeled_corpus(tmp_path / "data", 200)
     cfg = load_config(FinetuneConfig, overrides={
         "data.path": str(data), "data.label_column": "label", "base_model": str(tiny_teacher),
         "labels": LABELS, "output": str(tmp_path / "teacher"), "validation.path": str(data), **FAST})

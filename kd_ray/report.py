@@ -1,0 +1,417 @@
+"""`kd-ray report RUN_FOLDER`: one self-contained HTML page (plots embedded) and the same plots as PNG.
+
+Reads only what the stages wrote (metrics.json, trials.csv / trial_epochs.csv / tune_summary.json,
+the soft-label Parquet, each model's kd_ray_train.json) and draws what is there; a section whose
+inputs are missing says so instead of failing. Outputs: RUN_FOLDER/report.html, RUN_FOLDER/report/*.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+QUALITY = ("macro_recall", "macro_f1", "accuracy", "agreement")
+MAX_HISTOGRAM_ROWS = 500_000  # teacher confidences drawn from at most this many soft-label rows
+
+
+@dataclass
+class RunFolder:
+    """What a run folder holds, found by the names the stages write."""
+
+    path: Path
+    metrics: dict | None = None
+    tune_dir: Path | None = None
+    soft_labels: Path | None = None
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+
+    @classmethod
+    def find(cls, path: str | Path) -> RunFolder:
+        run = cls(Path(path))
+        if (run.path / "metrics.json").is_file():
+            run.metrics = json.loads((run.path / "metrics.json").read_text())
+        run.tune_dir = next((d for d in (run.path, run.path / "tune") if (d / "trials.csv").is_file()), None)
+        if (run.path / "soft_labels" / "_manifest.json").is_file():
+            run.soft_labels = run.path / "soft_labels"
+        for name in ("teacher", "student", "student_alpha0"):
+            info = run.path / name / "kd_ray_train.json"
+            if info.is_file():
+                run.histories[name] = json.loads(info.read_text())["history"]
+        return run
+
+
+# ---------------------------------------------------------------------------- plots (each returns a Figure)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.titleweight": "bold", "font.size": 10})
+    return plt
+
+
+def _axes_params(searched: list[str]) -> tuple[str, str | None]:
+    """The two searched parameters to draw against each other (temperature x alpha when both are searched)."""
+    preferred = [p for p in ("temperature", "alpha") if p in searched]
+    rest = [p for p in searched if p not in preferred]
+    chosen = (preferred + rest)[:2]
+    return chosen[0], (chosen[1] if len(chosen) > 1 else None)
+
+
+def plot_landscape(trials, summary: dict, searched: list[str]):
+    """Validation metric over the two main searched parameters; best trial starred, default boxed."""
+    plt = _plt()
+    metric = summary["metric"]
+    x_name, y_name = _axes_params(searched)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    done = trials[trials[metric].notna()]
+    y = done[y_name] if y_name else done[metric]
+    vmin, vmax = done[metric].min(), done[metric].max()
+    for status, marker, size in (("completed", "o", 150), ("stopped early", "v", 90)):
+        part = done["status"] == status
+        if part.any():
+            points = ax.scatter(done.loc[part, x_name], y[part], c=done.loc[part, metric], cmap="viridis",
+                                vmin=vmin, vmax=vmax, s=size, marker=marker, edgecolors="black", linewidths=0.6,
+                                label=f"{status} ({int(part.sum())})")
+    for row, yy in zip(done.itertuples(), y):
+        ax.annotate(f"{getattr(row, metric):.3f}", (getattr(row, x_name), yy), textcoords="offset points",
+                    xytext=(7, 5), fontsize=8)
+    best = done[done["trial"] == summary["best_trial"]]
+    ax.scatter(best[x_name], y[best.index], marker="*", s=600, facecolors="none", edgecolors="crimson", linewidths=2,
+               label=f"best: {best[metric].iloc[0]:.4f}")
+    if summary.get("default_trial") in set(done["trial"]):
+        default = done[done["trial"] == summary["default_trial"]]
+        ax.scatter(default[x_name], y[default.index], marker="s", s=260, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label="config's own values")
+    if (done[x_name] > 0).all() and (x_name in ("temperature", "learning_rate")
+                                     or done[x_name].max() / done[x_name].min() > 20):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(y_name or metric)
+    fig.colorbar(points, ax=ax, label=metric)
+    ax.set_title(f"Tuning landscape: {metric} (last epoch each trial reached)")
+    ax.legend(loc="best", fontsize=8, framealpha=0.9, markerscale=0.6)
+    fig.tight_layout()
+    return fig
+
+
+SHORT = {"temperature": "T", "alpha": "α", "learning_rate": "lr"}
+
+
+def plot_trial_curves(epochs, trials, summary: dict, searched: list[str]):
+    """The validation metric after each epoch, one line per trial; early-stopped trials end in an x."""
+    plt = _plt()
+    metric = summary["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10")
+    for i, row in enumerate(trials.itertuples()):
+        curve = epochs[epochs["trial"] == row.trial].sort_values("epoch")
+        if curve.empty:
+            continue
+        best = row.trial == summary["best_trial"]
+        stopped = row.status == "stopped early"
+        values = ", ".join(f"{SHORT.get(p, p)}={getattr(row, p):.3g}" for p in searched)
+        ax.plot(curve["epoch"], curve[metric], color=colors(i % 10), lw=3 if best else 1.5,
+                ls="--" if stopped else "-", marker="o",
+                label=f"trial {row.trial[-2:]}: {values}" + (" (best)" if best else ""))
+        if stopped:
+            ax.plot(curve["epoch"].iloc[-1], curve[metric].iloc[-1], marker="x", color="black", ms=10, mew=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_xticks(sorted(epochs["epoch"].unique()))
+    ax.set_title("Trial learning curves (dashed, ending in x: stopped early by ASHA)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def _models(metrics: dict) -> list[str]:
+    return [k for k, v in metrics.items() if isinstance(v, dict) and "params" in v]
+
+
+def plot_quality(metrics: dict):
+    """Teacher and students side by side on the test set."""
+    plt = _plt()
+    models = _models(metrics)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        values = [metrics[name].get(m, 1.0 if m == "agreement" else np.nan) for m in QUALITY]
+        bars = ax.bar(np.arange(len(QUALITY)) + i * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    ax.set_xticks(np.arange(len(QUALITY)) + width * (len(models) - 1) / 2, [m.replace("_", " ") for m in QUALITY])
+    ax.set_ylim(0, 1.18)
+    ax.set_ylabel(f"test set ({metrics['test']['rows']} rows)")
+    ax.set_title("Quality: teacher vs student (agreement = same prediction as the teacher)")
+    ax.legend(fontsize=8, loc="upper left", ncol=len(models), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_efficiency(metrics: dict):
+    """Throughput, size and calibration: what the student costs and how honest its confidence is."""
+    plt = _plt()
+    models = _models(metrics)
+    panels = (("rows_per_s", "CPU rows/s (higher is better)", 1.0), ("params", "parameters, millions", 1e-6),
+              ("ece", "calibration error, ECE (lower is better)", 1.0))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    colors = plt.get_cmap("tab10")
+    for ax, (key, title, scale) in zip(axes, panels):
+        values = [metrics[m][key] * scale for m in models]
+        bars = ax.bar(models, values, color=[colors(i) for i in range(len(models))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusions(metrics: dict):
+    """Row-normalised confusion matrices (a row is a gold label), counts written in the cells."""
+    plt = _plt()
+    models, labels = _models(metrics), metrics["labels"]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        counts = np.array(metrics[name]["confusion_matrix"], dtype=float)
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (r, c), n in np.ndenumerate(counts):
+            ax.text(c, r, f"{int(n)}\n{share[r, c]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if share[r, c] > 0.6 else "black")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_title(f"{name}\nmacro-recall {metrics[name]['macro_recall']:.3f}", fontsize=9)
+    axes[0][0].set_ylabel("gold")
+    fig.tight_layout()
+    return fig
+
+
+def teacher_confidences(soft_labels: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(teacher metadata, max softmax probability per row, predicted class per row) of the first teacher."""
+    import pyarrow.parquet as pq
+
+    from kd_ray.metrics import softmax
+    from kd_ray.soft_labels import logits_column, read_soft_label_info
+
+    info = read_soft_label_info(str(soft_labels))
+    teacher = info.teacher()
+    chunks, rows = [], 0
+    for file in info.files:
+        column = pq.read_table(file, columns=[logits_column(teacher["name"])]).column(0).combine_chunks()
+        chunks.append(column.flatten().to_numpy().astype(np.float32).reshape(len(column), -1))
+        rows += len(column)
+        if rows >= MAX_HISTOGRAM_ROWS:
+            break
+    probs = softmax(np.concatenate(chunks))
+    return teacher, probs.max(axis=1), probs.argmax(axis=1)
+
+
+def plot_soft_labels(teacher: dict, confidence: np.ndarray, predicted: np.ndarray):
+    plt = _plt()
+    labels = [teacher["id2label"][str(i)] for i in range(len(teacher["id2label"]))]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+    left.hist(confidence, bins=np.linspace(1 / len(labels), 1, 31), color="steelblue", edgecolor="white")
+    left.axvline(np.median(confidence), color="crimson", ls="--", label=f"median {np.median(confidence):.2f}")
+    left.set_xlabel("teacher confidence (largest softmax probability, T=1)")
+    left.set_ylabel("rows")
+    left.set_title(f"Soft labels: how sure the teacher is ({len(confidence):,} rows)")
+    left.legend(fontsize=8)
+    share = np.bincount(predicted, minlength=len(labels)) / len(predicted)
+    bars = right.bar(labels, share, color="slategray")
+    right.bar_label(bars, labels=[f"{s:.1%}" for s in share], fontsize=8)
+    right.set_title("Teacher's predicted classes")
+    right.set_ylabel("share of rows")
+    right.set_ylim(0, max(share) * 1.2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training(histories: dict[str, list[dict]]):
+    """Training loss and validation metric per epoch of the models this run trained."""
+    plt = _plt()
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
+        if all("val_macro_recall" in h for h in history):
+            val_ax.plot(epochs, [h["val_macro_recall"] for h in history], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    loss_ax.set_title("training loss (each model's own loss)")
+    val_ax.set_title("validation macro-recall")
+    for ax in (loss_ax, val_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:,.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Page:
+    """Collects sections; each figure goes to report/<name>.png and into the page as base64."""
+
+    def __init__(self, png_dir: Path):
+        self.png_dir, self.parts, self.pngs = png_dir, [], []
+        png_dir.mkdir(parents=True, exist_ok=True)
+
+    def heading(self, text: str) -> None:
+        self.parts.append(f"<h2>{html.escape(text)}</h2>")
+
+    def note(self, text: str) -> None:
+        self.parts.append(f"<p class='note'>{html.escape(text)}</p>")
+
+    def raw(self, markup: str) -> None:
+        self.parts.append(markup)
+
+    def figure(self, name: str, fig, caption: str) -> None:
+        import matplotlib.pyplot as plt
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        plt.close(fig)
+        (self.png_dir / f"{name}.png").write_bytes(buffer.getvalue())
+        self.pngs.append(self.png_dir / f"{name}.png")
+        data = base64.b64encode(buffer.getvalue()).decode()
+        self.parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
+padding:0 16px;color:#222}h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+.note{color:#555;background:#f6f6f6;padding:8px 12px;border-left:4px solid #bbb}table{border-collapse:collapse;
+margin:12px 0;font-size:13px}th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}figure{margin:12px 0}img{max-width:100%}figcaption{color:#555;
+font-size:13px}.headline{font-size:18px;margin:12px 0}.headline b{color:#0a6}"""
+
+
+def _tuning_section(page: _Page, run: RunFolder) -> None:
+    import pandas as pd
+
+    page.heading("Tuning")
+    if run.tune_dir is None:
+        page.note(f"No tuning in this run: no trials.csv in {run.path} or {run.path / 'tune'}. "
+                  "`kd-ray tune` searches temperature, alpha and learning rate.")
+        return
+    trials = pd.read_csv(run.tune_dir / "trials.csv")
+    epochs = pd.read_csv(run.tune_dir / "trial_epochs.csv")
+    summary = json.loads((run.tune_dir / "tune_summary.json").read_text())
+    searched = list(summary["best_values"])
+    metric = summary["metric"]
+    gain = ""
+    if summary.get("default_value") is not None:
+        gain = (f"; the config's own values scored {summary['default_value']:.4f} "
+                f"({summary['default_status']}), a gain of {summary['best_value'] - summary['default_value']:+.4f}")
+    best_values = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                            for k, v in summary["best_values"].items())
+    page.raw(f"<p class='headline'>Best of {summary['trials']} trials: <b>{metric} {summary['best_value']:.4f}</b> "
+             f"with {html.escape(best_values)}{html.escape(gain)}. {summary['stopped_early']} trials were stopped "
+             f"early by ASHA, {summary['errors']} failed.</p>")
+    page.figure("tuning_landscape", plot_landscape(trials, summary, searched),
+                f"Each point is a trial at the last epoch it reached; triangles were stopped early.")
+    page.figure("trial_curves", plot_trial_curves(epochs, trials, summary, searched),
+                "Validation metric after every epoch of every trial.")
+    epoch_cols = sorted(c for c in trials.columns if c.startswith(f"{metric}_epoch"))
+    rows = [[r["trial"], *[r[p] for p in searched], r["status"], int(r["epochs"]),
+             *[r[c] if r[c] == r[c] else "" for c in epoch_cols], int(r["starts"])] for _, r in trials.iterrows()]
+    page.raw(_table(["trial", *searched, "status", "epochs", *[c.replace(f"{metric}_", "") for c in epoch_cols],
+                     "starts"], rows))
+
+
+def _models_section(page: _Page, run: RunFolder) -> None:
+    page.heading("Teacher vs student")
+    m = run.metrics
+    if m is None or "teacher" not in m:
+        page.note(f"No evaluation in this run folder (no metrics.json in {run.path}); `kd-ray evaluate` writes one.")
+        return
+    student = m["student"]
+    page.raw(f"<p class='headline'>The student keeps <b>{student['retention']['macro_recall']:.1%}</b> of the "
+             f"teacher's macro-recall at <b>{student['speedup']:.2f}x</b> its CPU rows/s with "
+             f"<b>{student['compression']:.2f}x</b> fewer parameters.</p>")
+    page.figure("quality", plot_quality(m), f"Test set: {m['test']['path']}, {m['test']['rows']} rows.")
+    page.figure("efficiency", plot_efficiency(m), f"Throughput measured on CPU, {m['eval']['threads']} threads, "
+                f"batch {m['eval']['batch_size']}, max length {m['eval']['max_length']}; median of "
+                f"{m['eval']['timing_repeats']} alternating passes.")
+    page.figure("confusion", plot_confusions(m), "Confusion matrices on the test set.")
+    rows = [[name, m[name]["macro_recall"], m[name]["macro_f1"], m[name]["accuracy"], m[name].get("agreement", 1.0),
+             m[name]["ece"], m[name]["rows_per_s"], m[name]["params"]] for name in _models(m)]
+    page.raw(_table(["model", "macro-recall", "macro-F1", "accuracy", "agreement", "ECE", "rows/s", "parameters"],
+                    rows))
+    if run.histories:
+        page.figure("training", plot_training(run.histories), "Per-epoch training loss and validation metric.")
+
+
+def _labeling_section(page: _Page, run: RunFolder) -> None:
+    page.heading("Labeling")
+    if run.soft_labels is None:
+        page.note(f"No soft labels in this run folder ({run.path / 'soft_labels'} is absent).")
+        return
+    manifest = json.loads((run.soft_labels / "_manifest.json").read_text())
+    page.raw(_table(["rows", "rows/s", "seconds", "files", "rejected", "truncated"],
+                    [[manifest["rows"], manifest["rows_per_s"], manifest["seconds"], len(manifest["files"]),
+                      manifest["rejected"], manifest["truncated"]]]))
+    teacher, confidence, predicted = teacher_confidences(run.soft_labels)
+    page.figure("soft_labels", plot_soft_labels(teacher, confidence, predicted),
+                f"Teacher {teacher['model']}: confidence and predicted classes over the labeled corpus.")
+
+
+def write_report(run_folder: str | Path) -> Path:
+    run = RunFolder.find(run_folder)
+    if not run.path.is_dir():
+        raise FileNotFoundError(f"run folder {run.path} does not exist")
+    page = _Page(run.path / "report")
+    _models_section(page, run)
+    _tuning_section(page, run)
+    _labeling_section(page, run)
+    out = run.path / "report.html"
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>kd-ray report: {html.escape(run.path.name)}"
+                   f"</title><style>{STYLE}</style></head><body><h1>kd-ray report: {html.escape(run.path.name)}</h1>"
+                   f"<p class='note'>{html.escape(str(run.path.resolve()))}</p>{''.join(page.parts)}</body></html>")
+    return out
+
+
+def report_main(argv: list[str]) -> int:
+    """`kd-ray report RUN_FOLDER [...]`"""
+    if not argv or any(a.startswith("-") for a in argv):
+        print("usage: kd-ray report RUN_FOLDER [...]   (a folder written by kd-ray run, tune or evaluate)",
+              file=sys.stderr)
+        return 2
+    for folder in argv:
+        if not Path(folder).is_dir():
+            print(f"kd-ray report: {folder} is not a folder", file=sys.stderr)
+            return 1
+        out = write_report(folder)
+        print(f"kd-ray report: {out} (plots as PNG in {out.parent / 'report'})")
+    return 0
+
+
+CONFIGS: dict = {"report": None}
+ENTRY_POINTS = {"report": report_main}

@@ -1,0 +1,155 @@
+"""`kd-ray tune`: search-space errors before any trial, a whole search with tiny models, and a
+search killed midway then resumed without re-running finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import labeled_corpus
+from kd_ray.cli import main as cli_main
+from kd_ray.config import DistillConfig, TuneConfig, load_config
+from kd_ray.report import write_report
+from kd_ray.tune import STARTS_FILE, run_tune
+
+SPACE = {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
+         "alpha": {"distribution": "uniform", "low": 0.2, "high": 1.0}}
+
+
+def _overrides(soft_labels: Path, validation: Path, out: Path, **extra) -> dict:
+    return {"distill.soft_labels": str(soft_labels), "distill.validation.path": str(validation),
+            "distill.student.num_layers": 1, "distill.train.epochs": 2, "distill.train.batch_size": 16,
+            "distill.train.max_length": 32, "distill.train.shuffle_buffer": 0,
+            "distill.train.num_cpus_per_worker": 0.5, "distill.train.max_failures": 0,
+            "search.space": SPACE, "search.num_samples": 4, "output": str(out), **extra}
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"temperature": {"distribution": "uniform", "low": 4.0, "high": 4.0}}, "empty range: low=4.0 must be below high=4.0"),
+    ({"temprature": {"distribution": "uniform", "low": 1.0, "high": 4.0}}, "search.space.temprature: unknown hyperparameter"),
+    ({"alpha": {"distribution": "uniform", "low": 0.5, "high": 1.5}}, "value 1.5 is not allowed for loss.alpha"),
+    ({"loss.kind": {"distribution": "choice", "values": ["kl", "cosine"]}}, "value 'cosine' is not allowed for loss.kind"),
+    ({"learning_rate": {"distribution": "loguniform", "low": 0.0, "high": 1e-3}}, "loguniform range needs low > 0"),
+    ({"alpha": {"distribution": "grid", "values": []}}, "needs a non-empty list of values"),
+    ({"train": {"distribution": "choice", "values": [1]}}, "search.space.train: unknown hyperparameter"),
+    ({}, "search.space"),
+])
+def test_bad_search_space_is_refused_before_any_trial(tmp_path, capsys, space, expected):
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({"distill": {"soft_labels": str(tmp_path / "none"),
+                                                  "validation": {"path": str(tmp_path / "v.csv")}},
+                                      "search": {"space": space}, "output": str(tmp_path / "out")}))
+    assert cli_main(["tune", "--config", str(config)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_tune_needs_a_validation_set(tmp_path):
+    with pytest.raises(Exception, match="distill.validation is required"):
+        load_config(TuneConfig, overrides={"distill.soft_labels": "x", "search.space": SPACE, "output": str(tmp_path)})
+
+
+def test_search_of_four_trials_writes_table_best_config_and_student(tmp_path, soft_labels):
+    from transformers import AutoModelForSequenceClassification
+
+    validation = labeled_corpus(tmp_path / "val", 120, seed=3)
+    cfg = load_config(TuneConfig, overrides=_overrides(soft_labels, validation, tmp_path / "tune"))
+    summary = run_tune(cfg)
+
+    out = tmp_path / "tune"
+    table = pd.read_csv(out / "trials.csv")
+    epochs = pd.read_csv(out / "trial_epochs.csv")
+    assert list(table["trial"]) == [f"trial_0000{i}" for i in range(4)]
+    assert (table.loc[0, "temperature"], table.loc[0, "alpha"]) == (2.0, 0.7)  # trial 0: the config's own values
+    assert table["temperature"].between(1, 8).all() and table["alpha"].between(0.2, 1).all()
+    for row in table.itertuples():
+        # the status says what the per-epoch table shows: ASHA cut a trial short, or it ran every epoch
+        ran = epochs[epochs["trial"] == row.trial]["epoch"].tolist()
+        assert ran == list(range(1, row.epochs + 1))
+        assert row.status == ("completed" if row.epochs == 2 else "stopped early")
+        assert row.starts == 1
+    assert (table["status"] == "stopped early").sum() == summary["stopped_early"]
+    completed = table[table["status"] == "completed"]
+    assert summary["best_value"] == pytest.approx(completed["val_macro_recall"].max())
+    best = table[table["trial"] == summary["best_trial"]].iloc[0]
+
+    # one Ray Train run per trial, all reading the same soft labels
+    assert len(list((out / "ray_train").glob("trial-*"))) == 4
+    best_cfg = load_config(DistillConfig, out / "best_config.yaml")
+    assert best_cfg.loss.temperature == pytest.approx(best["temperature"])
+    assert best_cfg.loss.alpha == pytest.approx(best["alpha"])
+    assert best_cfg.soft_labels == str(soft_labels) and best_cfg.output == str(out / "student")
+    info = json.loads((out / "student" / "kd_ray_train.json").read_text())
+    assert [h["epoch"] for h in info["history"]] == [1, 2]
+    assert info["history"][-1]["val_macro_recall"] == pytest.approx(best["val_macro_recall"])
+    assert info["job"]["loss"]["temperature"] == pytest.approx(best["temperature"])
+    AutoModelForSequenceClassification.from_pretrained(out / "student")
+
+    # the report of a tuning-only folder: the search's plots, and a note where evaluation would be
+    page = write_report(out).read_text()
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == ["trial_curves.png", "tuning_landscape.png"]
+    assert page.count("src='data:image/png;base64,") == 2
+    assert f"Best of 4 trials: <b>val_macro_recall {summary['best_value']:.4f}</b>" in page
+    assert "No evaluation in this run folder" in page
+
+
+def _terminated_trials(experiment: Path) -> set[str]:
+    """Trials Tune's saved experiment state records as finished: what a restore will keep."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return set()
+    done = set()
+    for trial_json, _ in data["trial_data"]:
+        trial = json.loads(trial_json)
+        if trial["status"] == "TERMINATED":
+            done.add(f"trial_{trial['trial_id'].rsplit('_', 1)[-1]}")
+    return done
+
+
+@pytest.mark.fault
+def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, soft_labels):
+    validation = labeled_corpus(tmp_path / "val", 120, seed=3)
+    overrides = _overrides(soft_labels, validation, tmp_path / "tune", **{
+        "distill.train.epochs": 1, "search.scheduler": "fifo", "ray.num_cpus": 2})
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
+    flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides.items()]
+    command = [sys.executable, "-m", "kd_ray.cli", "tune", "--config", str(config), *flags]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray each time
+    experiment = tmp_path / "tune" / "experiment"
+
+    # First run: its own local Ray instance, killed (SIGKILL, no clean-up) once two trials are recorded done.
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 420
+    while len(_terminated_trials(experiment)) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    finished_before = _terminated_trials(experiment)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert len(finished_before) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (tmp_path / "tune" / "trials.csv").exists()  # it never got to the end
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+
+    table = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    assert len(table) == 4 and (table["status"] == "completed").all()
+    for trial in finished_before:  # kept, not run again
+        assert len((experiment / trial / STARTS_FILE).read_text().splitlines()) == 1
+        assert table.loc[table["trial"] == trial, "starts"].item() == 1
+    assert (tmp_path / "tune" / "student" / "model.safetensors").is_file()
