@@ -66,7 +66,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner needs to free the
+        # resources of a trial that Tune stops early; without it those leak and later trials wait forever.
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

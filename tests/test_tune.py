@@ -120,18 +120,21 @@ def _terminated_trials(experiment: Path) -> set[str]:
 
 
 @pytest.mark.fault
-def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, soft_labels):
+def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, soft_labels, ray_session):
     validation = labeled_corpus(tmp_path / "val", 120, seed=3)
+    # Both runs are drivers of their own in the session's Ray instance: killing one ends its job, and
+    # Ray frees everything the job held, as on a cluster when `ray job submit`'s driver dies.
     overrides = _overrides(soft_labels, validation, tmp_path / "tune", **{
-        "distill.train.epochs": 1, "search.scheduler": "fifo", "ray.num_cpus": 2})
+        "distill.train.epochs": 1, "search.scheduler": "fifo",
+        "ray.address": ray_session.get_runtime_context().gcs_address})
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
     flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides.items()]
     command = [sys.executable, "-m", "kd_ray.cli", "tune", "--config", str(config), *flags]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray each time
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save Tune's state often, so a kill finds it recent
     experiment = tmp_path / "tune" / "experiment"
 
-    # First run: its own local Ray instance, killed (SIGKILL, no clean-up) once two trials are recorded done.
+    # First run: killed (SIGKILL, no clean-up) once Tune's saved state records two trials done.
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 420
