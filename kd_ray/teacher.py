@@ -11,13 +11,15 @@ import hashlib
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from kd_ray.config import TeacherConfig
 from kd_ray.errors import ModelError
+
+if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
+    from kd_ray.config import TeacherConfig
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -110,6 +112,9 @@ class TeacherLabeler:
         if pick_device(num_gpus) == "cpu":
             torch.set_num_threads(threads)
         self.device = pick_device(num_gpus)
+        # A GPU actor is starved by tokenizing: let the Rust tokenizer use the node's cores (measured 1.48x
+        # rows/s on an H100, BENCHMARKS.md). CPU actors keep to their threads_per_actor.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.device == "cuda" else "false"
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.batch_size = batch_size
         self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
@@ -126,19 +131,31 @@ class TeacherLabeler:
     def _logits(self, texts: list[str], tokenizer, model, max_length: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        enc = tokenizer(texts, truncation=True, max_length=max_length)  # one call for the whole block
         truncated = np.array([len(e.overflowing) > 0 for e in enc.encodings], dtype=bool) if enc.encodings else (
             np.array([len(ids) >= max_length for ids in enc["input_ids"]], dtype=bool))
         lengths = np.array([len(ids) for ids in enc["input_ids"]])
         order = np.argsort(-lengths, kind="stable")  # longest first: a too-big batch fails at once
-        out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
         amp = torch.autocast(self.device, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        on_gpu = self.device == "cuda"
+        results = []
         with torch.inference_mode(), amp:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                features = [{k: enc[k][i] for k in enc.keys()} for i in idx]
-                batch = tokenizer.pad(features, return_tensors="pt").to(self.device)
-                out[idx] = model(**batch).logits.float().cpu().numpy()
+                width = lengths[idx[0]]  # the longest row of the batch: rows are sorted
+                batch = {}
+                for key in keys:  # pad on the CPU with numpy: far cheaper than tokenizer.pad on dicts
+                    array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
+                    for row, i in enumerate(idx):
+                        values = enc[key][i]
+                        array[row, :len(values)] = values
+                    tensor = torch.from_numpy(array)
+                    batch[key] = tensor.pin_memory().to("cuda", non_blocking=True) if on_gpu else tensor
+                results.append(model(**batch).logits.float())  # on a GPU, no sync until the block is done
+        out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+        out[order] = torch.cat(results).cpu().numpy()
         return out, truncated
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -158,5 +175,3 @@ class TeacherLabeler:
         columns["truncated"] = pa.array(truncated_any)
         return pa.table(columns)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # actors are the parallelism; avoid fork warnings
