@@ -196,8 +196,8 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         num_cpus=c.num_cpus,
         num_gpus=c.num_gpus or None,
-        max_restarts=3,  # a dead actor is replaced and its block redone
-        max_task_retries=3,
+        # A dead actor is replaced and its block redone: Ray Data's default for actor pools
+        # (max_restarts=-1, max_task_retries=-1; setting them here is deprecated since Ray 2.60).
     )
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
