@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from kd_ray.storage import absolute_if_local
 
 EXPERIMENT = "experiment"
 SPEC_FILE = "tune_spec.json"
-STARTS_FILE = "starts.log"  # one line per start of a trial: more than one means it was retried or resumed
+# One line per start of a trial, in the run folder (Tune may recreate a trial's own folder on restore):
+# more than one line for a trial means it was retried or resumed.
+STARTS_FILE = "trial_starts.jsonl"
 
 
 def searched_paths(search: SearchConfig) -> dict[str, str]:
@@ -69,7 +72,7 @@ def trial_config(base: dict, values: dict[str, Any]) -> DistillConfig:
     return DistillConfig.model_validate(tree)
 
 
-def _trial(values: dict[str, Any], base: dict, storage_path: str) -> None:
+def _trial(values: dict[str, Any], base: dict, storage_path: str, starts_log: str) -> None:
     """One Tune trial: a whole Ray Train distillation run with this trial's values (the Train V2 driver)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -78,8 +81,9 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str) -> None:
 
     cfg = trial_config(base, values)
     job, info = distill_job(cfg)
-    with open(Path(ray.tune.get_context().get_trial_dir()) / STARTS_FILE, "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    trial = f"trial_{ray.tune.get_context().get_trial_id().rsplit('_', 1)[-1]}"
+    with open(starts_log, "a") as log:  # one short line: appends do not interleave
+        log.write(json.dumps({"trial": trial, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     # The run name is a hash of the job: a trial restarted after a crash resumes its own Train run.
     trainer = build_trainer(job, distill_datasets(cfg, job, info), cfg.train, run_name("trial", job), storage_path,
                             callbacks=[TuneReportCallback()])
@@ -122,6 +126,7 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
         print(f"kd-ray tune: overwrite: deleting the earlier search in {out}", flush=True)
         for old in (experiment, out / "ray_train"):
             shutil.rmtree(old, ignore_errors=True)
+        (out / STARTS_FILE).unlink(missing_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
     search, epochs = cfg.search, cfg.distill.train.epochs
@@ -157,6 +162,7 @@ def trials_tables(grid, cfg: TuneConfig):
 
     paths, metric, epochs = searched_paths(cfg.search), cfg.search.metric, cfg.distill.train.epochs
     trials, per_epoch = [], []
+    starts = trial_starts(Path(cfg.output).resolve())
     for result in grid:
         trial_id = Path(result.path).name
         values = {name: result.config.get(path) for name, path in paths.items()}
@@ -172,14 +178,20 @@ def trials_tables(grid, cfg: TuneConfig):
                               "checkpoint_path": r.get("checkpoint_path")})
         done = int(rows[-1]["epoch"]) if rows else 0
         status = "error" if result.error else ("completed" if done >= epochs else "stopped early")
-        starts_file = Path(result.path) / STARTS_FILE
         trials.append({"trial": trial_id, **values, "status": status, "epochs": done,
                        metric: rows[-1].get(metric) if rows else None,
                        **{f"{metric}_epoch{int(r['epoch'])}": r.get(metric) for r in rows},
-                       "starts": len(starts_file.read_text().splitlines()) if starts_file.is_file() else 0,
+                       "starts": starts.get(trial_id, 0),
                        "error": _error_line(result.error)})
     table = pd.DataFrame(trials).sort_values("trial").reset_index(drop=True)  # creation order
     return table, pd.DataFrame(per_epoch)
+
+
+def trial_starts(out: Path) -> dict[str, int]:
+    """How many times each trial started, from ``out/trial_starts.jsonl``."""
+    log = out / STARTS_FILE
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return dict(Counter(json.loads(line)["trial"] for line in lines if line.strip()))
 
 
 def _error_line(error: BaseException | None) -> str | None:
@@ -200,8 +212,9 @@ def run_tune(cfg: TuneConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
     base = _with_absolute_paths(cfg.distill).model_dump(mode="json")
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, storage_path=str(out / "ray_train")),
-                                    {"CPU": cfg.search.trial_cpus})
+    trainable = tune.with_parameters(_trial, base=base, storage_path=str(out / "ray_train"),
+                                     starts_log=str(out / STARTS_FILE))
+    trainable = tune.with_resources(trainable, {"CPU": cfg.search.trial_cpus})
     tuner = _tuner(cfg, out, trainable)
     print(f"kd-ray tune: searching {sorted(cfg.search.space)} for the best {cfg.search.metric}. If this run is "
           f"interrupted, run the same command again: it resumes from {out / EXPERIMENT}", flush=True)

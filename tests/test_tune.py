@@ -19,7 +19,7 @@ from conftest import labeled_corpus
 from kd_ray.cli import main as cli_main
 from kd_ray.config import DistillConfig, TuneConfig, load_config
 from kd_ray.report import write_report
-from kd_ray.tune import STARTS_FILE, run_tune
+from kd_ray.tune import run_tune, trial_starts
 
 SPACE = {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
          "alpha": {"distribution": "uniform", "low": 0.2, "high": 1.0}}
@@ -152,7 +152,9 @@ def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path
 
     table = pd.read_csv(tmp_path / "tune" / "trials.csv")
     assert len(table) == 4 and (table["status"] == "completed").all()
+    starts = trial_starts(tmp_path / "tune")
+    assert set(starts) == set(table["trial"])
     for trial in finished_before:  # kept, not run again
-        assert len((experiment / trial / STARTS_FILE).read_text().splitlines()) == 1
-        assert table.loc[table["trial"] == trial, "starts"].item() == 1
+        assert starts[trial] == 1 and table.loc[table["trial"] == trial, "starts"].item() == 1
+    assert sum(starts.values()) <= 4 + (4 - len(finished_before))  # at most the unfinished ones started twice
     assert (tmp_path / "tune" / "student" / "model.safetensors").is_file()
