@@ -27,7 +27,8 @@ from kd_ray.config import LabelConfig
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
 from kd_ray.storage import filesystem
-from kd_ray.soft_labels import MANIFEST, REJECTED_DIR, SCHEMA_VERSION, soft_label_schema, validate_soft_labels
+from kd_ray.soft_labels import (MANIFEST, REJECTED_DIR, SCHEMA_VERSION, parquet_writer, soft_label_schema,
+                                validate_soft_labels)
 from kd_ray.teacher import TeacherLabeler, teacher_metadata
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
@@ -108,7 +109,7 @@ class SoftLabelDatasink(Datasink):
         tmp, final = f"{root}/.tmp-{name}", f"{root}/{name}"
         rows = truncated = 0
         rejected: list[pa.Table] = []
-        with fs.open_output_stream(tmp) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        with fs.open_output_stream(tmp) as f, parquet_writer(f, schema) as writer:
             for block in blocks:
                 ok = block.column("reject_reason").is_null()
                 if not pc.all(ok).as_py():
