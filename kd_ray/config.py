@@ -387,6 +387,10 @@ class TuneConfig(Section):
         problems = []
         for name, spec in self.search.space.items():
             path = TUNE_ALIASES.get(name, name)
+            if path == "train.epochs" and self.search.scheduler == "asha":
+                problems.append("search.space.train.epochs: ASHA stops trials at distill.train.epochs, so the epoch "
+                                "budget cannot be searched with it; use search.scheduler: fifo")
+                continue
             if not _is_scalar_field(DistillConfig, path):
                 problems.append(f"search.space.{name}: unknown hyperparameter; use one of {sorted(TUNE_ALIASES)} or "
                                 "a dotted path to a number or choice in the distill config (e.g. train.weight_decay)")

@@ -41,6 +41,7 @@ def _overrides(soft_labels: Path, validation: Path, out: Path, **extra) -> dict:
     ({"learning_rate": {"distribution": "loguniform", "low": 0.0, "high": 1e-3}}, "loguniform range needs low > 0"),
     ({"alpha": {"distribution": "grid", "values": []}}, "needs a non-empty list of values"),
     ({"train": {"distribution": "choice", "values": [1]}}, "search.space.train: unknown hyperparameter"),
+    ({"train.epochs": {"distribution": "choice", "values": [1, 3]}}, "the epoch budget cannot be searched with it"),
     ({}, "search.space"),
 ])
 def test_bad_search_space_is_refused_before_any_trial(tmp_path, capsys, space, expected):
