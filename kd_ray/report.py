@@ -39,8 +39,12 @@ class RunFolder:
         run.tune_dir = next((d for d in (run.path, run.path / "tune") if (d / "trials.csv").is_file()), None)
         if (run.path / "soft_labels" / "_manifest.json").is_file():
             run.soft_labels = run.path / "soft_labels"
-        for name in ("teacher", "student", "student_alpha0"):
-            info = run.path / name / "kd_ray_train.json"
+        folders = {"teacher": run.path / "teacher", "student": run.path / "student",
+                   "student_alpha0": run.path / "student_alpha0"}
+        if run.tune_dir is not None and not folders["student"].is_dir():  # `kd-ray run` with a tune: section
+            folders["student"] = run.tune_dir / "student"
+        for name, folder in folders.items():
+            info = folder / "kd_ray_train.json"
             if info.is_file():
                 run.histories[name] = json.loads(info.read_text())["history"]
         return run
@@ -60,19 +64,27 @@ def _plt():
     return plt
 
 
-def _axes_params(searched: list[str]) -> tuple[str, str | None]:
-    """The two searched parameters to draw against each other (temperature x alpha when both are searched)."""
-    preferred = [p for p in ("temperature", "alpha") if p in searched]
-    rest = [p for p in searched if p not in preferred]
-    chosen = (preferred + rest)[:2]
+def _axes_params(trials, searched: list[str]) -> tuple[str, str | None] | None:
+    """The two numeric searched parameters to draw against each other (temperature x alpha when
+    both are searched); None when no searched parameter is a number (e.g. only loss.kind)."""
+    import pandas as pd
+
+    numeric = [p for p in searched if pd.api.types.is_numeric_dtype(trials[p])]
+    preferred = [p for p in ("temperature", "alpha") if p in numeric]
+    chosen = (preferred + [p for p in numeric if p not in preferred])[:2]
+    if not chosen:
+        return None
     return chosen[0], (chosen[1] if len(chosen) > 1 else None)
 
 
-def plot_landscape(trials, summary: dict, searched: list[str]):
-    """Validation metric over the two main searched parameters; best trial starred, default boxed."""
+def _value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def plot_landscape(trials, summary: dict, x_name: str, y_name: str | None):
+    """Validation metric over two searched parameters; best trial starred, default boxed."""
     plt = _plt()
     metric = summary["metric"]
-    x_name, y_name = _axes_params(searched)
     fig, ax = plt.subplots(figsize=(7, 5))
     done = trials[trials[metric].notna()]
     y = done[y_name] if y_name else done[metric]
@@ -83,9 +95,8 @@ def plot_landscape(trials, summary: dict, searched: list[str]):
             points = ax.scatter(done.loc[part, x_name], y[part], c=done.loc[part, metric], cmap="viridis",
                                 vmin=vmin, vmax=vmax, s=size, marker=marker, edgecolors="black", linewidths=0.6,
                                 label=f"{status} ({int(part.sum())})")
-    for row, yy in zip(done.itertuples(), y):
-        ax.annotate(f"{getattr(row, metric):.3f}", (getattr(row, x_name), yy), textcoords="offset points",
-                    xytext=(7, 5), fontsize=8)
+    for score, xx, yy in zip(done[metric], done[x_name], y):
+        ax.annotate(f"{score:.3f}", (xx, yy), textcoords="offset points", xytext=(7, 5), fontsize=8)
     best = done[done["trial"] == summary["best_trial"]]
     ax.scatter(best[x_name], y[best.index], marker="*", s=600, facecolors="none", edgecolors="crimson", linewidths=2,
                label=f"best: {best[metric].iloc[0]:.4f}")
@@ -119,16 +130,16 @@ def plot_trial_curves(epochs, trials, summary: dict, searched: list[str]):
     metric = summary["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10")
-    for i, row in enumerate(trials.itertuples()):
-        curve = epochs[epochs["trial"] == row.trial].sort_values("epoch")
+    for i, (_, row) in enumerate(trials.iterrows()):  # iterrows: searched names may hold dots
+        curve = epochs[epochs["trial"] == row["trial"]].sort_values("epoch")
         if curve.empty:
             continue
-        best = row.trial == summary["best_trial"]
-        stopped = row.status == "stopped early"
-        values = ", ".join(f"{SHORT.get(p, p)}={getattr(row, p):.3g}" for p in searched)
+        best = row["trial"] == summary["best_trial"]
+        stopped = row["status"] == "stopped early"
+        values = ", ".join(f"{SHORT.get(p, p)}={_value(row[p])}" for p in searched)
         ax.plot(curve["epoch"], curve[metric], color=colors(i % 10), lw=3 if best else 1.5,
                 ls="--" if stopped else "-", marker="o",
-                label=f"trial {row.trial[-2:]}: {values}" + (" (best)" if best else ""))
+                label=f"trial {row['trial'][-2:]}: {values}" + (" (best)" if best else ""))
         if stopped:
             ax.plot(curve["epoch"].iloc[-1], curve[metric].iloc[-1], marker="x", color="black", ms=10, mew=2)
     ax.set_xlabel("epoch")
@@ -280,8 +291,10 @@ class _Page:
     """Collects sections; each figure goes to report/<name>.png and into the page as base64."""
 
     def __init__(self, png_dir: Path):
-        self.png_dir, self.parts, self.pngs = png_dir, [], []
+        self.png_dir, self.parts = png_dir, []
         png_dir.mkdir(parents=True, exist_ok=True)
+        for old in png_dir.glob("*.png"):  # a plot this run no longer has must not linger
+            old.unlink()
 
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -299,7 +312,6 @@ class _Page:
         fig.savefig(buffer, format="png", bbox_inches="tight")
         plt.close(fig)
         (self.png_dir / f"{name}.png").write_bytes(buffer.getvalue())
-        self.pngs.append(self.png_dir / f"{name}.png")
         data = base64.b64encode(buffer.getvalue()).decode()
         self.parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -330,13 +342,16 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
     if summary.get("default_value") is not None:
         gain = (f"; the config's own values scored {summary['default_value']:.4f} "
                 f"({summary['default_status']}), a gain of {summary['best_value'] - summary['default_value']:+.4f}")
-    best_values = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                            for k, v in summary["best_values"].items())
+    best_values = ", ".join(f"{k} = {_value(v)}" for k, v in summary["best_values"].items())
     page.raw(f"<p class='headline'>Best of {summary['trials']} trials: <b>{metric} {summary['best_value']:.4f}</b> "
              f"with {html.escape(best_values)}{html.escape(gain)}. {summary['stopped_early']} trials were stopped "
              f"early by ASHA, {summary['errors']} failed.</p>")
-    page.figure("tuning_landscape", plot_landscape(trials, summary, searched),
-                f"Each point is a trial at the last epoch it reached; triangles were stopped early.")
+    axes = _axes_params(trials, searched)
+    if axes is None:
+        page.note("No landscape: none of the searched parameters is a number.")
+    else:
+        page.figure("tuning_landscape", plot_landscape(trials, summary, *axes),
+                    "Each point is a trial at the last epoch it reached; triangles were stopped early.")
     page.figure("trial_curves", plot_trial_curves(epochs, trials, summary, searched),
                 "Validation metric after every epoch of every trial.")
     epoch_cols = sorted(c for c in trials.columns if c.startswith(f"{metric}_epoch"))

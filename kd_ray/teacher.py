@@ -112,7 +112,7 @@ class TeacherLabeler:
         if pick_device(num_gpus) == "cpu":
             torch.set_num_threads(threads)
         self.device = pick_device(num_gpus)
-        # A GPU actor is starved by tokenizing: let the Rust tokenizer use the node's cores (measured 1.48x
+        # A GPU actor is starved by tokenizing: let the Rust tokenizer use the node's cores (1.3x-1.65x
         # rows/s on an H100, BENCHMARKS.md). CPU actors keep to their threads_per_actor.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.device == "cuda" else "false"
         self.amp_dtype = autocast_dtype(precision, self.device)
@@ -139,7 +139,7 @@ class TeacherLabeler:
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
         amp = torch.autocast(self.device, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        on_gpu = self.device == "cuda"
+        on_gpu, pad_left = self.device == "cuda", tokenizer.padding_side == "left"
         results = []
         with torch.inference_mode(), amp:
             for start in range(0, len(texts), self.batch_size):
@@ -150,7 +150,10 @@ class TeacherLabeler:
                     array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
                     for row, i in enumerate(idx):
                         values = enc[key][i]
-                        array[row, :len(values)] = values
+                        if pad_left:
+                            array[row, width - len(values):] = values
+                        else:
+                            array[row, :len(values)] = values
                     tensor = torch.from_numpy(array)
                     batch[key] = tensor.pin_memory().to("cuda", non_blocking=True) if on_gpu else tensor
                 results.append(model(**batch).logits.float())  # on a GPU, no sync until the block is done

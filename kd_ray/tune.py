@@ -14,7 +14,6 @@ tune_summary.json, and experiment/ (Ray Tune's own state).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -81,7 +80,7 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str, starts_log: st
 
     cfg = trial_config(base, values)
     job, info = distill_job(cfg)
-    trial = f"trial_{ray.tune.get_context().get_trial_id().rsplit('_', 1)[-1]}"
+    trial = trial_name(ray.tune.get_context().get_trial_id())
     with open(starts_log, "a") as log:  # one short line: appends do not interleave
         log.write(json.dumps({"trial": trial, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     # The run name is a hash of the job: a trial restarted after a crash resumes its own Train run.
@@ -99,9 +98,22 @@ def _with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
     return cfg.model_copy(update=update)
 
 
+def trial_name(trial_id: str) -> str:
+    """``trial_00003`` for Tune's ``3c2a1_00003``: the index in which Tune created the trial."""
+    return f"trial_{trial_id.rsplit('_', 1)[-1]}"
+
+
 def trial_dirname(trial) -> str:
-    """``trial_00003``: the index in which Tune created the trial (values live in trials.csv)."""
-    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+    return trial_name(trial.trial_id)  # the values live in trials.csv, not in the folder name
+
+
+def _runs_default_first(search: SearchConfig) -> bool:
+    """Trial 0 runs the distill config's own values, unless a grid fixes which points run."""
+    return search.include_default and not any(s.distribution == "grid" for s in search.space.values())
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value  # numpy scalar from pandas -> Python
 
 
 def _spec(cfg: TuneConfig) -> dict:
@@ -130,12 +142,10 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
     search, epochs = cfg.search, cfg.distill.train.epochs
-    paths = searched_paths(search)
-    has_grid = any(s.distribution == "grid" for s in search.space.values())
     points = []
-    if search.include_default and not has_grid:  # the grid already fixes which points run
+    if _runs_default_first(search):
         base = cfg.distill.model_dump(mode="json")
-        points = [{path: _get_dotted(base, path) for path in paths.values()}]
+        points = [{path: _get_dotted(base, path) for path in searched_paths(search).values()}]
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(search.grace_period, epochs),
                                   reduction_factor=search.reduction_factor)
@@ -202,6 +212,7 @@ def _error_line(error: BaseException | None) -> str | None:
 
 
 def run_tune(cfg: TuneConfig) -> dict:
+    import ray.train
     from ray import tune
 
     from kd_ray.runtime import init_ray
@@ -230,28 +241,24 @@ def run_tune(cfg: TuneConfig) -> dict:
         raise KdRayUserError(f"no trial finished all {cfg.distill.train.epochs} epochs; see {out / 'trials.csv'}"
                              + (f"; the first error: {errors.iloc[0]}" if len(errors) else ""))
     best = finished.loc[finished[metric].idxmax()]  # first of equals: the default trial wins ties
-    values = {path: best[name] for name, path in searched_paths(cfg.search).items()}
-    best_cfg = trial_config(base, {p: (v.item() if hasattr(v, "item") else v) for p, v in values.items()})
+    best_cfg = trial_config(base, {path: _plain(best[name]) for name, path in searched_paths(cfg.search).items()})
     best_cfg = best_cfg.model_copy(update={"output": str(out / "student")})
     last = epochs_table[(epochs_table["trial"] == best["trial"])].sort_values("epoch").iloc[-1]
-    import ray.train
-
     job, _ = distill_job(best_cfg)
     export_checkpoint(ray.train.Checkpoint(last["checkpoint_path"]), best_cfg.output, job)
     (out / "best_config.yaml").write_text(
         f"# kd-ray distill --config {out / 'best_config.yaml'}\n"
         f"# best of {len(table)} trials by {metric} = {best[metric]:.4f} (trial {best['trial']})\n"
         + dump_config(best_cfg))
-    default = table.iloc[0] if cfg.search.include_default else None
+    default = table.iloc[0] if _runs_default_first(cfg.search) else None
     summary = {"metric": metric, "best_trial": best["trial"], "best_value": float(best[metric]),
-               "best_values": {n: best[n].item() if hasattr(best[n], "item") else best[n] for n in cfg.search.space},
+               "best_values": {n: _plain(best[n]) for n in cfg.search.space},
                "default_trial": default["trial"] if default is not None else None,
                "default_value": float(default[metric]) if default is not None and default[metric] == default[metric]
                else None,
                "default_status": default["status"] if default is not None else None,
                "trials": len(table), "stopped_early": int((table["status"] == "stopped early").sum()),
-               "errors": int((table["status"] == "error").sum()), "student": best_cfg.output,
-               "spec_hash": hashlib.sha256(json.dumps(_spec(cfg), sort_keys=True).encode()).hexdigest()[:10]}
+               "errors": int((table["status"] == "error").sum()), "student": best_cfg.output}
     (out / "tune_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -170,6 +170,28 @@ def test_logits_equal_the_model_run_directly(teacher, big_run):
     assert logits.std(axis=0).min() > 0.05  # posts get clearly different logits, so a mix-up would show
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
+    """The labeler pads its length-sorted batches itself; they must equal the tokenizer's own padding."""
+    from transformers import AutoTokenizer
+
+    from kd_ray.teacher import TeacherLabeler
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(teacher, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side=padding_side)
+    tokenizer.save_pretrained(folder)
+    texts = random_posts(200, seed=5)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
+    order = np.argsort(-np.array(lengths), kind="stable")  # the labeler's batches: longest first
+    reference = direct_logits(folder, [texts[i] for i in order], MAX_LENGTH, batch_size=32)
+    labeler = TeacherLabeler([{"name": "teacher", "model": str(folder), "max_length": MAX_LENGTH}], batch_size=32)
+    rows = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "label": pa.nulls(len(texts), pa.int32()),
+                     "reject_reason": pa.nulls(len(texts), pa.string())})
+    logits = np.array(labeler(rows).column("teacher_logits").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(logits[order], reference, atol=1e-4, rtol=0)
+
+
 def test_gold_labels_are_indices_in_the_teachers_label_order(big_corpus, big_run):
     _, expected = big_corpus
     _, _, table = big_run
