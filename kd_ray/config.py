@@ -69,8 +69,12 @@ class CorpusConfig(Section):
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error",
-        description="Null, empty or non-string texts and unknown gold labels: 'error' stops with the file and "
-        "row; 'skip' keeps them out of training but records them under <output>/_rejected/ and in the summary.",
+        description="Null, empty, over-long or non-string texts and unknown gold labels: 'error' stops with the "
+        "file and row; 'skip' keeps them out of training but records them under <output>/_rejected/ and in the summary.",
+    )
+    max_text_chars: int = Field(
+        100_000, ge=1, description="Longest text accepted, in characters; longer ones are bad rows (see bad_rows). "
+        "Teachers read only max_length tokens, so a megabyte-long 'post' is almost surely broken input.",
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows per file (for quick trials).")
 
@@ -226,6 +230,10 @@ class TrainArgs(Section):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text for the model being trained.")
     seed: int = Field(0, ge=0, description="Seed for initialisation, shuffling and dropout.")
     shuffle_buffer: int = Field(10_000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
+    group_by_length: bool = Field(
+        True, description="Batch rows of alike token counts together (in windows of length_group batches, batch "
+        "order shuffled), so that little compute goes to padding.")
+    length_group: int = Field(32, ge=2, le=1024, description="Batches per window that group_by_length sorts.")
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision (GPU).")

@@ -37,6 +37,7 @@ EXTENSIONS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 READ_ROWS = 65_536  # rows per Arrow batch while reading a file
+ALREADY_LABELED = "already labeled"  # reject_reason of rows an interrupted run committed (kd_ray.label)
 ROW_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -258,6 +259,8 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
             reasons[i] = "null text"
         elif not text.strip():
             reasons[i] = "empty text"
+        elif len(text) > cfg.max_text_chars:
+            reasons[i] = f"a text of {len(text):,} characters (over corpus.max_text_chars={cfg.max_text_chars:,})"
         elif cfg.normalize:
             text_list[i] = normalize_post(text)
     # gold labels

@@ -4,6 +4,15 @@ read shards (tasks) -> blocks of ``block_rows`` (streaming repartition) -> Teach
 (actor pool) -> SoftLabelDatasink (part files written under a temporary name, then renamed)
 -> validation -> ``_manifest.json``. The manifest is written last: a folder without one
 is an unfinished run.
+
+Resuming: ``_run.json`` holds the config hash while a run writes. Rerunning the same config
+into a folder that has it but no manifest keeps every committed part file (a part file is
+either complete or absent: it appears by rename), reads their ids, and labels only the
+other rows; the rows the interruption caught in flight (at most the blocks being labeled
+and the part files being written) are labeled again. Part files are the checkpoint: there is
+no second record to fall out of step with them. (Ray Data's own ``CheckpointConfig`` keeps a
+separate id log and, for a custom datasink like this one, commits it after the write: at
+least once, not exactly once.)
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from kd_ray.config import LabelConfig
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
 from kd_ray.storage import filesystem
+from kd_ray.corpus import ALREADY_LABELED
 from kd_ray.soft_labels import (MANIFEST, REJECTED_DIR, SCHEMA_VERSION, parquet_writer, soft_label_schema,
                                 validate_soft_labels)
 from kd_ray.teacher import TeacherLabeler, teacher_metadata
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
+RUN_STATE = "_run.json"  # config hash of the run writing into the folder; replaced by _manifest.json at the end
 
 
 @dataclass
@@ -43,16 +54,21 @@ class LabelSummary:
     truncated: int
     seconds: float
     skipped_existing: bool = False
+    kept_rows: int = 0  # rows (labeled or rejected) an interrupted run had committed, kept by this one
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows / self.seconds if self.seconds else 0.0
+        """Rows this run labeled per second."""
+        return (self.rows + self.rejected - self.kept_rows) / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
         if self.skipped_existing:
             return f"kd-ray label: {self.output} already holds {self.rows} rows labeled with this config; nothing to do"
+        resumed = (f"; resumed: {self.kept_rows} rows kept from the interrupted run, "
+                   f"{self.rows + self.rejected - self.kept_rows} done now" if self.kept_rows else "")
         return (f"kd-ray label: {self.rows} rows -> {self.files} files in {self.seconds:.1f} s "
-                f"({self.rows_per_s:.0f} rows/s; {self.truncated} truncated, {self.rejected} rejected) -> {self.output}")
+                f"({self.rows_per_s:.0f} rows/s; {self.truncated} truncated, {self.rejected} rejected{resumed}) "
+                f"-> {self.output}")
 
 
 def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
@@ -85,9 +101,12 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
 
 
 class SoftLabelDatasink(Datasink):
-    """Writes each write task's rows as one Parquet file (temp name, then rename).
+    """Writes each write task's rows as one Parquet file, committed by renaming a temporary file.
 
-    Rows a reader rejected go to ``_rejected/`` with their reason, never silently dropped.
+    A part file's name ends in a digest of its ids, so a write task that Ray retries after
+    it had already committed rewrites the same file instead of adding a copy. Rows a reader
+    rejected go to ``_rejected/`` (committed before the part file) with their reason, never
+    silently dropped; rows an interrupted run already committed (ALREADY_LABELED) are counted.
     """
 
     def __init__(self, output: str, metadata: dict[str, Any], rows_per_file: int):
@@ -102,64 +121,133 @@ class SoftLabelDatasink(Datasink):
     def get_name(self) -> str:
         return "SoftLabelWrite"
 
-    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
         fs, root = filesystem(self.output)
         schema = soft_label_schema(self.metadata)
-        name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp, final = f"{root}/.tmp-{name}", f"{root}/{name}"
-        rows = truncated = 0
+        tmp = f"{root}/.tmp-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        digest = hashlib.blake2b(digest_size=8)
+        rows = truncated = already = 0
         rejected: list[pa.Table] = []
         with fs.open_output_stream(tmp) as f, parquet_writer(f, schema) as writer:
             for block in blocks:
-                ok = block.column("reject_reason").is_null()
-                if not pc.all(ok).as_py():
-                    rejected.append(block.filter(pc.invert(ok)).select(["id", "text", "reject_reason"]))
-                    block = block.filter(ok)
+                digest.update("\n".join(block.column("id").to_pylist()).encode())
+                reasons = block.column("reject_reason")
+                done = pc.fill_null(pc.equal(reasons, ALREADY_LABELED), False)
+                already += pc.sum(done).as_py() or 0
+                bad = pc.and_(reasons.is_valid(), pc.invert(done))
+                if pc.any(bad).as_py():
+                    rejected.append(block.filter(bad).select(["id", "text", "reject_reason"]))
+                block = block.filter(reasons.is_null())
                 if block.num_rows:
                     writer.write_table(block.select(schema.names).cast(schema))
                     rows += block.num_rows
-                    truncated += sum(block.column("truncated").to_pylist())
-        fs.move(tmp, final)
+                    truncated += pc.sum(block.column("truncated")).as_py() or 0
+        name = f"part-{ctx.task_idx:05d}-{digest.hexdigest()}.parquet"
         n_rejected = 0
         if rejected:
             table = pa.concat_tables(rejected)
             n_rejected = table.num_rows
             fs.create_dir(f"{root}/{REJECTED_DIR}", recursive=True)
-            pq.write_table(table, f"{root}/{REJECTED_DIR}/{name}", filesystem=fs)
-        return {"file": name, "rows": rows, "rejected": n_rejected, "truncated": truncated}
+            rejected_tmp = f"{root}/{REJECTED_DIR}/.tmp-{name}"
+            pq.write_table(table, rejected_tmp, filesystem=fs)
+            fs.move(rejected_tmp, f"{root}/{REJECTED_DIR}/{name}")
+        if rows:
+            fs.move(tmp, f"{root}/{name}")
+        else:
+            fs.delete_file(tmp)
+        return {"file": name if rows else None, "rows": rows, "rejected": n_rejected, "truncated": truncated,
+                "already_labeled": already}
 
     def on_write_complete(self, write_result) -> None:
         self.results = write_result.write_returns
 
 
-def _read_manifest(fs: pafs.FileSystem, root: str) -> dict | None:
+def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
     try:
-        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+        with fs.open_input_stream(path) as f:
             return json.loads(f.read())
-    except (FileNotFoundError, OSError):
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
         return None
 
 
-def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> dict | None:
-    """Returns the manifest if this exact labeling already finished; refuses to mix runs."""
+def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=2).encode())
+
+
+def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | None, bool]:
+    """(manifest, resume): the manifest if this exact labeling already finished; resume=True
+    if an interrupted run of this exact config left committed files to keep. Refuses to mix
+    runs of different configs."""
     fs, root = filesystem(cfg.output.path)
     info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise KdRayUserError(f"output.path {cfg.output.path} is a file, not a folder")
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
-        manifest = _read_manifest(fs, root)
+        manifest = _read_json(fs, f"{root}/{MANIFEST}")
         if manifest and manifest.get("config_hash") == metadata["config_hash"]:
-            return manifest  # this exact labeling is done
+            return manifest, False  # this exact labeling is done
+        run = None if manifest else _read_json(fs, f"{root}/{RUN_STATE}")
+        same = run is not None and run.get("config_hash") == metadata["config_hash"]
+        if same and not run.get("failed") and not cfg.output.overwrite:
+            return None, True
         if not cfg.output.overwrite:
-            state = (f"finished labels of another config (hash {manifest.get('config_hash')})" if manifest
-                     else "files of an unfinished or foreign run")
+            if manifest:
+                state = f"finished labels of another config (hash {manifest.get('config_hash')})"
+            elif same:
+                state = f"a run of this config that failed validation ({run['failed']})"
+            elif run:
+                state = f"an unfinished run of another config (hash {run.get('config_hash')})"
+            else:
+                state = "files that `kd-ray label` did not write"
             raise KdRayUserError(
                 f"output.path {cfg.output.path} already holds {state}; this config's hash is "
                 f"{metadata['config_hash']}. Choose another output.path or set output.overwrite=true to replace it"
             )
         fs.delete_dir(root)
-    elif info.type == pafs.FileType.File:
-        raise KdRayUserError(f"output.path {cfg.output.path} is a file, not a folder")
     fs.create_dir(root, recursive=True)
-    return None
+    _write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata["config_hash"], "started": time.time()})
+    return None, False
+
+
+@dataclass
+class Committed:
+    """What an interrupted run left: ids of its committed rows (labeled or rejected) and counts."""
+
+    ids: pa.Array
+    rows: int
+    files: int
+    rejected: int
+    truncated: int
+
+
+def committed_rows(output: str) -> Committed:
+    """Read the ids of committed part files and rejected files; delete uncommitted temporary files."""
+    fs, root = filesystem(output)
+    ids, rows, files, rejected, truncated = [], 0, 0, 0, 0
+    for folder in (root, f"{root}/{REJECTED_DIR}"):
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if not info.is_file:
+                continue
+            if info.base_name.startswith(".tmp-"):
+                fs.delete_file(info.path)  # a write the interruption cut short; its rows are relabeled
+                continue
+            if not (info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
+                continue
+            columns = ["id", "truncated"] if folder == root else ["id"]
+            try:
+                table = pq.read_table(info.path, columns=columns, filesystem=fs)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise SoftLabelError(f"{info.path} cannot be read ({e}); it was committed by an earlier run of this "
+                                     f"config, so something else changed it. Delete it to relabel its rows") from None
+            ids.append(table.column("id").combine_chunks())
+            if folder == root:
+                rows, files = rows + table.num_rows, files + 1
+                truncated += pc.sum(table.column("truncated")).as_py() or 0
+            else:
+                rejected += table.num_rows
+    all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+    return Committed(all_ids, rows, files, rejected, truncated)
 
 
 def actor_count(cfg: LabelConfig) -> int:
@@ -177,16 +265,22 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
 
     start = time.perf_counter()
     metadata = build_metadata(cfg)  # validates teachers before any Ray work starts
-    done = prepare_output(cfg, metadata)
+    done, resume = prepare_output(cfg, metadata)
     if done is not None:
         return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"], done["truncated"],
                             0.0, skipped_existing=True)
+    kept = committed_rows(cfg.output.path) if resume else None
+    if kept is not None:
+        print(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
+              f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
+              f"only the other rows are labeled", flush=True)
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     init_ray(cfg.ray)
     c = cfg.compute
     # One file is one read task; its rows are cut into blocks so that every actor gets work.
-    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows)
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
+                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None)
     ds = ds.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"teachers": metadata["teachers"], "batch_size": c.batch_size, "num_gpus": c.num_gpus,
@@ -203,15 +297,24 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
     results = getattr(sink, "results", [])
+    fs, root = filesystem(cfg.output.path)
+    kept_rows = kept.rows + kept.rejected if kept else 0
+    seen_again = sum(r["already_labeled"] for r in results)
+    if kept and seen_again != len(kept.ids):
+        _fail(fs, root, f"the corpus gave {seen_again} rows whose ids the interrupted run committed, which "
+              f"committed {len(kept.ids)}: the corpus changed since, or its ids are not unique")
     summary = LabelSummary(
         output=cfg.output.path,
-        rows=sum(r["rows"] for r in results),
-        files=sum(1 for r in results if r["rows"]),
-        rejected=sum(r["rejected"] for r in results),
-        truncated=sum(r["truncated"] for r in results),
+        rows=sum(r["rows"] for r in results) + (kept.rows if kept else 0),
+        files=sum(1 for r in results if r["rows"]) + (kept.files if kept else 0),
+        rejected=sum(r["rejected"] for r in results) + (kept.rejected if kept else 0),
+        truncated=sum(r["truncated"] for r in results) + (kept.truncated if kept else 0),
         seconds=time.perf_counter() - start,
+        kept_rows=kept_rows,
     )
-    _remove_empty_parts(cfg.output.path, results)
+    for info in fs.get_file_info(pafs.FileSelector(root)):  # leftovers of write tasks that Ray retried
+        if info.base_name.startswith(".tmp-"):
+            fs.delete_file(info.path)
     if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
         raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")
@@ -220,20 +323,22 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     except SoftLabelError as e:
         hint = (f"\nids come from corpus.id_column={cfg.corpus.id_column!r}: each must be unique across all files"
                 if cfg.corpus.id_column and "more than once" in str(e) else "")
-        raise SoftLabelError(f"{e}{hint}\nno _manifest.json was written: this output is incomplete") from None
-    manifest = {**asdict(summary), "files": sorted(r["file"] for r in results if r["rows"]),
-                "config_hash": metadata["config_hash"], "rows_per_s": summary.rows_per_s}
-    fs, root = filesystem(cfg.output.path)
-    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
-        f.write(json.dumps(manifest, indent=2).encode())
+        _fail(fs, root, f"{e}{hint}")
+    files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                   if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    manifest = {**asdict(summary), "files": files, "config_hash": metadata["config_hash"],
+                "rows_per_s": summary.rows_per_s}
+    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    fs.delete_file(f"{root}/{RUN_STATE}")
     return summary
 
 
-def _remove_empty_parts(output: str, results: list[dict]) -> None:
-    fs, root = filesystem(output)
-    for r in results:
-        if not r["rows"]:
-            fs.delete_file(f"{root}/{r['file']}")
+def _fail(fs: pafs.FileSystem, root: str, message: str) -> None:
+    """Mark the run as failed, so that a rerun does not resume it, and raise."""
+    state = _read_json(fs, f"{root}/{RUN_STATE}") or {}
+    _write_json(fs, f"{root}/{RUN_STATE}", {**state, "failed": message.splitlines()[0][:300]})
+    raise SoftLabelError(f"{message}\nno {MANIFEST} was written: this output is incomplete; fix the input and "
+                         f"rerun with output.overwrite=true")
 
 
 def main(cfg: LabelConfig) -> LabelSummary:

@@ -5,29 +5,47 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 import ray.data
 
 from kd_ray.config import CorpusConfig
-from kd_ray.corpus import Shard, list_shards, read_shard
+from kd_ray.corpus import ALREADY_LABELED, Shard, list_shards, read_shard
 from kd_ray.storage import filesystem
 
 
-def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None):
+def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
+    """Rows whose id is in ``done`` keep only their id, with reason ALREADY_LABELED: no teacher
+    runs on them and the writer counts them instead of writing them."""
+    hit = pc.is_in(table.column("id"), value_set=done)
+    if not pc.any(hit).as_py():
+        return table
+    reasons = pc.if_else(hit, pa.scalar(ALREADY_LABELED), table.column("reject_reason"))
+    texts = pc.if_else(hit, pa.scalar(None, pa.string()), table.column("text"))
+    return table.set_column(1, "text", texts).set_column(3, "reject_reason", reasons)
+
+
+def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, done_ids: list):
+    done = ray.get(done_ids[0]) if done_ids else None
     for row in batch.to_pylist():
-        yield from read_shard(Shard(**row), corpus_cfg, label_to_index)
+        for table in read_shard(Shard(**row), corpus_cfg, label_to_index):
+            yield table if done is None else _mark_already_labeled(table, done)
 
 
 def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, block_rows: int | None = None,
-                   num_cpus: float | None = None) -> ray.data.Dataset:
+                   num_cpus: float | None = None, done_ids: ray.ObjectRef | None = None) -> ray.data.Dataset:
     """Rows ``id, text, label, reject_reason`` (see kd_ray.corpus), one read task per shard.
 
     block_rows: cut each shard's rows into blocks of at most this many rows, so that a
     single big file still spreads over many downstream actors.
+    done_ids: an Arrow string array (in the object store) of ids labeled by an earlier,
+    interrupted run; their rows come out marked ALREADY_LABELED, without text.
     """
     shards = list_shards(cfg)
     ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(_read_shards_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                        fn_kwargs={"corpus_cfg": cfg, "label_to_index": label_to_index})
+                        fn_kwargs={"corpus_cfg": cfg, "label_to_index": label_to_index,
+                                   "done_ids": [done_ids] if done_ids is not None else []})
     if block_rows:
         # Ray fuses this into the read task when both ask for the same resources.
         ds = ds.repartition(target_num_rows_per_block=block_rows)

@@ -97,6 +97,32 @@ def autocast_dtype(precision: str, device: str):
     return torch.bfloat16
 
 
+def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> list[dict]:
+    """Tensors for each group of rows of one tokenizer call, padded to the group's longest row
+    on the tokenizer's side. Padding with numpy is far cheaper than ``tokenizer.pad`` on dicts."""
+    import torch
+
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    pad_left = tokenizer.padding_side == "left"
+    out = []
+    for idx in groups:
+        width = max(len(enc["input_ids"][i]) for i in idx)
+        batch = {}
+        for key in keys:
+            array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
+            for row, i in enumerate(idx):
+                values = enc[key][i]
+                if pad_left:
+                    array[row, width - len(values):] = values
+                else:
+                    array[row, :len(values)] = values
+            tensor = torch.from_numpy(array)
+            batch[key] = tensor.pin_memory() if pin_memory else tensor
+        out.append(batch)
+    return out
+
+
 class TeacherLabeler:
     """Callable: Arrow batch with ``id, text, label, reject_reason`` -> soft-label rows.
 
@@ -136,26 +162,14 @@ class TeacherLabeler:
             np.array([len(ids) >= max_length for ids in enc["input_ids"]], dtype=bool))
         lengths = np.array([len(ids) for ids in enc["input_ids"]])
         order = np.argsort(-lengths, kind="stable")  # longest first: a too-big batch fails at once
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
         amp = torch.autocast(self.device, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        on_gpu, pad_left = self.device == "cuda", tokenizer.padding_side == "left"
+        on_gpu = self.device == "cuda"
+        groups = [order[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
         results = []
         with torch.inference_mode(), amp:
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                width = lengths[idx[0]]  # the longest row of the batch: rows are sorted
-                batch = {}
-                for key in keys:  # pad on the CPU with numpy: far cheaper than tokenizer.pad on dicts
-                    array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
-                    for row, i in enumerate(idx):
-                        values = enc[key][i]
-                        if pad_left:
-                            array[row, width - len(values):] = values
-                        else:
-                            array[row, :len(values)] = values
-                    tensor = torch.from_numpy(array)
-                    batch[key] = tensor.pin_memory().to("cuda", non_blocking=True) if on_gpu else tensor
+            for batch in padded_batches(enc, tokenizer, groups, pin_memory=on_gpu):
+                if on_gpu:
+                    batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
                 results.append(model(**batch).logits.float())  # on a GPU, no sync until the block is done
         out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
         out[order] = torch.cat(results).cpu().numpy()

@@ -42,8 +42,37 @@ def _batch_arrays(batch: pa.Table, teacher_columns: list[str]) -> tuple[list[str
     logits = []
     for col in teacher_columns:
         arr = batch.column(col).combine_chunks()
-        logits.append(arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1))
+        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():  # one NaN would silently turn every weight into NaN
+            ids = np.array(batch.column("id").to_pylist())[bad][:5].tolist()
+            raise SoftLabelError(f"soft labels: {int(bad.sum())} rows of this batch have NaN/Inf in column {col!r} "
+                                 f"(ids {ids}); `kd-ray validate` names every file with such rows")
+        logits.append(values)
     return texts, gold, logits
+
+
+def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
+    """(rows, padded tensors) of ``args.batch_size`` rows from a worker's shard, shuffled.
+
+    With ``group_by_length`` (transformers' Trainer has the same option) rows are drawn in
+    windows of ``length_group`` batches, sorted by token count inside the window and cut into
+    batches whose order is shuffled: batches of alike lengths waste little compute on padding,
+    and every row is still seen once per epoch.
+    """
+    from kd_ray.teacher import padded_batches
+
+    group = args.length_group if args.group_by_length else 1
+    rng = np.random.default_rng(seed)
+    for window in shard.iter_batches(batch_size=args.batch_size * group, batch_format="pyarrow",
+                                     local_shuffle_buffer_size=args.shuffle_buffer or None, local_shuffle_seed=seed):
+        enc = tokenizer(window.column("text").to_pylist(), truncation=True, max_length=args.max_length)
+        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable") if group > 1 else (
+            np.arange(window.num_rows))
+        batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
+        for i in rng.permutation(len(batches)) if group > 1 else range(len(batches)):
+            idx = np.sort(batches[i]) if group > 1 else batches[i]
+            yield window.take(pa.array(idx)), padded_batches(enc, tokenizer, [idx])[0]
 
 
 def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
@@ -127,13 +156,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     for epoch in range(start_epoch, args.epochs):
         model.train()
         started, rows, loss_sum, steps, seen_ids = time.perf_counter(), 0, 0.0, 0, []
-        for batch in train_shard.iter_batches(batch_size=args.batch_size, batch_format="pyarrow",
-                                              local_shuffle_buffer_size=args.shuffle_buffer or None,
-                                              local_shuffle_seed=args.seed * 1000 + epoch):
+        for batch, enc in _training_batches(train_shard, tokenizer, args, seed=args.seed * 1000 + epoch):
             texts, gold, teacher = _batch_arrays(batch, teacher_columns)
-            enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True,
-                            return_tensors="pt").to(accelerator.device)
-            logits = model(**enc).logits.float()
+            logits = model(**{k: v.to(accelerator.device) for k, v in enc.items()}).logits.float()
             gold_t = torch.as_tensor(gold, device=accelerator.device)
             if job["mode"] == "finetune":
                 loss = torch.nn.functional.cross_entropy(logits, gold_t, ignore_index=-100)
