@@ -103,7 +103,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
 class SoftLabelDatasink(Datasink):
     """Writes each write task's rows as one Parquet file, committed by renaming a temporary file.
 
-    A part file's name ends in a digest of its ids, so a write task that Ray retries after
+    A part file's name ends in a digest of its ids and the config, so a write task that Ray retries after
     it had already committed rewrites the same file instead of adding a copy. Rows a reader
     rejected go to ``_rejected/`` (committed before the part file) with their reason, never
     silently dropped; rows an interrupted run already committed (ALREADY_LABELED) are counted.
@@ -125,7 +125,7 @@ class SoftLabelDatasink(Datasink):
         fs, root = filesystem(self.output)
         schema = soft_label_schema(self.metadata)
         tmp = f"{root}/.tmp-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-        digest = hashlib.blake2b(digest_size=8)
+        digest = hashlib.blake2b(self.metadata["config_hash"].encode(), digest_size=8)  # same rows, same config
         rows = truncated = already = 0
         rejected: list[pa.Table] = []
         with fs.open_output_stream(tmp) as f, parquet_writer(f, schema) as writer:

@@ -263,12 +263,18 @@ def _corrupt_copy(out: Path, tmp_path: Path, how: str) -> Path:
     part = sorted(copy.glob("part-*.parquet"))[0]
     table = pq.read_table(part)
     schema = table.schema
-    if how == "nan logits":
+    if how in ("nan logits", "inf logits"):
         logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)
-        logits[3, 1] = np.nan
+        logits[3, 1] = np.nan if how == "nan logits" else -np.inf
         column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
         pq.write_table(table.set_column(table.schema.get_field_index("teacher_logits"), schema.field("teacher_logits"),
                                         column).cast(schema), part)
+    elif how == "logits of the wrong width":
+        logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)[:, :2]
+        column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), 2)
+        index = table.schema.get_field_index("teacher_logits")
+        pq.write_table(table.set_column(index, pa.field("teacher_logits", column.type, nullable=False), column)
+                       .replace_schema_metadata(schema.metadata), part)
     elif how == "duplicate id":
         pq.write_table(table.slice(0, 1).cast(schema), copy / "part-99999-extra.parquet")
     elif how == "no manifest":
@@ -290,6 +296,9 @@ def _corrupt_copy(out: Path, tmp_path: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how, message", [
     ("nan logits", r"part-\d{5}-\w+\.parquet: 1 NaN/Inf values in teacher_logits"),
+    ("inf logits", r"part-\d{5}-\w+\.parquet: 1 NaN/Inf values in teacher_logits"),
+    ("logits of the wrong width", r"part-\d{5}-\w+\.parquet has schema(.|\n)*teacher_logits: "
+                                  r"fixed_size_list<element: float>\[2\](.|\n)*expected(.|\n)*\[3\]"),
     ("duplicate id", r"id '.*' appears more than once(.|\n)*manifest says 20000 rows, the part files hold 20001"),
     ("no manifest", r"_manifest.json is missing: the labeling run did not finish"),
     ("foreign run", r"was labeled by a different teacher or config than .*; do not mix runs"),

@@ -125,3 +125,27 @@ def test_missing_soft_label_folder(tmp_path):
     cfg = _distill_cfg(tmp_path / "nothing", tmp_path / "student")
     with pytest.raises(KdRayUserError, match="does not exist"):
         run_distill(cfg)
+
+
+def test_nan_teacher_logits_stop_training_with_the_rows_named(tmp_path, soft_labels):
+    import numpy as np
+
+    root = tmp_path / "nan"
+    root.mkdir()
+    parts = sorted(soft_labels.glob("part-*.parquet"))
+    for part in parts[1:]:
+        (root / part.name).write_bytes(part.read_bytes())
+    table = pq.read_table(parts[0])
+    logits = np.array(table.column("teacher_logits").to_pylist(), dtype=np.float32)
+    logits[5, 0] = np.nan  # one value in one row
+    column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
+    index = table.schema.get_field_index("teacher_logits")
+    bad_id = table.column("id")[5].as_py()
+    pq.write_table(table.set_column(index, table.schema.field(index), column), root / parts[0].name)
+    cfg = _distill_cfg(root, tmp_path / "student", **{"train.epochs": 1})
+    with pytest.raises(Exception) as err:
+        run_distill(cfg)
+    error = unwrap_user_error(err.value)
+    assert isinstance(error, SoftLabelError), err.value
+    assert "NaN/Inf in column 'teacher_logits'" in str(error) and bad_id in str(error)
+    assert not (tmp_path / "student").exists()
