@@ -9,7 +9,10 @@ optimizer, learning-rate schedule, max length and rows per optimizer step (--bat
 total: 1 x 32 or 2 x 16), without validation, each in its own fresh process, A/B alternating
 over --repeats; medians reported.
   plain            a single-process Accelerate loop: pyarrow reads the Parquet, rows shuffled,
-                   tokenizer(batch, padding=True), torch.set_num_threads(cores)
+                   tokenizer(batch, padding=True), torch.set_num_threads(cores), torch's
+                   default AdamW
+  plain, fused     the same with AdamW(fused=True), as kd-ray uses: what is left is Ray's
+                   cost and the batching
   kd-ray 1 worker  `kd-ray distill`, 1 worker with `cores` threads
   kd-ray 2 workers `kd-ray distill`, 2 workers with cores / 2 threads each (gradients all-reduced)
   ... no grouping  the same with train.group_by_length=false: what batching rows of alike
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kd_ray.config import DistillConfig, load_config  # noqa: E402
 from kd_ray.train import read_run_info  # noqa: E402
 
-VARIANTS = {"plain": None, "kd-ray 1 worker": (1, True), "kd-ray 2 workers": (2, True),
+VARIANTS = {"plain": None, "plain, fused AdamW": "fused", "kd-ray 1 worker": (1, True), "kd-ray 2 workers": (2, True),
             "kd-ray 1 worker, no grouping": (1, False), "kd-ray 2 workers, no grouping": (2, False)}
 
 
@@ -44,6 +47,7 @@ def plain_main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--cores", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--fused", action="store_true")
     args = parser.parse_args(argv)
     import numpy as np
     import pyarrow.parquet as pq
@@ -68,7 +72,8 @@ def plain_main(argv: list[str]) -> None:
     gold = np.array([-100 if g is None else g for g in table.column("label").to_pylist()])
     logits = np.array(table.column(column).to_pylist(), dtype=np.float32)
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                  fused=args.fused or None)
     steps = -(-len(texts) // args.batch_size)
     scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
@@ -94,12 +99,13 @@ def plain_main(argv: list[str]) -> None:
 
 def run_variant(name: str, args, base: DistillConfig, work: Path, run: int) -> dict:
     start = time.perf_counter()
-    if VARIANTS[name] is None:
+    if VARIANTS[name] in (None, "fused"):
         cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1})})
         path = work / "plain.json"
         path.write_text(json.dumps(cfg.model_dump(mode="json")))
         done = subprocess.run([sys.executable, __file__, "plain", "--config", str(path), "--cores", str(args.cores),
-                               "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True)
+                               "--batch-size", str(args.batch_size), *(["--fused"] if VARIANTS[name] else [])],
+                              check=True, capture_output=True, text=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         return {"samples_per_s": result["samples_per_s"], "wall_s": time.perf_counter() - start}
     workers, group = VARIANTS[name]

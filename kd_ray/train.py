@@ -126,7 +126,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         model, tokenizer = load_classifier(job["base_model"], job["labels"], what="base model")
     else:
         model, tokenizer = build_student(job["student"], job["teacher_model"], job["labels"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
+    # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=True)
     steps_per_epoch = math.ceil(job["rows"] / args.num_workers / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
