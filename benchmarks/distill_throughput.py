@@ -124,7 +124,22 @@ def run_variant(name: str, args, base: DistillConfig, work: Path, run: int) -> d
                        stdout=log, stderr=subprocess.STDOUT)
     history = read_run_info(str(out))["history"]
     # every worker reports its own rows/s; rank 0's history entry times the same epoch as the others
-    return {"samples_per_s": history[-1]["samples_per_s"] * workers, "wall_s": time.perf_counter() - start}
+    return {"samples_per_s": history[-1]["samples_per_s"] * workers, "wall_s": time.perf_counter() - start,
+            "output": str(out)}
+
+
+def test_quality(runs: dict, base: DistillConfig, test: str) -> dict:
+    """Test macro-recall of each kd-ray variant's last student (one epoch): grouping must not cost quality."""
+    from kd_ray.config import EvalArgs, EvalSetConfig
+    from kd_ray.evaluate import evaluate_models
+
+    students = {name: rs[-1]["output"] for name, rs in runs.items() if "output" in rs[-1]}
+    teacher = read_run_info(next(iter(students.values())))["job"]["teacher_model"]
+    normalize = base.validation.normalize if base.validation else False
+    report = evaluate_models({"teacher": teacher, **students}, EvalSetConfig(path=test, normalize=normalize),
+                             EvalArgs(max_length=base.train.max_length, timing_rows=10, timing_repeats=1))
+    return {name: {k: report[name][k] for k in ("macro_recall", "macro_f1", "accuracy")}
+            for name in ["teacher", *students]}
 
 
 def main() -> None:
@@ -136,6 +151,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--test", help="labeled test file: also score each kd-ray variant's student")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-distill-throughput"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -158,11 +174,14 @@ def main() -> None:
     for name, m in results.items():
         vs = f"{m['vs_plain']:.2f}x" if m["vs_plain"] else "-"
         print(f"{name:<32}{m['samples_per_s_median']:>10.1f}{vs:>10}{statistics.median(m['wall_s']):>8.0f}")
+    quality = test_quality(runs, base, args.test) if args.test else None
+    for name, m in (quality or {}).items():
+        print(f"{name:<32} test macro-recall {m['macro_recall']:.4f}, accuracy {m['accuracy']:.4f} (1 epoch)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {args.cores} cores",
                                         "date": time.strftime("%Y-%m-%d"), "config": args.config,
-                                        "batch_size": args.batch_size, "results": results,
+                                        "batch_size": args.batch_size, "results": results, "test_quality": quality,
                                         "command": " ".join(sys.argv)}, indent=2))
 
 
