@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,8 +115,11 @@ def run_variant(name: str, args, base: DistillConfig, work: Path, run: int) -> d
         "epochs": 1, "num_workers": workers, "batch_size": args.batch_size // workers,
         "threads_per_worker": max(1, args.cores // workers), "num_cpus_per_worker": 0.75 * args.cores / workers,
         "group_by_length": group})
+    storage = work / "ray_train" / out.name
+    for stale in (out, storage):  # a run of the same name would resume from its checkpoint instead of training
+        shutil.rmtree(stale, ignore_errors=True)
     cfg = base.model_copy(update={"train": train, "output": str(out), "validation": None,
-                                  "storage_path": str(work / "ray_train"),
+                                  "storage_path": str(storage),
                                   "ray": base.ray.model_copy(update={"num_cpus": args.cores})})
     path = work / "distill.json"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))
