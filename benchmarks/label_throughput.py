@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,13 +95,11 @@ def run_kd_ray(args, work: Path, corpus: Path, model_dir: Path, run: int) -> dic
     }
     cfg_path = work / "label.json"
     cfg_path.write_text(json.dumps(config))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)  # outside the timed command
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "kd-ray"), "label", "--config", str(cfg_path)], check=True,
-                   stdout=open(work / f"kd-ray-{run}.log", "w"), stderr=subprocess.STDOUT)
+    with open(work / f"kd-ray-{run}.log", "w") as log:
+        subprocess.run([str(Path(sys.executable).parent / "kd-ray"), "label", "--config", str(cfg_path)], check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     manifest = json.loads((out / "_manifest.json").read_text())
     return {"wall_s": wall, "loop_s": manifest["seconds"], "output": str(out)}

@@ -155,8 +155,7 @@ class SoftLabelDatasink(Datasink):
             fs.move(tmp, f"{root}/{name}")
         else:
             fs.delete_file(tmp)
-        return {"file": name if rows else None, "rows": rows, "rejected": n_rejected, "truncated": truncated,
-                "already_labeled": already}
+        return {"rows": rows, "rejected": n_rejected, "truncated": truncated, "already_labeled": already}
 
     def on_write_complete(self, write_result) -> None:
         self.results = write_result.write_returns
@@ -221,18 +220,23 @@ class Committed:
     truncated: int
 
 
+def _remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
+    """Delete ``.tmp-*`` files: writes an interruption cut short, or of write tasks Ray retried."""
+    for folder in (root, f"{root}/{REJECTED_DIR}"):
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if info.is_file and info.base_name.startswith(".tmp-"):
+                fs.delete_file(info.path)
+
+
 def committed_rows(output: str) -> Committed:
-    """Read the ids of committed part files and rejected files; delete uncommitted temporary files."""
+    """Read the ids of committed part files and rejected files; delete uncommitted temporary files
+    (their rows are labeled again)."""
     fs, root = filesystem(output)
+    _remove_temporary_files(fs, root)
     ids, rows, files, rejected, truncated = [], 0, 0, 0, 0
     for folder in (root, f"{root}/{REJECTED_DIR}"):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-            if not info.is_file:
-                continue
-            if info.base_name.startswith(".tmp-"):
-                fs.delete_file(info.path)  # a write the interruption cut short; its rows are relabeled
-                continue
-            if not (info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
+            if not (info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
                 continue
             columns = ["id", "truncated"] if folder == root else ["id"]
             try:
@@ -312,9 +316,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         seconds=time.perf_counter() - start,
         kept_rows=kept_rows,
     )
-    for info in fs.get_file_info(pafs.FileSelector(root)):  # leftovers of write tasks that Ray retried
-        if info.base_name.startswith(".tmp-"):
-            fs.delete_file(info.path)
+    _remove_temporary_files(fs, root)
     if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
         raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")

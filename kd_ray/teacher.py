@@ -11,7 +11,7 @@ import hashlib
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -97,15 +97,15 @@ def autocast_dtype(precision: str, device: str):
     return torch.bfloat16
 
 
-def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> list[dict]:
+def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> Iterator[dict]:
     """Tensors for each group of rows of one tokenizer call, padded to the group's longest row
-    on the tokenizer's side. Padding with numpy is far cheaper than ``tokenizer.pad`` on dicts."""
+    on the tokenizer's side, one group at a time (on a GPU the next is padded while the last
+    runs). Padding with numpy is far cheaper than ``tokenizer.pad`` on dicts."""
     import torch
 
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
     pad_left = tokenizer.padding_side == "left"
-    out = []
     for idx in groups:
         width = max(len(enc["input_ids"][i]) for i in idx)
         batch = {}
@@ -119,8 +119,7 @@ def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool
                     array[row, :len(values)] = values
             tensor = torch.from_numpy(array)
             batch[key] = tensor.pin_memory() if pin_memory else tensor
-        out.append(batch)
-    return out
+        yield batch
 
 
 class TeacherLabeler:

@@ -67,12 +67,14 @@ def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
     for window in shard.iter_batches(batch_size=args.batch_size * group, batch_format="pyarrow",
                                      local_shuffle_buffer_size=args.shuffle_buffer or None, local_shuffle_seed=seed):
         enc = tokenizer(window.column("text").to_pylist(), truncation=True, max_length=args.max_length)
-        order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable") if group > 1 else (
-            np.arange(window.num_rows))
+        order = np.arange(window.num_rows)
+        if group > 1:
+            order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
         batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
-        for i in rng.permutation(len(batches)) if group > 1 else range(len(batches)):
-            idx = np.sort(batches[i]) if group > 1 else batches[i]
-            yield window.take(pa.array(idx)), padded_batches(enc, tokenizer, [idx])[0]
+        if group > 1:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        for idx, tensors in zip(batches, padded_batches(enc, tokenizer, batches)):
+            yield window.take(pa.array(idx)), tensors
 
 
 def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int, device) -> np.ndarray:

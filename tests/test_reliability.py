@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,10 +113,7 @@ def test_an_unfinished_run_of_another_config_is_refused(ray_session, teacher, co
 def test_a_corpus_that_changed_since_the_interruption_fails_and_is_not_resumed_again(
         ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, _ = corpus
-    changed = tmp_path / "corpus"
-    changed.mkdir()
-    for f in root.glob("*.parquet"):
-        (changed / f.name).write_bytes(f.read_bytes())
+    changed = shutil.copytree(root, tmp_path / "corpus")
     out = tmp_path / "labels"
     run_label(label_cfg(changed, teacher, out, **RESUME))
     as_interrupted(out, drop_parts=1)
@@ -134,10 +132,7 @@ def test_a_corpus_that_changed_since_the_interruption_fails_and_is_not_resumed_a
 def test_a_corrupt_parquet_file_among_good_ones_is_named_and_the_fixed_corpus_resumes(
         ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, ids = corpus
-    broken = tmp_path / "corpus"
-    broken.mkdir()
-    for f in root.glob("*.parquet"):
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = shutil.copytree(root, tmp_path / "corpus")
     good = (broken / "posts-2.parquet").read_bytes()
     (broken / "posts-2.parquet").write_bytes(good[: len(good) // 2])  # truncated mid-file
     out = tmp_path / "labels"
