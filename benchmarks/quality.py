@@ -1,0 +1,289 @@
+"""Quality on real data: what a distilled student keeps of its teacher, against honest baselines.
+
+    python benchmarks/quality.py --dataset airline --seeds 0 1 2 --out runs/quality \
+        --results benchmarks/results/quality-airline.json
+    python benchmarks/quality.py --dataset sst2 --seeds 0 1 2 --out runs/quality \
+        --results benchmarks/results/quality-sst2.json
+
+Splits (fixed, seed 0, written as CSV under <out>/<dataset>/data/; texts deduplicated first, after
+the social-media normalisation, so that no text is in two splits):
+  airline  ../shared/data/airline_tweets/Tweets.csv, 3 classes, stratified:
+           25% labeled (teacher training), 55% transfer (gold hidden from training), 10% validation
+           (tuning and epoch scores), 10% test (the final table only)
+  sst2     ../shared/data/sst2: labeled and transfer sets sampled from train.tsv phrases of at least
+           6 words (texts that are also in dev/test removed); validation dev.tsv; test test.tsv
+
+Rows, each scored on the test split (macro-recall, macro-F1, accuracy) and timed on the same 2
+CPU threads, alternating between models (median of 3 passes over --timing-rows test texts):
+  tfidf_lr        TF-IDF word 1-2-grams + logistic regression (C and class weighting chosen on
+                  validation), trained on the labeled set
+  teacher         MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on the labeled set (`kd-ray finetune`)
+  student_alpha0  the 2-layer student cut from the teacher, trained on the labeled set only
+  student_kd      distilled on labeled + transfer soft labels with kd-ray's default T and alpha
+  student_tuned   distilled with T, alpha and learning rate from `kd-ray tune` (searched once, on
+                  seed 0's soft labels, scored on validation; then trained for every seed)
+  student_hard    distilled on the teacher's argmax labels only (loss.kind hard)
+Every trained row is repeated for each --seeds (teacher fine-tuning seed, student seed), and the
+table reports mean and spread (max - min). Stages whose output folder is complete are skipped on
+rerun, so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kd_ray.config import PipelineConfig, load_config  # noqa: E402
+from kd_ray.normalize import normalize_post  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "all-MiniLM-L6-v2"
+STUDENTS = ("student_alpha0", "student_kd", "student_tuned", "student_hard")
+METRICS = ("macro_recall", "macro_f1", "accuracy")
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def _dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.assign(text=frame["text"].map(normalize_post))
+    frame = frame[frame["text"].str.len() > 0]
+    return frame.drop_duplicates("text", keep=False)  # a text with two labels is dropped, not guessed
+
+
+def airline_splits() -> dict[str, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split
+
+    raw = pd.read_csv(SHARED / "airline_tweets" / "Tweets.csv")
+    frame = _dedupe(raw[["text", "airline_sentiment"]].rename(columns={"airline_sentiment": "label"}))
+    rest, test = train_test_split(frame, test_size=0.10, stratify=frame["label"], random_state=0)
+    rest, validation = train_test_split(rest, test_size=0.10 / 0.90, stratify=rest["label"], random_state=0)
+    labeled, transfer = train_test_split(rest, test_size=0.55 / 0.80, stratify=rest["label"], random_state=0)
+    return {"labeled": labeled, "transfer": transfer, "validation": validation, "test": test}
+
+
+def sst2_splits(labeled_rows: int = 2000, transfer_rows: int = 8000) -> dict[str, pd.DataFrame]:
+    names = ["negative", "positive"]
+    read = lambda name, column: pd.read_csv(SHARED / "sst2" / name, sep="\t", quoting=3, keep_default_na=False)\
+        .rename(columns={column: "text"}).assign(label=lambda f: f["label"].map(lambda i: names[int(i)]))  # noqa: E731
+    validation, test = _dedupe(read("dev.tsv", "content")), _dedupe(read("test.tsv", "content"))
+    train = _dedupe(read("train.tsv", "sentence"))
+    train = train[(train["text"].str.split().str.len() >= 6) & ~train["text"].isin(set(validation["text"]) | set(test["text"]))]
+    train = train.sample(n=labeled_rows + transfer_rows, random_state=0)
+    return {"labeled": train.iloc[:labeled_rows], "transfer": train.iloc[labeled_rows:],
+            "validation": validation, "test": test}
+
+
+DATASETS = {"airline": (airline_splits, ["negative", "neutral", "positive"]),
+            "sst2": (sst2_splits, ["negative", "positive"])}
+
+
+def write_splits(dataset: str, folder: Path) -> dict[str, int]:
+    splits = DATASETS[dataset][0]()
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name, frame in splits.items():
+        frame = frame.reset_index(drop=True)
+        frame.insert(0, "id", [f"{name}-{i}" for i in range(len(frame))])
+        frame[["id", "text", "label"]].to_csv(folder / f"{name}.csv", index=False)
+        sizes[name] = len(frame)
+    texts = [set(pd.read_csv(folder / f"{n}.csv", keep_default_na=False)["text"]) for n in splits]
+    assert all(not (a & b) for i, a in enumerate(texts) for b in texts[i + 1:]), "a text is in two splits"
+    return sizes
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def pipeline_config(data: Path, labels: list[str], run: Path, seed: int) -> PipelineConfig:
+    """The run every seed makes; kd-ray's shipped student defaults except where a row changes them."""
+    tree = {
+        "output": str(run), "labels": labels,
+        "data": {"train": {"path": str(data / "labeled.csv"), "id_column": "id", "label_column": "label"},
+                 "transfer": {"path": str(data / "transfer.csv"), "id_column": "id"},
+                 "validation": {"path": str(data / "validation.csv")},
+                 "test": {"path": str(data / "test.csv")}},
+        "teacher": {"base_model": str(MODEL),
+                    "train": {"epochs": 3, "batch_size": 32, "learning_rate": 5e-5, "max_length": 64, "seed": seed,
+                              "threads_per_worker": 2, "num_cpus_per_worker": 1.5}},
+        "teacher_max_length": 64,
+        "label": {"batch_size": 64, "block_rows": 1024},
+        "distill": {"epochs": 2, "batch_size": 32, "learning_rate": 2e-4, "max_length": 64, "seed": seed,
+                    "threads_per_worker": 2, "num_cpus_per_worker": 1.5},
+        "eval": {"batch_size": 64, "max_length": 64, "threads": 2, "timing_rows": 1000},
+    }
+    return load_config(PipelineConfig, overrides=tree)
+
+
+SEARCH = {"space": {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
+                    "alpha": {"distribution": "uniform", "low": 0.3, "high": 1.0},
+                    "learning_rate": {"distribution": "loguniform", "low": 5e-5, "high": 5e-4}},
+          "num_samples": 8, "include_default": True, "metric": "val_macro_recall",
+          "scheduler": "asha", "grace_period": 1, "reduction_factor": 2}
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "kd_ray_train.json").is_file() or (folder / "tune_summary.json").is_file()
+
+
+def timed_stage(name: str, folder: Path, fn, cfg, timings: dict) -> None:
+    if _done(folder):
+        print(f"quality: {folder} is complete; skipping {name}", flush=True)
+        return
+    start = time.perf_counter()
+    fn(cfg)
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"quality: {name} done in {timings[name]} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def tfidf_row(data: Path, args) -> dict:
+    """The classical baseline, its C and class weighting chosen on validation macro-recall."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from kd_ray.metrics import classification_metrics
+
+    read = lambda n: pd.read_csv(data / f"{n}.csv", keep_default_na=False)  # noqa: E731
+    train, validation, test = read("labeled"), read("validation"), read("test")
+    labels = sorted(train["label"].unique())
+    best = None
+    for c in (0.3, 1.0, 3.0, 10.0, 30.0):
+        for weight in (None, "balanced"):
+            model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True),
+                                  LogisticRegression(C=c, class_weight=weight, max_iter=2000))
+            model.fit(train["text"], train["label"])
+            score = classification_metrics(model.predict_log_proba(validation["text"]), validation["label"].map(labels.index).to_numpy(), labels)["macro_recall"]
+            if best is None or score > best[0]:
+                best = (score, c, weight, model)
+    _, c, weight, model = best
+    gold = test["label"].map(labels.index).to_numpy()
+    row = classification_metrics(model.predict_log_proba(test["text"]), gold, labels)
+    texts = list(test["text"])
+    texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.predict_proba(texts)
+        times.append(time.perf_counter() - start)
+    vocab = len(model[0].vocabulary_)
+    return {**row, "params": vocab * len(model[-1].classes_) + len(model[-1].classes_),
+            "rows_per_s": len(texts) / statistics.median(times), "C": c, "class_weight": weight}
+
+
+def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
+    from kd_ray.config import EvalArgs
+    from kd_ray.evaluate import evaluate_models
+    from kd_ray.label import run_label
+    from kd_ray.pipeline import stage_configs
+    from kd_ray.train import run_distill, run_finetune
+    from kd_ray.tune import run_tune
+
+    run = out / dataset / f"seed{seed}"
+    cfg = pipeline_config(data, labels, run, seed)
+    stages = stage_configs(cfg)
+    timings: dict = {}
+    timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"], timings)
+    if not (run / "soft_labels" / "_manifest.json").is_file():
+        start = time.perf_counter()
+        print(run_label(stages["label"]).line(), flush=True)
+        timings["label"] = round(time.perf_counter() - start, 1)
+    distill = stages["distill"]
+    if tuned is None:  # the search, once, on this seed's soft labels
+        from kd_ray.config import TuneConfig
+
+        tune_cfg = load_config(TuneConfig, overrides={"distill": distill.model_dump(mode="json"), "search": SEARCH,
+                                                      "output": str(out / dataset / "tune")})
+        timed_stage("tune", out / dataset / "tune", run_tune, tune_cfg, timings)
+        tuned = json.loads((out / dataset / "tune" / "tune_summary.json").read_text())["best_values"]
+    variants = {
+        "student_alpha0": {"loss": distill.loss.model_copy(update={"alpha": 0.0})},
+        "student_kd": {},
+        "student_tuned": {"loss": distill.loss.model_copy(update={"temperature": tuned["temperature"],
+                                                                  "alpha": tuned["alpha"]}),
+                          "train": distill.train.model_copy(update={"learning_rate": tuned["learning_rate"]})},
+        "student_hard": {"loss": distill.loss.model_copy(update={"kind": "hard", "alpha": 1.0})},
+    }
+    for name, update in variants.items():
+        variant = distill.model_copy(update={**update, "output": str(run / name)})
+        timed_stage(name, run / name, run_distill, variant, timings)
+    models = {"teacher": str(run / "teacher"), **{name: str(run / name) for name in STUDENTS}}
+    report = evaluate_models(models, cfg.data.test, EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows}))
+    return {"seed": seed, "tuned": tuned, "timings_s": timings,
+            **{name: report[name] for name in models}}
+
+
+def summarise(results: list[dict], tfidf: dict) -> dict:
+    table = {"tfidf_lr": {m: {"mean": tfidf[m], "spread": 0.0} for m in (*METRICS, "rows_per_s")}}
+    table["tfidf_lr"]["params"] = tfidf["params"]
+    for name in ("teacher", *STUDENTS):
+        row = {}
+        for m in (*METRICS, "rows_per_s", "speedup", "agreement"):
+            values = [r[name][m] for r in results if m in r[name]]
+            if values:
+                row[m] = {"mean": float(np.mean(values)), "spread": float(np.max(values) - np.min(values)),
+                          "values": values}
+        row["params"] = results[0][name]["params"]
+        if name != "teacher":
+            row["retention_macro_recall"] = row["macro_recall"]["mean"] / table["teacher"]["macro_recall"]["mean"]
+        table[name] = row
+    return table
+
+
+def format_table(table: dict) -> str:
+    lines = [f"{'row':<16}{'macro-recall':>18}{'macro-F1':>18}{'accuracy':>18}{'kept':>8}{'params':>13}{'rows/s':>9}"
+             f"{'speed':>7}"]
+    for name, row in table.items():
+        cells = "".join(f"{row[m]['mean']:>11.4f} ±{row[m]['spread'] / 2:.4f}" for m in METRICS)
+        kept = f"{row['retention_macro_recall']:.1%}" if "retention_macro_recall" in row else ""
+        speed = f"{row['speedup']['mean']:.2f}x" if "speedup" in row else ""
+        lines.append(f"{name:<16}{cells}{kept:>8}{row['params']:>13,}{row['rows_per_s']['mean']:>9.0f}{speed:>7}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--timing-rows", type=int, default=1000)
+    parser.add_argument("--results", required=True, help="JSON file for the table")
+    args = parser.parse_args()
+    if not SHARED.is_dir() or not MODEL.is_dir():
+        sys.exit(f"quality: needs the shared data at {SHARED} and the MiniLM-L6 folder at {MODEL} (`make setup`)")
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    out = Path(args.out)
+    data = out / args.dataset / "data"
+    sizes = write_splits(args.dataset, data)
+    print(f"quality: {args.dataset} splits {sizes} in {data}", flush=True)
+    labels = DATASETS[args.dataset][1]
+    tfidf = tfidf_row(data, args)
+    results, tuned = [], None
+    for seed in args.seeds:
+        results.append(run_seed(args.dataset, data, labels, out, seed, tuned, args))
+        tuned = results[-1]["tuned"]
+        partial = {"dataset": args.dataset, "splits": sizes, "seeds": args.seeds, "tfidf_lr": tfidf,
+                   "per_seed": results, "machine": platform.processor() or platform.machine()}
+        Path(args.results).write_text(json.dumps(partial, indent=2))
+    table = summarise(results, tfidf)
+    Path(args.results).write_text(json.dumps({**partial, "table": table}, indent=2))
+    print(format_table(table), flush=True)
+
+
+if __name__ == "__main__":
+    main()
