@@ -1,0 +1,183 @@
+"""A multi-task student: one encoder, one classification head per task (Ray-free).
+
+The student is an ordinary Hugging Face sequence classifier whose outputs are the tasks' label
+sets laid end to end (``sentiment:negative, ..., reason:Bad Flight, ...``); each task is a slice
+of the logits with its own softmax. For a BERT-like model that is exactly one shared encoder and
+pooler with one linear head per task, and it keeps every tool that takes an HF classifier working
+(cutting layers, Accelerate, Ray Train checkpoints, ``save_pretrained``). ``kd_ray_tasks.json``
+beside the weights records the slices; ``export_task`` writes one standard single-task folder.
+
+Load and run, one forward pass per batch for all tasks::
+
+    from kd_ray.multitask import MultiTaskClassifier
+    results = MultiTaskClassifier.from_pretrained("runs/multitask/student").predict(["my flight was late"])
+    results["sentiment"]["labels"], results["sentiment"]["probs"]   # ['negative'], (1, 3) array
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kd_ray.errors import ModelError
+from kd_ray.losses import compute_loss
+
+TASKS_FILE = "kd_ray_tasks.json"
+SEPARATOR = ":"
+
+
+@dataclass(frozen=True)
+class TaskSlice:
+    """Task ``name`` owns logits[:, start : start + len(labels)]."""
+
+    name: str
+    labels: tuple[str, ...]
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.labels)
+
+    def of(self, logits: Tensor) -> Tensor:
+        """(batch, total) -> (batch, len(labels))"""
+        return logits[..., self.start:self.stop]
+
+
+def task_layout(tasks: dict[str, list[str]]) -> list[TaskSlice]:
+    """Tasks in config order, each with its slice of the joint output."""
+    layout, start = [], 0
+    for name, labels in tasks.items():
+        if SEPARATOR in name:
+            raise ValueError(f"task name {name!r} must not contain {SEPARATOR!r}")
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"task {name!r} needs at least 2 distinct labels, got {labels}")
+        layout.append(TaskSlice(name, tuple(labels), start))
+        start += len(labels)
+    return layout
+
+
+def joint_label_maps(layout: list[TaskSlice]) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for the joint output: 'task:label' names."""
+    names = [f"{t.name}{SEPARATOR}{label}" for t in layout for label in t.labels]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def multitask_loss(logits: Tensor, layout: list[TaskSlice], teacher_logits: dict[str, Tensor],
+                   gold: dict[str, Tensor], losses: dict[str, dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_k w_k * L_k``, each ``L_k`` kd-ray's distillation loss on task k's slice.
+
+    Args:
+        logits: (batch, total) student outputs.
+        teacher_logits: task -> (batch, C_k) teacher logits (several teachers already combined).
+        gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
+            such a row contributes only the distillation term of that task.
+        losses: task -> {"kind", "temperature", "alpha", "weight"}.
+
+    Returns:
+        The scalar total and each task's unweighted loss (for logging).
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    parts = {}
+    for task in layout:
+        cfg = losses[task.name]
+        parts[task.name] = compute_loss(cfg["kind"], task.of(logits), teacher_logits[task.name], gold[task.name],
+                                        temperature=cfg["temperature"], alpha=cfg["alpha"])
+        total = total + cfg["weight"] * parts[task.name]
+    return total, parts
+
+
+def write_layout(folder: str | Path, layout: list[TaskSlice]) -> None:
+    tasks = [{"name": t.name, "labels": list(t.labels), "start": t.start} for t in layout]
+    (Path(folder) / TASKS_FILE).write_text(json.dumps({"tasks": tasks}, indent=2))
+
+
+def read_layout(folder: str | Path) -> list[TaskSlice]:
+    path = Path(folder) / TASKS_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder} is not a kd-ray multi-task model: it has no {TASKS_FILE}")
+    return [TaskSlice(t["name"], tuple(t["labels"]), t["start"]) for t in json.loads(path.read_text())["tasks"]]
+
+
+def _output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+    """The last Linear that produces the ``num_labels`` logits (BERT's classifier, RoBERTa's out_proj...)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    if not heads:
+        raise ModelError(f"{type(model).__name__} has no linear output layer with {num_labels} outputs")
+    return heads[-1]
+
+
+def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
+    """Write task ``task`` of a multi-task model as a standard sequence-classification folder.
+
+    Same encoder, that task's rows of the output layer: ``pipeline()`` on it predicts exactly what
+    the multi-task model predicts for that task (the price: one encoder per exported task).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    layout = {t.name: t for t in read_layout(folder)}
+    if task not in layout:
+        raise ModelError(f"{folder} has tasks {sorted(layout)}, not {task!r}")
+    spec = layout[task]
+    joint = AutoModelForSequenceClassification.from_pretrained(folder)
+    head = _output_layer(joint, joint.config.num_labels)
+    with torch.no_grad():
+        weight, bias = head.weight[spec.start:spec.stop].clone(), head.bias[spec.start:spec.stop].clone()
+        head.out_features = len(spec.labels)
+        head.weight = nn.Parameter(weight)
+        head.bias = nn.Parameter(bias)
+    joint.config.num_labels = len(spec.labels)
+    joint.config.id2label = dict(enumerate(spec.labels))
+    joint.config.label2id = {n: i for i, n in enumerate(spec.labels)}
+    joint.num_labels = len(spec.labels)
+    out = Path(output)
+    joint.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return out
+
+
+class MultiTaskClassifier:
+    """A saved multi-task student, ready to predict every task from one forward pass per batch."""
+
+    def __init__(self, model, tokenizer, layout: list[TaskSlice], *, max_length: int = 128, device: str = "cpu"):
+        self.model, self.tokenizer, self.layout = model.eval().to(device), tokenizer, layout
+        self.max_length, self.device = max_length, device
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> MultiTaskClassifier:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        layout = read_layout(folder)
+        return cls(AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+                   layout, **kwargs)
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        return {t.name: list(t.labels) for t in self.layout}
+
+    @torch.inference_mode()
+    def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(n, total) joint logits, rows in the order of ``texts`` (batches sorted by length)."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt").to(self.device)
+            out[idx] = self.model(**enc).logits.float().cpu().numpy()
+        return out
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> dict[str, dict[str, Any]]:
+        """task -> {"labels": predicted label per text, "probs": (n, C_task) softmax}."""
+        joint = torch.from_numpy(self.logits(texts, batch_size))
+        results = {}
+        for task in self.layout:
+            probs = task.of(joint).softmax(dim=-1).numpy()
+            results[task.name] = {"labels": [task.labels[i] for i in probs.argmax(axis=1)], "probs": probs}
+        return results
