@@ -61,6 +61,12 @@ class CorpusConfig(Section):
         description="Names of the gold labels; integer labels index into this list. Needed when the "
         "label column holds integers.",
     )
+    task_label_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Multi-task: task -> column of that task's gold labels, for tasks other than the first "
+        "teacher's (whose gold is label_column). An empty or null cell means the row has no gold label for that "
+        "task: it still trains that task's distillation term.",
+    )
     split: str = Field("train", description="Split of a Hugging Face dataset (hf:// or save_to_disk folder).")
     normalize: bool = Field(
         False,
@@ -253,10 +259,13 @@ class EvalSetConfig(Section):
     label_names: list[str] | None = Field(None, description="Names of integer gold labels, in order.")
     format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "hf"] = Field("auto", description="File format.")
     normalize: bool = Field(False, description="Apply the social-media normalisation (match the training data).")
+    task_label_columns: dict[str, str] = Field(
+        default_factory=dict, description="Multi-task: task -> gold column of each task beyond label_column's.")
 
     def as_corpus(self) -> CorpusConfig:
         return CorpusConfig(path=self.path, text_column=self.text_column, label_column=self.label_column,
-                            label_names=self.label_names, format=self.format, normalize=self.normalize)
+                            label_names=self.label_names, format=self.format, normalize=self.normalize,
+                            task_label_columns=self.task_label_columns)
 
 
 class TrainStageConfig(Section):
@@ -304,12 +313,35 @@ class DistillLossConfig(Section):
         "(null: the soft labels' first teacher).")
 
 
+class TaskLossConfig(Section):
+    """One task of a multi-task student: its teachers, its weight w_k, and its own T and alpha if set."""
+
+    teachers: dict[str, float] | None = Field(
+        None, description="Teacher name -> weight for this task (null: every teacher of the task, equally).")
+    weight: float = Field(1.0, ge=0, le=1000, description="w_k: this task's weight in L = sum_k w_k * L_k.")
+    kind: Literal["kl", "mse", "hard"] | None = Field(None, description="Loss kind for this task (null: loss.kind).")
+    temperature: float | None = Field(None, gt=0, le=100, description="T for this task (null: loss.temperature).")
+    alpha: float | None = Field(None, ge=0, le=1, description="alpha for this task (null: loss.alpha).")
+
+
 class DistillConfig(TrainStageConfig):
     """`kd-ray distill`: train a small student on a soft-label folder."""
 
     soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    tasks: dict[str, TaskLossConfig] | None = Field(
+        None, description="Multi-task: task -> its loss settings; the student gets one head per task and learns "
+        "L = sum_k w_k * (alpha_k * T_k^2 * KL + (1 - alpha_k) * CE on the task's gold). Null: one task, the "
+        "first teacher's (or loss.teachers').")
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_teachers(self) -> DistillConfig:
+        if self.tasks is not None and self.loss.teachers is not None:
+            raise ValueError("set teachers per task (tasks.<task>.teachers) or loss.teachers, not both")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks, when set, needs at least one task")
+        return self
 
 
 # ---------------------------------------------------------------------------- tuning

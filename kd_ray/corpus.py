@@ -48,6 +48,13 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+
+
+def task_label_column(task: str) -> str:
+    """Column of a task's gold label index (multi-task), beside ``label`` (the first teacher's task)."""
+    return f"label_{task}"
+
+
 @dataclass(frozen=True)
 class Shard:
     """One unit of reading: a whole file, or a row range of a Hugging Face dataset."""
@@ -200,10 +207,12 @@ def _read_text_lines(fs: pafs.FileSystem, path: str, name: str) -> pa.Table:
     return pa.table({"text": pa.array(texts, pa.string())})
 
 
-def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] | None) -> Iterator[pa.Table]:
-    """Yield checked rows of ``shard`` with columns ``ROW_SCHEMA``.
+def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] | None,
+               task_labels: dict[str, dict[str, int]] | None = None) -> Iterator[pa.Table]:
+    """Yield checked rows of ``shard`` with columns ``ROW_SCHEMA``, then ``label_<task>`` per task_labels.
 
     label_to_index: gold label name -> index in the teacher's label order.
+    task_labels: task -> its label_to_index, for the gold columns in cfg.task_label_columns.
     """
     text_col = "text" if shard.format == "text" else cfg.text_column
     row0 = shard.start
@@ -214,7 +223,7 @@ def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] |
             table = table.slice(0, max(0, cfg.limit - emitted))
         if table.num_rows == 0:
             continue
-        yield _check_rows(table, shard, cfg, text_col, row0, label_to_index, seen_ids)
+        yield _check_rows(table, shard, cfg, text_col, row0, label_to_index, seen_ids, task_labels or {})
         row0 += table.num_rows
         emitted += table.num_rows
         if cfg.limit is not None and emitted >= cfg.limit:
@@ -228,7 +237,8 @@ def _missing_column(shard: Shard, table: pa.Table, column: str, field_name: str)
 
 
 def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str, row0: int,
-                label_to_index: dict[str, int] | None, seen_ids: dict[str, int]) -> pa.Table:
+                label_to_index: dict[str, int] | None, seen_ids: dict[str, int],
+                task_labels: dict[str, dict[str, int]]) -> pa.Table:
     n = table.num_rows
     if text_col not in table.column_names:
         raise _missing_column(shard, table, text_col, "text_column")
@@ -263,35 +273,43 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
             reasons[i] = f"a text of {len(text):,} characters (over corpus.max_text_chars={cfg.max_text_chars:,})"
         elif cfg.normalize:
             text_list[i] = normalize_post(text)
-    # gold labels
-    label_idx: list[int | None] = [None] * n
-    if cfg.label_column and shard.format != "text":  # text files have no columns, so no gold labels
-        if cfg.label_column not in table.column_names and not cfg.partial_labels:
-            raise _missing_column(shard, table, cfg.label_column, "label_column")
-        raw_labels = table.column(cfg.label_column).to_pylist() if cfg.label_column in table.column_names else []
+    # gold labels: the first task's in `label`, the other tasks' in `label_<task>`
+    bad_column = [text_col] * n
+    golds = {"label": (cfg.label_column, "label_column", label_to_index)}
+    golds.update({task_label_column(task): (cfg.task_label_columns.get(task), f"task_label_columns.{task}", index)
+                  for task, index in task_labels.items()})
+    gold_idx: dict[str, list[int | None]] = {}
+    for out, (column, field_name, to_index) in golds.items():
+        gold_idx[out] = [None] * n
+        if not column or shard.format == "text":  # text files have no columns, so no gold labels
+            continue
+        if column not in table.column_names and not cfg.partial_labels:
+            raise _missing_column(shard, table, column, field_name)
+        raw_labels = table.column(column).to_pylist() if column in table.column_names else []
         for i, raw in enumerate(raw_labels):
-            if raw is None or raw == "":
+            if raw is None or raw == "" or to_index is None:
                 continue
             name = _label_name(raw, cfg)
-            if label_to_index is None:
-                continue
-            if name is None or name not in label_to_index:
-                reasons[i] = reasons[i] or f"gold label {raw!r} not in {list(label_to_index)}"
+            if name is None or name not in to_index:
+                if not reasons[i]:
+                    reasons[i], bad_column[i] = f"gold label {raw!r} not in {list(to_index)}", column
             else:
-                label_idx[i] = label_to_index[name]
+                gold_idx[out][i] = to_index[name]
     if cfg.bad_rows == "error":
         for i, reason in enumerate(reasons):
             if reason:
                 raise CorpusError(
-                    f"{shard.uri}: row {row0 + i} (id {ids[i]!r}) has {reason} in column "
-                    f"{cfg.label_column if reason.startswith('gold') else text_col!r}; fix the row or set "
-                    f"corpus.bad_rows=skip to set such rows aside under _rejected/"
+                    f"{shard.uri}: row {row0 + i} (id {ids[i]!r}) has {reason} in column {bad_column[i]!r}; fix the "
+                    f"row or set corpus.bad_rows=skip to set such rows aside under _rejected/"
                 )
-    return pa.table(
+    rows = pa.table(
         [pa.array(ids, pa.string()), pa.array(text_list, pa.string()),
-         pa.array(label_idx, pa.int32()), pa.array(reasons, pa.string())],
+         pa.array(gold_idx.pop("label"), pa.int32()), pa.array(reasons, pa.string())],
         schema=ROW_SCHEMA,
     )
+    for out, values in gold_idx.items():
+        rows = rows.append_column(pa.field(out, pa.int32()), pa.array(values, pa.int32()))
+    return rows
 
 
 def _label_name(raw, cfg: CorpusConfig) -> str | None:

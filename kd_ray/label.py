@@ -71,6 +71,31 @@ class LabelSummary:
                 f"-> {self.output}")
 
 
+def task_label_names(teachers: list[dict[str, Any]], task_label_columns: dict[str, str], *,
+                     first_task: str) -> dict[str, list[str]]:
+    """Label names of each gold column beyond the first task's, from that task's teachers.
+
+    Teachers of one task must agree on their labels and their order: their logits are averaged
+    and one student head learns from them."""
+    by_task: dict[str, list[str]] = {}
+    for t in teachers:
+        names = [t["id2label"][str(i)] for i in range(len(t["id2label"]))]
+        if by_task.setdefault(t["task"], names) != names:
+            other = next(o for o in teachers if o["task"] == t["task"])
+            raise KdRayUserError(
+                f"teachers {other['name']!r} and {t['name']!r} are both for task {t['task']!r} but predict different "
+                f"labels ({by_task[t['task']]} vs {names}); teachers of one task need the same id2label, in the same "
+                f"order, or give them different tasks (teachers.N.task)")
+    if first_task in task_label_columns:
+        raise KdRayUserError(f"corpus.task_label_columns names {first_task!r}, the first teacher's task, whose gold "
+                             f"column is corpus.label_column; list only the other tasks there")
+    missing = sorted(set(task_label_columns) - set(by_task))
+    if missing:
+        raise KdRayUserError(f"corpus.task_label_columns names tasks {missing} that no teacher labels; the teachers' "
+                             f"tasks are {sorted(by_task)} (teachers.N.task)")
+    return {task: by_task[task] for task in task_label_columns}
+
+
 def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     """Provenance stored in every part file (see kd_ray.soft_labels)."""
     teachers = [teacher_metadata(t) for t in cfg.teachers]
@@ -84,12 +109,14 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
                     f"corpus.label_names has {name!r}, which teacher {first['name']!r} ({first['model']}) "
                     f"does not predict; its labels are {label_names}"
                 )
+    task_labels = task_label_names(teachers, cfg.corpus.task_label_columns, first_task=first["task"])
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
         "teachers": teachers,
         "label_task": first["task"] if cfg.corpus.label_column else None,
         "label_names": label_names,
+        "task_labels": task_labels,
         "normalize": cfg.corpus.normalize,
         "logits_dtype": cfg.output.logits_dtype,
         "corpus": cfg.corpus.path,
@@ -283,8 +310,10 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     init_ray(cfg.ray)
     c = cfg.compute
     # One file is one read task; its rows are cut into blocks so that every actor gets work.
+    task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
     ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
-                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None)
+                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None,
+                        task_labels=task_labels)
     ds = ds.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"teachers": metadata["teachers"], "batch_size": c.batch_size, "num_gpus": c.num_gpus,

@@ -36,11 +36,18 @@ def load_classifier(model: str, labels: list[str], *, what: str = "model"):
     return net, tokenizer
 
 
-def build_student(student: dict[str, Any], teacher_model: str, labels: list[str]):
-    """The student described by a StudentConfig dict, with the teacher's label set."""
+def build_student(student: dict[str, Any], teacher_model: str, labels: list[str], tasks: list[dict] | None = None):
+    """The student described by a StudentConfig dict, with the teacher's label set.
+
+    With ``tasks`` (multi-task), ``labels`` is the joint 'task:label' list: one head per task (see
+    kd_ray.multitask); a cut student keeps the cut teacher's head for the first task's slice."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     kind = student["kind"]
+    if tasks and kind == "cut":
+        first = list(tasks[0]["labels"])
+        net, tokenizer = build_student(student, teacher_model, first)
+        return with_joint_head(net, labels, keep=len(first)), tokenizer
     if kind == "pretrained":
         if not student.get("model"):
             raise ModelError("student.kind=pretrained needs student.model (a model folder or hub id)")
@@ -59,3 +66,22 @@ def build_student(student: dict[str, Any], teacher_model: str, labels: list[str]
                               num_attention_heads=student["num_attention_heads"],
                               intermediate_size=student["intermediate_size"])
     return net, tokenizer
+
+
+def with_joint_head(model, labels: list[str], *, keep: int):
+    """``model`` with its output layer widened to ``labels``; its first ``keep`` rows are kept."""
+    import torch
+    from torch import nn
+
+    from kd_ray.multitask import output_layer
+
+    head = output_layer(model, model.config.num_labels)
+    wide = nn.Linear(head.in_features, len(labels), dtype=head.weight.dtype)
+    model._init_weights(wide)
+    with torch.no_grad():
+        wide.weight[:keep] = head.weight[:keep]
+        wide.bias[:keep] = head.bias[:keep]
+    head.weight, head.bias, head.out_features = wide.weight, wide.bias, len(labels)
+    model.config.update(_label_maps(labels))
+    model.num_labels = len(labels)
+    return model

@@ -105,7 +105,7 @@ def read_layout(folder: str | Path) -> list[TaskSlice]:
     return [TaskSlice(t["name"], tuple(t["labels"]), t["start"]) for t in json.loads(path.read_text())["tasks"]]
 
 
-def _output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+def output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
     """The last Linear that produces the ``num_labels`` logits (BERT's classifier, RoBERTa's out_proj...)."""
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
     if not heads:
@@ -126,7 +126,7 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
         raise ModelError(f"{folder} has tasks {sorted(layout)}, not {task!r}")
     spec = layout[task]
     joint = AutoModelForSequenceClassification.from_pretrained(folder)
-    head = _output_layer(joint, joint.config.num_labels)
+    head = output_layer(joint, joint.config.num_labels)
     with torch.no_grad():
         weight, bias = head.weight[spec.start:spec.stop].clone(), head.bias[spec.start:spec.stop].clone()
         head.out_features = len(spec.labels)

@@ -25,16 +25,19 @@ def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
     return table.set_column(1, "text", texts).set_column(3, "reject_reason", reasons)
 
 
-def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, done_ids: list):
+def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, done_ids: list,
+                     task_labels: dict | None):
     done = ray.get(done_ids[0]) if done_ids else None
     for row in batch.to_pylist():
-        for table in read_shard(Shard(**row), corpus_cfg, label_to_index):
+        for table in read_shard(Shard(**row), corpus_cfg, label_to_index, task_labels):
             yield table if done is None else _mark_already_labeled(table, done)
 
 
 def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, block_rows: int | None = None,
-                   num_cpus: float | None = None, done_ids: ray.ObjectRef | None = None) -> ray.data.Dataset:
-    """Rows ``id, text, label, reject_reason`` (see kd_ray.corpus), one read task per shard.
+                   num_cpus: float | None = None, done_ids: ray.ObjectRef | None = None,
+                   task_labels: dict[str, dict[str, int]] | None = None) -> ray.data.Dataset:
+    """Rows ``id, text, label, reject_reason`` (and ``label_<task>`` per task_labels; see
+    kd_ray.corpus), one read task per shard.
 
     block_rows: cut each shard's rows into blocks of at most this many rows, so that a
     single big file still spreads over many downstream actors.
@@ -45,7 +48,8 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
     ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(_read_shards_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                         fn_kwargs={"corpus_cfg": cfg, "label_to_index": label_to_index,
-                                   "done_ids": [done_ids] if done_ids is not None else []})
+                                   "done_ids": [done_ids] if done_ids is not None else [],
+                                   "task_labels": task_labels})
     if block_rows:
         # Ray fuses this into the read task when both ask for the same resources.
         ds = ds.repartition(target_num_rows_per_block=block_rows)

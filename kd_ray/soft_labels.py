@@ -10,6 +10,8 @@ column              type                            meaning
 ``text``            string, not null                the text the teacher saw (normalised if asked)
 ``label``           int32, nullable                 gold label as an index into ``id2label``;
                                                     null when the row has none
+``label_<task>``    int32, nullable                 multi-task: gold label of each further task
+                                                    (``task_labels`` in the metadata), same rules
 ``<name>_logits``   fixed_size_list<float32|16, C>  raw logits of teacher ``<name>`` (no softmax,
                                                     so the temperature is chosen at training time)
 ``truncated``       bool                            the text was longer than a teacher's max_length
@@ -18,7 +20,8 @@ column              type                            meaning
 and a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
 ``kd_ray_version``, ``teachers`` (per teacher: ``name``, ``task``, ``model``,
 ``weights_sha256``, ``id2label``, ``max_length``), ``label_task`` and ``label_names``
-(the gold labels' task and names, in ``id2label`` order), ``normalize``,
+(the gold labels' task and names, in ``id2label`` order), ``task_labels`` (task -> label names
+of each ``label_<task>`` column), ``normalize``,
 ``logits_dtype``, ``corpus`` and ``config_hash``.
 """
 
@@ -35,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from kd_ray.corpus import task_label_column
 from kd_ray.errors import SoftLabelError
 from kd_ray.storage import filesystem
 
@@ -56,6 +60,7 @@ def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
         pa.field("text", pa.string(), nullable=False),
         pa.field("label", pa.int32()),
     ]
+    fields += [pa.field(task_label_column(task), pa.int32()) for task in metadata.get("task_labels") or {}]
     for t in metadata["teachers"]:
         fields.append(pa.field(logits_column(t["name"]), pa.list_(value_type, len(t["id2label"])), nullable=False))
     fields.append(pa.field("truncated", pa.bool_(), nullable=False))
@@ -197,19 +202,22 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
     info = read_soft_label_info(path)
     fs, _ = filesystem(path)
     problems = _duplicate_ids(fs, info.files)
-    label_count = len(info.metadata.get("label_names") or [])
-    columns = ["label"] + [logits_column(t["name"]) for t in info.teachers]
+    gold_counts = {"label": len(info.metadata.get("label_names") or [])}
+    gold_counts.update({task_label_column(task): len(names)
+                        for task, names in (info.metadata.get("task_labels") or {}).items()})
+    columns = list(gold_counts) + [logits_column(t["name"]) for t in info.teachers]
     for file, table in _iter_tables(fs, info.files, columns):
         for t in info.teachers:
             values = pc.list_flatten(table.column(logits_column(t["name"])))
             bad = pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0
             if bad:
                 problems.append(f"{file}: {bad} NaN/Inf values in {logits_column(t['name'])}")
-        labels = table.column("label")
-        if label_count and pc.max(labels).as_py() is not None:
-            lo, hi = pc.min(labels).as_py(), pc.max(labels).as_py()
-            if lo < 0 or hi >= label_count:
-                problems.append(f"{file}: gold label index outside 0..{label_count - 1}")
+        for column, count in gold_counts.items():
+            labels = table.column(column)
+            if count and pc.max(labels).as_py() is not None:
+                lo, hi = pc.min(labels).as_py(), pc.max(labels).as_py()
+                if lo < 0 or hi >= count:
+                    problems.append(f"{file}: gold label index outside 0..{count - 1} in column {column!r}")
         if len(problems) > 20:
             break
     manifest_rows = None

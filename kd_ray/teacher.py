@@ -178,7 +178,7 @@ class TeacherLabeler:
         ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
         texts = batch.column("text").to_pylist()
         good = [texts[i] for i in np.flatnonzero(ok)]
-        columns = {name: batch.column(name) for name in ("id", "text", "label", "reject_reason")}
+        columns = {name: batch.column(name) for name in batch.column_names}  # ids, text, gold labels, reasons
         truncated_any = np.zeros(len(texts), dtype=bool)
         for t, tokenizer, model in self.teachers:
             width = model.config.num_labels

@@ -8,6 +8,7 @@ run (a replaced worker, or the same command run again) continues from the last e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -22,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
+from kd_ray.config import DistillConfig, EvalSetConfig, FinetuneConfig, RayConfig, TrainArgs
+from kd_ray.corpus import task_label_column
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.soft_labels import check_matches, logits_column, read_soft_label_info
 from kd_ray.storage import absolute_if_local
@@ -50,6 +52,25 @@ def _batch_arrays(batch: pa.Table, teacher_columns: list[str]) -> tuple[list[str
                                  f"(ids {ids}); `kd-ray validate` names every file with such rows")
         logits.append(values)
     return texts, gold, logits
+
+
+def _gold(batch: pa.Table, column: str | None) -> np.ndarray:
+    """(rows,) int64 gold indices, -100 where a row has none (or the column is absent)."""
+    if column is None or column not in batch.column_names:
+        return np.full(batch.num_rows, -100, dtype=np.int64)
+    return pc.fill_null(batch.column(column), -100).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _task_targets(batch: pa.Table, tasks: list[dict], teacher: dict[str, np.ndarray], device):
+    """Per task: the (combined) teacher logits and the gold labels of a training batch, as tensors."""
+    import torch
+
+    from kd_ray.losses import combine_teacher_logits
+
+    logits = {t["name"]: combine_teacher_logits([torch.as_tensor(teacher[c], device=device) for c in t["teacher_weights"]],
+                                                list(t["teacher_weights"].values())) for t in tasks}
+    gold = {t["name"]: torch.as_tensor(_gold(batch, t["gold_column"]), device=device) for t in tasks}
+    return logits, gold
 
 
 def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
@@ -96,16 +117,30 @@ def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch
 def _validate(model, tokenizer, shard, job: dict, device) -> dict[str, float]:
     from kd_ray.metrics import classification_metrics
 
-    texts, gold = [], []
+    from kd_ray.multitask import task_layout
+
+    tasks = job.get("tasks") or [{"name": None, "labels": job["labels"]}]
+    columns = {t["name"]: "label" if i == 0 else task_label_column(t["name"]) for i, t in enumerate(tasks)}
+    texts, gold = [], {t["name"]: [] for t in tasks}
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        t, g, _ = _batch_arrays(batch, [])
-        texts += t
-        gold.append(g)
-    gold = np.concatenate(gold)
+        texts += batch.column("text").to_pylist()
+        for t in tasks:
+            gold[t["name"]].append(_gold(batch, columns[t["name"]]))
     logits = predict_logits(model, tokenizer, texts, max_length=job["train"]["max_length"], batch_size=64,
                             device=device)
-    m = classification_metrics(logits[gold >= 0], gold[gold >= 0], job["labels"])
-    return {f"val_{k}": m[k] for k in ("accuracy", "macro_f1", "macro_recall")}
+    layout = task_layout({t["name"]: t["labels"] for t in tasks}) if job.get("tasks") else None
+    metrics, per_task = {}, []
+    for i, t in enumerate(tasks):
+        g = np.concatenate(gold[t["name"]])
+        task_logits = logits[:, layout[i].start:layout[i].stop] if layout else logits
+        m = classification_metrics(task_logits[g >= 0], g[g >= 0], t["labels"])
+        per_task.append(m)
+        if layout:
+            metrics.update({f"val_{t['name']}_{k}": m[k] for k in ("accuracy", "macro_f1", "macro_recall")})
+    # one number to select epochs and trials by: the mean over tasks
+    metrics.update({f"val_{k}": float(np.mean([m[k] for m in per_task])) for k in ("accuracy", "macro_f1",
+                                                                                   "macro_recall")})
+    return metrics
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
@@ -118,6 +153,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
 
     from kd_ray.losses import combine_teacher_logits, compute_loss
     from kd_ray.models import build_student, load_classifier
+    from kd_ray.multitask import multitask_loss, task_layout, write_layout
 
     args = TrainArgs(**job["train"])
     if not args.use_gpu:
@@ -127,7 +163,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     if job["mode"] == "finetune":
         model, tokenizer = load_classifier(job["base_model"], job["labels"], what="base model")
     else:
-        model, tokenizer = build_student(job["student"], job["teacher_model"], job["labels"])
+        model, tokenizer = build_student(job["student"], job["teacher_model"], job["labels"], tasks=job.get("tasks"))
+    layout = task_layout({t["name"]: t["labels"] for t in job["tasks"]}) if job.get("tasks") else None
     # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
     # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -167,6 +204,11 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             gold_t = torch.as_tensor(gold, device=accelerator.device)
             if job["mode"] == "finetune":
                 loss = torch.nn.functional.cross_entropy(logits, gold_t, ignore_index=-100)
+            elif layout:
+                loss, _ = multitask_loss(logits, layout,
+                                         *_task_targets(batch, job["tasks"], dict(zip(teacher_columns, teacher)),
+                                                        accelerator.device),
+                                         {t["name"]: t for t in job["tasks"]})
             else:
                 teacher_t = combine_teacher_logits([torch.as_tensor(t, device=accelerator.device) for t in teacher],
                                                    teacher_weights)
@@ -202,6 +244,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             if rank == 0:  # one copy of the state is enough; every worker reports its metrics
                 accelerator.unwrap_model(model).save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
+                if layout:
+                    write_layout(folder, layout)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "epoch": epoch + 1, "history": history, "rng": torch.get_rng_state()},
                            Path(folder) / TRAIN_STATE)
@@ -290,8 +334,9 @@ def _labeled_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.and_(batch.column("label").is_valid(), batch.column("reject_reason").is_null()))
 
 
-def _gold_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch.column("label").is_valid())
+def _gold_rows(batch: pa.Table, columns: list[str] = ("label",)) -> pa.Table:
+    """Rows with a gold label in any of ``columns``."""
+    return batch.filter(functools.reduce(pc.or_, [batch.column(c).is_valid() for c in columns]))
 
 
 def _count_gold_rows(info) -> int:
@@ -324,9 +369,47 @@ def run_finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None):
     return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
 
 
+def _task_jobs(cfg: DistillConfig, info) -> list[dict[str, Any]]:
+    """Per task of a multi-task student: its labels, gold column, teacher columns and loss settings."""
+    by_task: dict[str, list[dict]] = {}
+    for t in info.teachers:
+        by_task.setdefault(t["task"], []).append(t)
+    gold_columns = {task: task_label_column(task) for task in info.metadata.get("task_labels") or {}}
+    if info.metadata.get("label_task"):
+        gold_columns[info.metadata["label_task"]] = "label"
+    jobs = []
+    for task, task_cfg in cfg.tasks.items():
+        if task not in by_task:
+            raise SoftLabelError(f"tasks.{task}: the soft labels at {cfg.soft_labels} have no label column for task "
+                                 f"{task!r}; their teachers label tasks {sorted(by_task)}")
+        named = {t["name"]: t for t in by_task[task]}
+        weights = task_cfg.teachers or {name: 1.0 for name in named}
+        wrong = sorted(set(weights) - set(named))
+        if wrong:
+            raise SoftLabelError(f"tasks.{task}.teachers names {wrong}, which are not teachers of task {task!r} in "
+                                 f"{cfg.soft_labels}; its teachers are {sorted(named)}")
+        id2labels = {name: [named[name]["id2label"][str(i)] for i in range(len(named[name]["id2label"]))]
+                     for name in weights}
+        labels = next(iter(id2labels.values()))
+        for name, other in id2labels.items():
+            if other != labels:
+                raise SoftLabelError(f"tasks.{task}: teachers {next(iter(id2labels))!r} and {name!r} predict different "
+                                     f"labels ({labels} vs {other}); one head cannot learn from both")
+        jobs.append({"name": task, "labels": labels, "gold_column": gold_columns.get(task),
+                     "teacher_weights": {logits_column(n): w for n, w in weights.items()},
+                     "teacher_model": named[next(iter(weights))]["model"],
+                     "kind": task_cfg.kind or cfg.loss.kind,
+                     "temperature": task_cfg.temperature if task_cfg.temperature is not None else cfg.loss.temperature,
+                     "alpha": task_cfg.alpha if task_cfg.alpha is not None else cfg.loss.alpha,
+                     "weight": task_cfg.weight})
+    return jobs
+
+
 def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
     """Check the soft labels against the student config; return the job and soft-label info."""
     info = read_soft_label_info(cfg.soft_labels)
+    if cfg.tasks is not None:
+        return _multitask_distill_job(cfg, info), info
     names = [t["name"] for t in info.teachers]
     weights = cfg.loss.teachers or {names[0]: 1.0}
     unknown = sorted(set(weights) - set(names))
@@ -356,19 +439,60 @@ def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
     return job, info
 
 
+def _multitask_distill_job(cfg: DistillConfig, info) -> dict:
+    import pyarrow.dataset as pads
+
+    tasks = _task_jobs(cfg, info)
+    gold_only = all(t["alpha"] == 0 for t in tasks)  # no distillation term anywhere: unlabeled rows add nothing
+    rows = info.num_rows
+    if gold_only:
+        golds = [pads.field(t["gold_column"]).is_valid() for t in tasks if t["gold_column"]]
+        rows = pads.dataset(info.files, format="parquet").count_rows(
+            filter=functools.reduce(lambda a, b: a | b, golds)) if golds else 0
+    if rows == 0:
+        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no rows to train on"
+                             + (" with a gold label (every task has alpha=0)" if gold_only else ""))
+    joint = [f"{t['name']}:{label}" for t in tasks for label in t["labels"]]
+    return {**_common_job(cfg.train), "mode": "distill", "labels": joint, "tasks": tasks, "rows": rows,
+            "gold_only": gold_only, "student": {**cfg.student.model_dump(mode="json"),
+                                                "model": absolute_if_local(cfg.student.model)},
+            "teacher_model": tasks[0]["teacher_model"], "loss": cfg.loss.model_dump(mode="json"),
+            "teacher_weights": {c: w for t in tasks for c, w in t["teacher_weights"].items()},
+            "gold_columns": [t["gold_column"] for t in tasks if t["gold_column"]],
+            "soft_labels_hash": info.metadata["config_hash"], "has_validation": cfg.validation is not None}
+
+
 def distill_datasets(cfg: DistillConfig, job: dict, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
-    from kd_ray.ray_data import corpus_dataset, parquet_files_dataset
+    from kd_ray.ray_data import parquet_files_dataset
 
-    columns = ["id", "text", "label", *job["teacher_weights"]]
+    gold_columns = job.get("gold_columns", ["label"])
+    columns = list(dict.fromkeys(["id", "text", "label", *gold_columns, *job["teacher_weights"]]))
     train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
     if job["gold_only"]:
-        train_ds = train_ds.map_batches(_gold_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+        train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": gold_columns}, batch_format="pyarrow",
+                                        num_cpus=DATA_TASK_CPUS)
     datasets = {"train": train_ds}
     if cfg.validation:
-        datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(),
-                                                {n: i for i, n in enumerate(job["labels"])}, num_cpus=DATA_TASK_CPUS)
+        datasets["validation"] = validation_dataset(cfg.validation, job)
     return datasets
+
+
+def validation_dataset(validation: EvalSetConfig, job: dict):
+    """The validation set, with a gold column per task for a multi-task student."""
+    from kd_ray.ray_data import corpus_dataset
+
+    if not job.get("tasks"):
+        return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(job["labels"])},
+                              num_cpus=DATA_TASK_CPUS)
+    first, *others = job["tasks"]
+    missing = [t["name"] for t in others if t["name"] not in validation.task_label_columns]
+    if missing:
+        raise KdRayUserError(f"validation.task_label_columns needs the gold column of tasks {missing} (the first "
+                             f"task, {first['name']!r}, reads validation.label_column)")
+    return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(first["labels"])},
+                          num_cpus=DATA_TASK_CPUS,
+                          task_labels={t["name"]: {n: i for i, n in enumerate(t["labels"])} for t in others})
 
 
 def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, record_ids_to: str | None = None):

@@ -114,3 +114,141 @@ def test_export_of_an_unknown_task_or_a_plain_folder_fails_clearly(multitask_mod
     plain = build_tiny_classifier(tmp_path / "plain")
     with pytest.raises(ModelError, match="not a kd-ray multi-task model"):
         read_layout(plain)
+
+
+# ---------------------------------------------------------------------------- with Ray: label and distill
+
+REASONS = ["Late Flight", "Lost Luggage", "Customer Service Issue", "Other"]
+
+
+def _airline_like_corpus(folder, n: int = 300):
+    """Sentiment on every row; a complaint reason only on negative rows (empty elsewhere), as in the
+    airline tweets."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    posts = random_posts(n, seed=5, max_words=12)
+    sentiment = ["negative" if "bad" in p or "late" in p else "positive" if "great" in p else "neutral" for p in posts]
+    reason = [REASONS[i % 4] if s == "negative" else "" for i, s in enumerate(sentiment)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "text": posts, "sentiment": sentiment,
+                             "reason": reason}), folder / "posts.parquet")
+    return folder / "posts.parquet"
+
+
+@pytest.fixture(scope="module")
+def two_task_labels(tmp_path_factory, tiny_teacher, ray_session):
+    from kd_ray.config import LabelConfig, load_config
+    from kd_ray.label import run_label
+
+    root = tmp_path_factory.mktemp("two-task")
+    reason_teacher = build_tiny_classifier(root / "reason-teacher", labels=REASONS, seed=3)
+    corpus = _airline_like_corpus(root / "corpus")
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": str(corpus), "corpus.id_column": "id", "corpus.label_column": "sentiment",
+        "corpus.task_label_columns": {"reason": "reason"},
+        "teachers": [{"model": str(tiny_teacher), "name": "sentiment", "task": "sentiment"},
+                     {"model": str(reason_teacher), "name": "reason", "task": "reason"}],
+        "output.path": str(root / "labels")})
+    summary = run_label(cfg)
+    return root, corpus, summary
+
+
+def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_ids(two_task_labels, tiny_teacher):
+    import pyarrow.parquet as pq
+
+    from kd_ray.soft_labels import read_soft_label_info, validate_soft_labels
+
+    root, corpus, summary = two_task_labels
+    source = pq.read_table(corpus).to_pylist()
+    info = read_soft_label_info(str(root / "labels"))
+    table = pq.read_table(info.files)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(r["id"] for r in source) and summary.rows == len(source)
+    for r in source:
+        got = rows[r["id"]]
+        assert len(got["sentiment_logits"]) == 3 and len(got["reason_logits"]) == 4
+        assert got["label"] == ["negative", "neutral", "positive"].index(r["sentiment"])
+        assert got["label_reason"] == (REASONS.index(r["reason"]) if r["reason"] else None)
+    teachers = {t["name"]: t for t in info.teachers}
+    assert teachers["sentiment"]["task"] == "sentiment" and teachers["reason"]["task"] == "reason"
+    assert [teachers["reason"]["id2label"][str(i)] for i in range(4)] == REASONS
+    assert teachers["sentiment"]["model"] == str(tiny_teacher) and teachers["reason"]["weights_sha256"]
+    assert info.metadata["task_labels"] == {"reason": REASONS}
+    validate_soft_labels(str(root / "labels"))
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("same task, other labels", "both for task 'sentiment' but predict different labels"),
+    ("task without a teacher", "names tasks \\['emotion'\\] that no teacher labels"),
+])
+def test_labeling_config_errors_come_before_any_work(two_task_labels, tiny_teacher, tmp_path, problem, message):
+    from kd_ray.config import LabelConfig, load_config
+    from kd_ray.errors import KdRayUserError
+    from kd_ray.label import run_label
+
+    root, corpus, _ = two_task_labels
+    second = {"model": str(root / "reason-teacher"), "name": "other", "task": "sentiment"}
+    columns = {}
+    if problem == "task without a teacher":
+        second["task"], columns = "reason", {"emotion": "reason"}
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": str(corpus), "corpus.id_column": "id", "corpus.label_column": "sentiment",
+        "corpus.task_label_columns": columns,
+        "teachers": [{"model": str(tiny_teacher), "name": "sentiment", "task": "sentiment"}, second],
+        "output.path": str(tmp_path / "labels")})
+    with pytest.raises(KdRayUserError, match=message):
+        run_label(cfg)
+    assert not (tmp_path / "labels").exists()
+
+
+def _multitask_distill(root, out, **overrides):
+    from kd_ray.config import DistillConfig, load_config
+
+    return load_config(DistillConfig, overrides={
+        "soft_labels": str(root / "labels"), "output": str(out),
+        "tasks": {"sentiment": {"weight": 1.0}, "reason": {"weight": 0.5, "temperature": 4.0}},
+        "student.kind": "cut", "student.num_layers": 1,
+        "validation": {"path": str(root / "corpus" / "posts.parquet"), "label_column": "sentiment",
+                       "task_label_columns": {"reason": "reason"}},
+        "train.epochs": 1, "train.batch_size": 16, "train.max_length": 32, "train.learning_rate": 1e-3,
+        **overrides})
+
+
+def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_labels, tmp_path):
+    from transformers import pipeline
+
+    from kd_ray.train import read_run_info, run_distill
+
+    root, corpus, _ = two_task_labels
+    run_distill(_multitask_distill(root, tmp_path / "student"))
+    info = read_run_info(str(tmp_path / "student"))
+    last = info["history"][-1]
+    for key in ("val_sentiment_macro_recall", "val_reason_macro_recall", "val_macro_recall"):
+        assert 0.0 <= last[key] <= 1.0, key
+    assert last["val_macro_recall"] == pytest.approx((last["val_sentiment_macro_recall"]
+                                                      + last["val_reason_macro_recall"]) / 2)
+    job_tasks = {t["name"]: t for t in info["job"]["tasks"]}
+    assert job_tasks["reason"]["temperature"] == 4.0 and job_tasks["reason"]["gold_column"] == "label_reason"
+    model = MultiTaskClassifier.from_pretrained(tmp_path / "student")
+    assert model.tasks == {"sentiment": ["negative", "neutral", "positive"], "reason": REASONS}
+    texts = random_posts(6, seed=11)
+    joint = model.predict(texts)
+    folder = export_task(tmp_path / "student", "reason", tmp_path / "reason-only")
+    scores = pipeline("text-classification", model=str(folder), top_k=None, device="cpu")(texts)
+    assert [max(s, key=lambda x: x["score"])["label"] for s in scores] == joint["reason"]["labels"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tasks": {"emotion": {}}}, "no label column for task 'emotion'"),
+    ({"tasks": {"reason": {"teachers": {"sentiment": 1.0}}}}, "not teachers of task 'reason'"),
+])
+def test_student_tasks_the_soft_labels_cannot_feed_are_refused_before_training(two_task_labels, tmp_path, overrides,
+                                                                              message):
+    from kd_ray.errors import SoftLabelError
+    from kd_ray.train import run_distill
+
+    root, _, _ = two_task_labels
+    with pytest.raises(SoftLabelError, match=message):
+        run_distill(_multitask_distill(root, tmp_path / "student", **overrides))
+    assert not (tmp_path / "student").exists()
