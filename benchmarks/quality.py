@@ -46,6 +46,9 @@ import pandas as pd  # noqa: E402
 from kd_ray.config import PipelineConfig, load_config  # noqa: E402
 from kd_ray.normalize import normalize_post  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import prepare_airline  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "all-MiniLM-L6-v2"
 STUDENTS = ("student_alpha0", "student_kd", "student_tuned", "student_hard")
@@ -62,14 +65,9 @@ def _dedupe(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def airline_splits() -> dict[str, pd.DataFrame]:
-    from sklearn.model_selection import train_test_split
-
-    raw = pd.read_csv(SHARED / "airline_tweets" / "Tweets.csv")
-    frame = _dedupe(raw[["text", "airline_sentiment"]].rename(columns={"airline_sentiment": "label"}))
-    rest, test = train_test_split(frame, test_size=0.10, stratify=frame["label"], random_state=0)
-    rest, validation = train_test_split(rest, test_size=0.10 / 0.90, stratify=rest["label"], random_state=0)
-    labeled, transfer = train_test_split(rest, test_size=0.55 / 0.80, stratify=rest["label"], random_state=0)
-    return {"labeled": labeled, "transfer": transfer, "validation": validation, "test": test}
+    """jobs/prepare_airline.py's splits, sentiment only."""
+    return {name: frame.rename(columns={"sentiment": "label"})
+            for name, frame in prepare_airline.airline_splits(SHARED / "airline_tweets" / "Tweets.csv").items()}
 
 
 def sst2_splits(labeled_rows: int = 2000, transfer_rows: int = 8000) -> dict[str, pd.DataFrame]:
@@ -93,8 +91,7 @@ def write_splits(dataset: str, folder: Path) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name, frame in splits.items():
-        frame = frame.reset_index(drop=True)
-        frame.insert(0, "id", [f"{name}-{i}" for i in range(len(frame))])
+        frame = frame.reset_index(drop=True).assign(id=[f"{name}-{i}" for i in range(len(frame))])
         frame[["id", "text", "label"]].to_csv(folder / f"{name}.csv", index=False)
         sizes[name] = len(frame)
     texts = [set(pd.read_csv(folder / f"{n}.csv", keep_default_na=False)["text"]) for n in splits]

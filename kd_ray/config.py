@@ -500,11 +500,31 @@ class PipelineDataConfig(Section):
     test: EvalSetConfig = Field(description="Held out: touched only by the final evaluation.")
 
 
+class PipelineTaskConfig(Section):
+    """One task of a multi-task run: its gold column and labels, its teacher, its share of the loss."""
+
+    label_column: str = Field(description="Column of this task's gold labels in data.train, data.validation and "
+                              "data.test; empty cells mean the row has no label for this task.")
+    labels: list[str] = Field(min_length=2, description="This task's label set, in output order.")
+    teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
+    loss: TaskLossConfig = Field(default_factory=TaskLossConfig, description="w_k, and T and alpha if not loss's.")
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> PipelineTaskConfig:
+        if (self.teacher.model is None) == (self.teacher.base_model is None):
+            raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        return self
+
+
 class PipelineConfig(Section):
     """`kd-ray run`: fine-tune the teacher, label, distill, evaluate, from one YAML."""
 
     output: str = Field(description="Run folder: teacher/, soft_labels/, student/, metrics.json land here.")
-    labels: list[str] = Field(min_length=2, description="The label set, in output order.")
+    labels: list[str] | None = Field(None, min_length=2, description="The label set, in output order (one task; "
+                                     "for several, see tasks).")
+    tasks: dict[str, PipelineTaskConfig] | None = Field(
+        None, description="Multi-task: task -> its gold column, labels and teacher. Every teacher labels the corpus "
+        "in one pass, and one student with a head per task learns from all of them. Replaces labels and teacher.")
     data: PipelineDataConfig
     teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
     label: LabelComputeConfig = Field(default_factory=LabelComputeConfig, description="Labeling compute.")
@@ -523,6 +543,17 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _teacher_source(self) -> PipelineConfig:
+        if self.tasks is not None:
+            if self.labels is not None or self.teacher != PipelineTeacherConfig():
+                raise ValueError("with tasks, set each task's labels and teacher (tasks.<task>.labels, "
+                                 "tasks.<task>.teacher), not the top-level labels and teacher")
+            if len(self.tasks) < 2:
+                raise ValueError("tasks needs at least two tasks; for one, use labels and teacher")
+            if self.tune is not None:
+                raise ValueError("tune is not yet supported with tasks; run `kd-ray tune` on the run's soft labels")
+            return self
+        if self.labels is None:
+            raise ValueError("set labels (the label set) or tasks (several tasks)")
         if (self.teacher.model is None) == (self.teacher.base_model is None):
             raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
         if self.tune is not None and self.data.validation is None:

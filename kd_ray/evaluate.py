@@ -88,6 +88,103 @@ def evaluate_models(models: dict[str, str], test: EvalSetConfig, args: EvalArgs)
     return report
 
 
+def read_multitask_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every row's text and, per task, its gold index (-100 where the row has none). The first task's
+    gold is in test.label_column, the others' in test.task_label_columns."""
+    from kd_ray.corpus import task_label_column
+
+    first, *others = tasks
+    missing = [t for t in others if t not in test.task_label_columns]
+    if missing:
+        raise KdRayUserError(f"test.task_label_columns needs the gold column of tasks {missing}")
+    corpus = test.as_corpus()
+    to_index = {task: {n: i for i, n in enumerate(labels)} for task, labels in tasks.items()}
+    columns = {first: "label", **{t: task_label_column(t) for t in others}}
+    texts, gold = [], {t: [] for t in tasks}
+    for shard in list_shards(corpus):
+        for table in read_shard(shard, corpus, to_index[first], {t: to_index[t] for t in others}):
+            texts += table.column("text").to_pylist()
+            for task, column in columns.items():
+                gold[task] += [-100 if g is None else g for g in table.column(column).to_pylist()]
+    return texts, {t: np.array(g) for t, g in gold.items()}
+
+
+def evaluate_multitask(teachers: dict[str, str], students: dict[str, str], test: EvalSetConfig,
+                       args: EvalArgs) -> dict:
+    """Per task, each task's teacher against each multi-task student, on the rows with that task's gold;
+    and rows/s of all the teachers run one after another against one student pass."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kd_ray.multitask import MultiTaskClassifier
+    from kd_ray.students import count_parameters
+    from kd_ray.teacher import describe_model
+    from kd_ray.train import predict_logits
+
+    torch.set_num_threads(args.threads)
+    tasks, loaded = {}, {}
+    for task, path in teachers.items():
+        info = describe_model(path, what=f"teacher of task {task!r}", hash_weights=False)
+        tasks[task] = [info["id2label"][str(i)] for i in range(len(info["id2label"]))]
+        loaded[task] = (AutoModelForSequenceClassification.from_pretrained(path).eval(),
+                        AutoTokenizer.from_pretrained(path))
+    multi = {name: MultiTaskClassifier.from_pretrained(path, max_length=args.max_length)
+             for name, path in students.items()}
+    for name, student in multi.items():
+        if student.tasks != tasks:
+            raise KdRayUserError(f"{name} {students[name]} has tasks {student.tasks}, but the teachers are for {tasks}")
+    texts, gold = read_multitask_eval_set(test, tasks)
+    predict = lambda model, tok, rows: predict_logits(model, tok, rows, max_length=args.max_length,  # noqa: E731
+                                                      batch_size=args.batch_size, device="cpu")
+    teacher_logits = {task: predict(*loaded[task], texts) for task in tasks}
+    student_logits = {name: s.logits(texts, args.batch_size) for name, s in multi.items()}
+    report: dict = {"tasks": {}, "test": {"path": test.path, "rows": len(texts)}, "eval": args.model_dump()}
+    for task, labels in tasks.items():
+        rows = gold[task] >= 0
+        entry = {"rows": int(rows.sum()), "labels": labels,
+                 "teacher": {**classification_metrics(teacher_logits[task][rows], gold[task][rows], labels),
+                             "params": count_parameters(loaded[task][0])}}
+        for name, student in multi.items():
+            spec = next(t for t in student.layout if t.name == task)
+            logits = student_logits[name][:, spec.start:spec.stop][rows]
+            m = classification_metrics(logits, gold[task][rows], labels)
+            m["agreement"] = agreement(logits, teacher_logits[task][rows])
+            m["retention"] = {k: m[k] / entry["teacher"][k] if entry["teacher"][k] else None
+                              for k in ("macro_recall", "macro_f1", "accuracy")}
+            entry[name] = m
+        report["tasks"][task] = entry
+    timing_texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
+    runs = {"teachers": lambda: [predict(*loaded[t], timing_texts) for t in tasks],
+            **{name: (lambda s=s: s.logits(timing_texts, args.batch_size)) for name, s in multi.items()}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.timing_repeats):  # alternate, so that machine noise hits all of them alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    report["rows_per_s"] = {name: len(timing_texts) / statistics.median(t) for name, t in times.items()}
+    report["params"] = {"teachers": sum(count_parameters(m) for m, _ in loaded.values()),
+                        **{name: count_parameters(s.model) for name, s in multi.items()}}
+    report["speedup"] = {name: report["rows_per_s"][name] / report["rows_per_s"]["teachers"] for name in multi}
+    return report
+
+
+def multitask_table(report: dict) -> str:
+    head = f"{'task':<12}{'model':<16}{'rows':>6}{'macro_recall':>13}{'macro_f1':>10}{'accuracy':>10}{'agree':>7}{'kept':>8}"
+    lines = [head]
+    for task, entry in report["tasks"].items():
+        for name, m in entry.items():
+            if not isinstance(m, dict) or "macro_recall" not in m:
+                continue
+            kept = f"{m['retention']['macro_recall']:.1%}" if "retention" in m else ""
+            lines.append(f"{task:<12}{name:<16}{entry['rows']:>6}{m['macro_recall']:>13.4f}{m['macro_f1']:>10.4f}"
+                         f"{m['accuracy']:>10.4f}{m.get('agreement', 1.0):>7.3f}{kept:>8}")
+    for name, value in report["rows_per_s"].items():
+        speed = f" ({report['speedup'][name]:.2f}x the teachers)" if name in report["speedup"] else ""
+        lines.append(f"rows/s {name}: {value:.1f}{speed}, {report['params'][name]:,} parameters")
+    return "\n".join(lines)
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     models = {"teacher": cfg.teacher, "student": cfg.student, **cfg.others}
     report = evaluate_models(models, cfg.test, cfg.eval)

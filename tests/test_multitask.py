@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,3 +254,49 @@ def test_student_tasks_the_soft_labels_cannot_feed_are_refused_before_training(t
     with pytest.raises(SoftLabelError, match=message):
         run_distill(_multitask_distill(root, tmp_path / "student", **overrides))
     assert not (tmp_path / "student").exists()
+
+
+def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per_task(tmp_path, tiny_teacher,
+                                                                                     ray_session):
+    """`kd-ray run` with tasks: both teachers fine-tuned (the reason teacher on its labeled rows
+    only), one labeling pass, a student with two heads and its alpha=0 twin, scored per task."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from kd_ray.cli import main as cli_main
+    from kd_ray.soft_labels import read_soft_label_info
+
+    corpus = _airline_like_corpus(tmp_path / "data", n=240)
+    frame = pq.read_table(corpus).to_pandas()
+    files = {}
+    for name, part in {"train": frame[:100], "transfer": frame[100:180], "validation": frame[180:210],
+                       "test": frame[210:]}.items():
+        files[name] = tmp_path / "data" / f"{name}.csv"
+        (part[["id", "text"]] if name == "transfer" else part).to_csv(files[name], index=False)
+    fast = {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5}
+    config = {
+        "output": str(tmp_path / "run"),
+        "tasks": {"sentiment": {"label_column": "sentiment", "labels": ["negative", "neutral", "positive"],
+                                "teacher": {"base_model": str(tiny_teacher), "train": fast}},
+                  "reason": {"label_column": "reason", "labels": REASONS,
+                             "teacher": {"base_model": str(tiny_teacher), "train": fast}, "loss": {"weight": 0.5}}},
+        "data": {"train": {"path": str(files["train"]), "id_column": "id"},
+                 "transfer": {"path": str(files["transfer"]), "id_column": "id"},
+                 "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
+        "student": {"num_layers": 1}, "distill": fast,
+        "eval": {"max_length": 32, "timing_rows": 40, "timing_repeats": 1},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's
+    assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    run = tmp_path / "run"
+    reason_job = json.loads((run / "teachers" / "reason" / "kd_ray_train.json").read_text())
+    assert reason_job["job"]["rows"] == int((frame[:100]["reason"] != "").sum())  # rows without a reason skipped
+    info = read_soft_label_info(str(run / "soft_labels"))
+    assert [t["name"] for t in info.teachers] == ["sentiment", "reason"] and info.num_rows == 180
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tasks"]["reason"]["rows"] == int((frame[210:]["reason"] != "").sum())
+    for task in ("sentiment", "reason"):
+        for name in ("teacher", "student", "student_alpha0"):
+            assert 0 <= metrics["tasks"][task][name]["macro_recall"] <= 1
+    assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0"}
+    assert MultiTaskClassifier.from_pretrained(run / "student").tasks["reason"] == REASONS

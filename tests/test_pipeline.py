@@ -88,7 +88,7 @@ def test_rerun_skips_finished_stages(pipeline_run, capsys):
     assert before == after
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py") if p.name != "prepare_vader.py"))
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py") if not p.name.startswith("prepare_")))
 def test_job_entry_points_run(script):
     result = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"], capture_output=True, text=True,
                             cwd="/", timeout=120)
