@@ -379,7 +379,8 @@ class SearchConfig(Section):
 
     space: dict[str, ParamSpec] = Field(
         min_length=1, description="Hyperparameter -> range. Names: temperature, alpha, learning_rate, or any dotted path "
-        "into the distill config (e.g. train.weight_decay, student.num_layers).")
+        "into the distill config (e.g. train.weight_decay, student.num_layers; for a multi-task student "
+        "tasks.<task>.alpha, tasks.<task>.temperature, tasks.<task>.weight).")
     num_samples: int = Field(8, ge=1, le=10_000, description="Trials to sample (with grid entries: repeats of the grid).")
     include_default: bool = Field(
         True, description="Run the distill config's own values as the first trial, so the table shows what the "
@@ -433,7 +434,12 @@ class TuneConfig(Section):
                 continue
             if not _is_scalar_field(DistillConfig, path):
                 problems.append(f"search.space.{name}: unknown hyperparameter; use one of {sorted(TUNE_ALIASES)} or "
-                                "a dotted path to a number or choice in the distill config (e.g. train.weight_decay)")
+                                "a dotted path to a number or choice in the distill config (e.g. train.weight_decay, "
+                                "tasks.<task>.alpha)")
+                continue
+            if not _has_parent(base, path):
+                problems.append(f"search.space.{name}: the distill config has no {path.rsplit('.', 1)[0]} to set "
+                                f"{path.rsplit('.', 1)[1]} in (a task must be listed under distill.tasks)")
                 continue
             ends = spec.values if spec.values is not None else [spec.low, spec.high]
             for value in ends:
@@ -458,9 +464,25 @@ def _is_scalar_field(model: type[BaseModel], dotted: str) -> bool:
     annotation = field.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     section = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    # a dict of sections (DistillConfig.tasks): the next name is a key, then a field of the section
+    keyed = next((typing.get_args(a)[1] for a in args if typing.get_origin(a) is dict
+                  and isinstance(typing.get_args(a)[1], type) and issubclass(typing.get_args(a)[1], BaseModel)), None)
+    if keyed is not None:
+        _, _, after_key = rest.partition(".")
+        return bool(after_key) and _is_scalar_field(keyed, after_key)
     if rest:
         return section is not None and _is_scalar_field(section, rest)
     return section is None
+
+
+def _has_parent(tree: dict, dotted: str) -> bool:
+    """True when every section above the leaf ``dotted`` is present in ``tree`` (a config dump)."""
+    node: Any = tree
+    for key in dotted.split(".")[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            return False
+        node = node[key]
+    return True
 
 
 # ---------------------------------------------------------------------------- evaluation and the pipeline

@@ -300,3 +300,41 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
             assert 0 <= metrics["tasks"][task][name]["macro_recall"] <= 1
     assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0"}
     assert MultiTaskClassifier.from_pretrained(run / "student").tasks["reason"] == REASONS
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"tasks.emotion.alpha": {"distribution": "uniform", "low": 0.3, "high": 1.0}}, "has no tasks.emotion"),
+    ({"tasks.reason.alpha": {"distribution": "uniform", "low": 0.3, "high": 2.0}}, "value 2.0 is not allowed"),
+    ({"tasks.reason": {"distribution": "choice", "values": [1]}}, "unknown hyperparameter"),
+])
+def test_tune_search_space_reaches_per_task_settings_and_names_bad_ones(space, message):
+    from kd_ray.config import ConfigError, TuneConfig, load_config
+
+    base = {"distill": {"soft_labels": "x", "validation": {"path": "v"}, "tasks": {"sentiment": {}, "reason": {}}},
+            "output": "o"}
+    with pytest.raises(ConfigError, match=message):
+        load_config(TuneConfig, overrides={**base, "search": {"space": space}})
+
+
+def test_tune_searches_a_tasks_alpha_and_weight_on_the_mean_validation_score(two_task_labels, tmp_path):
+    import pandas as pd
+    import yaml
+
+    from kd_ray.config import TuneConfig, load_config
+    from kd_ray.tune import run_tune
+
+    root, _, _ = two_task_labels
+    distill = _multitask_distill(root, tmp_path / "unused").model_dump(mode="json")
+    distill.pop("output")
+    cfg = load_config(TuneConfig, overrides={
+        "distill": distill, "output": str(tmp_path / "tune"),
+        "search": {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.2, 0.9]},
+                             "tasks.reason.weight": {"distribution": "choice", "values": [0.25]}},
+                   "num_samples": 1, "include_default": False, "scheduler": "fifo"}})
+    summary = run_tune(cfg)
+    table = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    assert sorted(table["tasks.reason.alpha"]) == [0.2, 0.9] and set(table["tasks.reason.weight"]) == {0.25}
+    best = yaml.safe_load((tmp_path / "tune" / "best_config.yaml").read_text())
+    assert best["tasks"]["reason"]["alpha"] == summary["best_values"]["tasks.reason.alpha"]
+    assert best["tasks"]["reason"]["weight"] == 0.25 and best["tasks"]["sentiment"] == distill["tasks"]["sentiment"]
+    assert MultiTaskClassifier.from_pretrained(tmp_path / "tune" / "student").tasks["reason"] == REASONS
