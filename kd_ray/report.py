@@ -361,9 +361,27 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
                      "starts"], rows))
 
 
+def _multitask_section(page: _Page, m: dict) -> None:
+    """A multi-task run: per task, teacher vs students on the rows with that task's gold; then speed."""
+    kept = ", ".join(f"{task} {entry['student']['retention']['macro_recall']:.1%}" for task, entry in m["tasks"].items())
+    page.raw(f"<p class='headline'>One student with a head per task keeps <b>{html.escape(kept)}</b> of its "
+             f"teachers' macro-recall and runs at <b>{m['speedup']['student']:.2f}x</b> the rows/s of the "
+             f"{len(m['tasks'])} teachers run one after another.</p>")
+    rows = [[task, name, entry["rows"], e["macro_recall"], e["macro_f1"], e["accuracy"], e.get("agreement", 1.0),
+             f"{e['retention']['macro_recall']:.1%}" if "retention" in e else ""]
+            for task, entry in m["tasks"].items() for name, e in entry.items()
+            if isinstance(e, dict) and "macro_recall" in e]
+    page.raw(_table(["task", "model", "test rows", "macro-recall", "macro-F1", "accuracy", "agreement", "kept"], rows))
+    page.raw(_table(["model", "rows/s", "parameters"],
+                    [[name, value, m["params"][name]] for name, value in m["rows_per_s"].items()]))
+
+
 def _models_section(page: _Page, run: RunFolder) -> None:
     page.heading("Teacher vs student")
     m = run.metrics
+    if m is not None and "tasks" in m:
+        _multitask_section(page, m)
+        return
     if m is None or "teacher" not in m:
         page.note(f"No evaluation in this run folder (no metrics.json in {run.path}); `kd-ray evaluate` writes one.")
         return
