@@ -97,6 +97,13 @@ def autocast_dtype(precision: str, device: str):
     return torch.bfloat16
 
 
+def _tokenizer_key(tokenizer, max_length: int) -> tuple:
+    """Equal for tokenizers that turn every text into the same ids (and pad on the same side)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return (hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.padding_side, tokenizer.pad_token_id, max_length)
+
+
 def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> Iterator[dict]:
     """Tensors for each group of rows of one tokenizer call, padded to the group's longest row
     on the tokenizer's side, one group at a time (on a GPU the next is padded while the last
@@ -152,25 +159,32 @@ class TeacherLabeler:
                 raise ModelError(f"cannot load teacher {t['name']!r} from {t['model']}: {e}") from e
             model.to(self.device).eval()
             self.teachers.append((t, tokenizer, model))
+        # Teachers fine-tuned from one base share its tokenizer: a block is tokenized once for all of them
+        self.encoding_keys = [_tokenizer_key(tok, t["max_length"]) for t, tok, _ in self.teachers]
 
-    def _logits(self, texts: list[str], tokenizer, model, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
+    @staticmethod
+    def _encode(texts: list[str], tokenizer, max_length: int):
         enc = tokenizer(texts, truncation=True, max_length=max_length)  # one call for the whole block
         truncated = np.array([len(e.overflowing) > 0 for e in enc.encodings], dtype=bool) if enc.encodings else (
             np.array([len(ids) >= max_length for ids in enc["input_ids"]], dtype=bool))
+        return enc, truncated
+
+    def _logits(self, encoded, tokenizer, model) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        enc, truncated = encoded
         lengths = np.array([len(ids) for ids in enc["input_ids"]])
         order = np.argsort(-lengths, kind="stable")  # longest first: a too-big batch fails at once
         amp = torch.autocast(self.device, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         on_gpu = self.device == "cuda"
-        groups = [order[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
+        groups = [order[start:start + self.batch_size] for start in range(0, len(lengths), self.batch_size)]
         results = []
         with torch.inference_mode(), amp:
             for batch in padded_batches(enc, tokenizer, groups, pin_memory=on_gpu):
                 if on_gpu:
                     batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
                 results.append(model(**batch).logits.float())  # on a GPU, no sync until the block is done
-        out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+        out = np.empty((len(lengths), model.config.num_labels), dtype=np.float32)
         out[order] = torch.cat(results).cpu().numpy()
         return out, truncated
 
@@ -180,11 +194,14 @@ class TeacherLabeler:
         good = [texts[i] for i in np.flatnonzero(ok)]
         columns = {name: batch.column(name) for name in batch.column_names}  # ids, text, gold labels, reasons
         truncated_any = np.zeros(len(texts), dtype=bool)
-        for t, tokenizer, model in self.teachers:
+        encodings: dict = {}
+        for (t, tokenizer, model), key in zip(self.teachers, self.encoding_keys):
             width = model.config.num_labels
             logits = np.full((len(texts), width), np.nan, dtype=np.float32)  # rejected rows keep NaN
             if good:
-                logits[ok], truncated = self._logits(good, tokenizer, model, t["max_length"])
+                if key not in encodings:
+                    encodings[key] = self._encode(good, tokenizer, t["max_length"])
+                logits[ok], truncated = self._logits(encodings[key], tokenizer, model)
                 truncated_any[ok] |= truncated
             flat = pa.array(logits.reshape(-1), pa.float32()).cast(self.logits_type)
             columns[f"{t['name']}_logits"] = pa.FixedSizeListArray.from_arrays(flat, width)

@@ -338,3 +338,30 @@ def test_tune_searches_a_tasks_alpha_and_weight_on_the_mean_validation_score(two
     assert best["tasks"]["reason"]["alpha"] == summary["best_values"]["tasks.reason.alpha"]
     assert best["tasks"]["reason"]["weight"] == 0.25 and best["tasks"]["sentiment"] == distill["tasks"]["sentiment"]
     assert MultiTaskClassifier.from_pretrained(tmp_path / "tune" / "student").tasks["reason"] == REASONS
+
+
+def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_logits(tmp_path, tiny_teacher):
+    """Two teachers with one tokenizer: one encoding per block serves both, and
+    each teacher's logits are what it computes alone. Another max_length is another encoding."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kd_ray.teacher import TeacherLabeler
+
+    other = build_tiny_classifier(tmp_path / "reason", labels=REASONS, seed=3)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # fine-tuned from one base: one tokenizer
+        (other / name).write_bytes((tiny_teacher / name).read_bytes())
+    texts = random_posts(50, seed=8, max_words=40)
+    block = pa.table({"id": [f"r{i}" for i in range(50)], "text": texts, "label": pa.nulls(50, pa.int32()),
+                      "reject_reason": pa.nulls(50, pa.string())})
+    teachers = [{"model": str(tiny_teacher), "name": "sentiment", "max_length": 16},
+                {"model": str(other), "name": "reason", "max_length": 16}]
+    shared = TeacherLabeler(teachers, batch_size=8)
+    assert len(set(shared.encoding_keys)) == 1
+    together = shared(block)
+    for t in teachers:
+        alone = TeacherLabeler([t], batch_size=8)(block)
+        np.testing.assert_allclose(np.array(together.column(f"{t['name']}_logits").to_pylist()),
+                                   np.array(alone.column(f"{t['name']}_logits").to_pylist()), atol=1e-6)
+    mixed = TeacherLabeler([teachers[0], {**teachers[1], "max_length": 32}], batch_size=8)
+    assert len(set(mixed.encoding_keys)) == 2
