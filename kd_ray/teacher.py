@@ -132,8 +132,9 @@ def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool
 class TeacherLabeler:
     """Callable: Arrow batch with ``id, text, label, reject_reason`` -> soft-label rows.
 
-    Each teacher tokenizes with its own tokenizer. Rows are sorted by token length and
-    cut into batches of ``batch_size`` so that little compute goes to padding.
+    Each teacher tokenizes with its own tokenizer (once per block for teachers that share one).
+    Rows are sorted by token length and cut into batches of ``batch_size`` so that little
+    compute goes to padding.
     """
 
     def __init__(self, teachers: list[dict[str, Any]], *, batch_size: int, num_gpus: float = 0.0,

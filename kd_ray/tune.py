@@ -120,6 +120,19 @@ def _spec(cfg: TuneConfig) -> dict:
     return {"distill": cfg.distill.model_dump(mode="json"), "search": cfg.search.model_dump(mode="json")}
 
 
+def _saved_spec(path: Path) -> dict | None:
+    """The spec a search was started with, read through today's config models: a field added to kd-ray
+    since then takes its default, so the search still resumes; None if it no longer validates."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    try:
+        return {"distill": DistillConfig.model_validate(saved["distill"]).model_dump(mode="json"),
+                "search": SearchConfig.model_validate(saved["search"]).model_dump(mode="json")}
+    except (KeyError, ValueError):
+        return None
+
+
 def _tuner(cfg: TuneConfig, out: Path, trainable):
     """A new Tuner, or the interrupted one restored from ``out/experiment``."""
     from ray import tune
@@ -128,8 +141,7 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
 
     experiment, spec = out / EXPERIMENT, _spec(cfg)
     if tune.Tuner.can_restore(str(experiment)):
-        saved = json.loads((out / SPEC_FILE).read_text()) if (out / SPEC_FILE).is_file() else None
-        if saved == spec:
+        if _saved_spec(out / SPEC_FILE) == spec:
             print(f"kd-ray tune: resuming the search in {experiment}: finished trials are kept", flush=True)
             return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         if not cfg.overwrite:

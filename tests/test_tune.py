@@ -159,3 +159,22 @@ def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path
         assert starts[trial] == 1 and table.loc[table["trial"] == trial, "starts"].item() == 1
     assert sum(starts.values()) <= 4 + (4 - len(finished_before))  # at most the unfinished ones started twice
     assert (tmp_path / "tune" / "student" / "model.safetensors").is_file()
+
+
+def test_a_search_saved_before_a_config_field_existed_still_matches_its_config(tmp_path):
+    """A spec written by an older kd-ray lacks fields added since (here distill.tasks); read through
+    today's models they take their defaults, so the same command resumes instead of refusing."""
+    import json
+
+    from kd_ray.tune import _saved_spec, _spec
+
+    cfg = load_config(TuneConfig, overrides=_overrides(tmp_path / "labels", tmp_path / "val.csv", tmp_path / "tune"))
+    old = _spec(cfg)
+    del old["distill"]["tasks"], old["distill"]["validation"]["task_label_columns"]
+    (tmp_path / "spec.json").write_text(json.dumps(old))
+    assert _saved_spec(tmp_path / "spec.json") == _spec(cfg)
+    old["search"]["num_samples"] = 99  # a different search still differs
+    (tmp_path / "spec.json").write_text(json.dumps(old))
+    assert _saved_spec(tmp_path / "spec.json") != _spec(cfg)
+    (tmp_path / "spec.json").write_text(json.dumps({"search": {}}))
+    assert _saved_spec(tmp_path / "spec.json") is None
