@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from kd_ray.config import PipelineConfig, load_config  # noqa: E402
 from kd_ray.normalize import normalize_post  # noqa: E402
@@ -93,7 +94,8 @@ def write_splits(dataset: str, folder: Path) -> dict[str, int]:
     sizes = {}
     for name, frame in splits.items():
         frame = frame.reset_index(drop=True).assign(id=[f"{name}-{i}" for i in range(len(frame))])
-        frame[["id", "text", "label"]].to_csv(folder / f"{name}.csv", index=False)
+        columns = ["id", "text"] if name == "transfer" else ["id", "text", "label"]  # the transfer set's gold stays hidden
+        frame[columns].to_csv(folder / f"{name}.csv", index=False)
         sizes[name] = len(frame)
     texts = [set(pd.read_csv(folder / f"{n}.csv", keep_default_na=False)["text"]) for n in splits]
     assert all(not (a & b) for i, a in enumerate(texts) for b in texts[i + 1:]), "a text is in two splits"
@@ -199,6 +201,9 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
         start = time.perf_counter()
         print(run_label(stages["label"]).line(), flush=True)
         timings["label"] = round(time.perf_counter() - start, 1)
+    gold = pq.read_table(run / "soft_labels", columns=["label"])["label"]
+    labeled = len(pd.read_csv(data / "labeled.csv"))
+    assert len(gold) - gold.null_count == labeled, f"{len(gold) - gold.null_count} soft-label rows carry gold, not {labeled}"
     distill = stages["distill"]
     if tuned is None:  # the search, once, on this seed's soft labels
         from kd_ray.config import TuneConfig
@@ -253,6 +258,24 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+ROW_NAMES = {"tfidf_lr": "TF-IDF + logistic regression", "teacher": "teacher: MiniLM-L6 fine-tuned",
+             "student_alpha0": "student, labeled set only (alpha = 0)", "student_kd": "student distilled, defaults",
+             "student_tuned": "student distilled, tuned", "student_hard": "student, hard teacher labels"}
+
+
+def markdown_table(table: dict) -> str:
+    """The table for BENCHMARKS.md: mean ± half the spread over the seeds."""
+    lines = ["| row | macro-recall | macro-F1 | accuracy | kept of teacher | parameters | CPU rows/s | vs teacher |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        cells = " | ".join(f"{row[m]['mean']:.4f} ± {row[m]['spread'] / 2:.4f}" for m in METRICS)
+        kept = f"{row['retention_macro_recall']:.1%}" if "retention_macro_recall" in row else ""
+        speed = f"{row['speedup']['mean']:.2f}x" if "speedup" in row else ""
+        lines.append(f"| {ROW_NAMES[name]} | {cells} | {kept} | {row['params'] / 1e6:.2f} M | "
+                     f"{row['rows_per_s']['mean']:,.0f} | {speed} |")
+    return "\n".join(lines)
+
+
 def _kept_seeds(results: Path, dataset: str, sizes: dict) -> dict[int, dict]:
     """Seeds an earlier run already measured on these same splits (the results file is committed, so a
     benchmark cut off between seeds continues from there even where its run folders are gone)."""
@@ -272,7 +295,13 @@ def main() -> None:
     parser.add_argument("--timing-rows", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=SEARCH["num_samples"], help="kd-ray tune trials (once, seed 0)")
     parser.add_argument("--results", required=True, help="JSON file for the table")
+    parser.add_argument("--table-only", action="store_true", help="print the tables of --results; run nothing")
     args = parser.parse_args()
+    if args.table_only:
+        saved = json.loads(Path(args.results).read_text())
+        table = summarise(saved["per_seed"], saved["tfidf_lr"])
+        print(format_table(table), markdown_table(table), f"tuned: {saved['per_seed'][0]['tuned']}", sep="\n\n")
+        return
     if not SHARED.is_dir() or not MODEL.is_dir():
         sys.exit(f"quality: needs the shared data at {SHARED} and the MiniLM-L6 folder at {MODEL} (`make setup`)")
     import ray
@@ -298,7 +327,7 @@ def main() -> None:
         Path(args.results).write_text(json.dumps(partial, indent=2))
     table = summarise(results, tfidf)
     Path(args.results).write_text(json.dumps({**partial, "table": table}, indent=2))
-    print(format_table(table), flush=True)
+    print(format_table(table), markdown_table(table), sep="\n\n", flush=True)
 
 
 if __name__ == "__main__":
