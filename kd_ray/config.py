@@ -53,6 +53,9 @@ class CorpusConfig(Section):
         description="Column of unique row ids; null derives a stable id '<file>:<row>' from each row's position.",
     )
     label_column: str | None = Field(None, description="Column of gold labels, if the corpus has some.")
+    unlabeled_path: str | list[str] | None = Field(
+        None, description="More corpus, read like `path` but without gold labels even where its files carry the "
+        "gold columns: an unlabeled transfer set labeled only by the teacher, next to the labeled set in `path`.")
     partial_labels: bool = Field(
         False, description="Files without the label column are read as unlabeled rows (a labeled set plus an "
         "unlabeled transfer set); otherwise a missing label column is an error.")
@@ -520,6 +523,21 @@ class PipelineDataConfig(Section):
     transfer: CorpusConfig | None = Field(None, description="Unlabeled transfer set: labeled by the teacher only.")
     validation: EvalSetConfig | None = Field(None, description="Scored after every training epoch.")
     test: EvalSetConfig = Field(description="Held out: touched only by the final evaluation.")
+
+    @model_validator(mode="after")
+    def _transfer_read_like_train(self) -> PipelineDataConfig:
+        """The run labels train + transfer as one corpus (transfer as its unlabeled_path), so both are read alike."""
+        if self.transfer is None:
+            return self
+        for name in ("format", "text_column", "id_column", "normalize"):
+            mine, train = getattr(self.transfer, name), getattr(self.train, name)
+            if mine != train:
+                raise ValueError(f"data.transfer.{name} is {mine!r} but data.train.{name} is {train!r}: the two are "
+                                 f"labeled as one corpus and read alike; set the same {name} on both")
+        if self.transfer.label_column or self.transfer.task_label_columns:
+            raise ValueError("data.transfer has gold label columns set: the transfer set is read without gold (its "
+                             "labels come from the teacher); remove data.transfer.label_column / task_label_columns")
+        return self
 
 
 class PipelineTaskConfig(Section):
