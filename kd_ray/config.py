@@ -255,6 +255,15 @@ class TrainArgs(Section):
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
 
 
+class StudentTrainArgs(TrainArgs):
+    """A student's training: TrainArgs with the defaults the quality benchmark chose (BENCHMARKS.md)."""
+
+    epochs: int = Field(2, ge=1, le=1000, description="Passes over the training data.")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
+        "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
+
+
 class EvalSetConfig(Section):
     path: str = Field(description="Labeled data (any corpus format) to measure quality on.")
     text_column: str = Field("text", description="Column holding the text.")
@@ -333,6 +342,7 @@ class DistillConfig(TrainStageConfig):
     soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    train: StudentTrainArgs = Field(default_factory=StudentTrainArgs)
     tasks: dict[str, TaskLossConfig] | None = Field(
         None, description="Multi-task: task -> its loss settings; the student gets one head per task and learns "
         "L = sum_k w_k * (alpha_k * T_k^2 * KL + (1 - alpha_k) * CE on the task's gold). Null: one task, the "
@@ -572,7 +582,7 @@ class PipelineConfig(Section):
     logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
-    distill: TrainArgs = Field(default_factory=TrainArgs, description="Student training settings.")
+    distill: StudentTrainArgs = Field(default_factory=StudentTrainArgs, description="Student training settings.")
     tune: SearchConfig | None = Field(
         None, description="Search T, alpha and learning rate with Ray Tune instead of one distillation with `loss` "
         "and `distill`, which become the search's first trial; the best trial's student is the run's student.")
