@@ -53,6 +53,9 @@ class CorpusConfig(Section):
         description="Column of unique row ids; null derives a stable id '<file>:<row>' from each row's position.",
     )
     label_column: str | None = Field(None, description="Column of gold labels, if the corpus has some.")
+    unlabeled_path: str | list[str] | None = Field(
+        None, description="More corpus, read like `path` but without gold labels even where its files carry the "
+        "gold columns: an unlabeled transfer set labeled only by the teacher, next to the labeled set in `path`.")
     partial_labels: bool = Field(
         False, description="Files without the label column are read as unlabeled rows (a labeled set plus an "
         "unlabeled transfer set); otherwise a missing label column is an error.")
@@ -252,6 +255,15 @@ class TrainArgs(Section):
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
 
 
+class StudentTrainArgs(TrainArgs):
+    """A student's training: TrainArgs with the defaults the quality benchmark chose (BENCHMARKS.md)."""
+
+    epochs: int = Field(2, ge=1, le=1000, description="Passes over the training data.")
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
+        "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
+
+
 class EvalSetConfig(Section):
     path: str = Field(description="Labeled data (any corpus format) to measure quality on.")
     text_column: str = Field("text", description="Column holding the text.")
@@ -330,6 +342,7 @@ class DistillConfig(TrainStageConfig):
     soft_labels: str = Field(description="Soft-label folder written by `kd-ray label`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+    train: StudentTrainArgs = Field(default_factory=StudentTrainArgs)
     tasks: dict[str, TaskLossConfig] | None = Field(
         None, description="Multi-task: task -> its loss settings; the student gets one head per task and learns "
         "L = sum_k w_k * (alpha_k * T_k^2 * KL + (1 - alpha_k) * CE on the task's gold). Null: one task, the "
@@ -521,6 +534,21 @@ class PipelineDataConfig(Section):
     validation: EvalSetConfig | None = Field(None, description="Scored after every training epoch.")
     test: EvalSetConfig = Field(description="Held out: touched only by the final evaluation.")
 
+    @model_validator(mode="after")
+    def _transfer_read_like_train(self) -> PipelineDataConfig:
+        """The run labels train + transfer as one corpus (transfer as its unlabeled_path), so both are read alike."""
+        if self.transfer is None:
+            return self
+        for name in ("format", "text_column", "id_column", "normalize"):
+            mine, train = getattr(self.transfer, name), getattr(self.train, name)
+            if mine != train:
+                raise ValueError(f"data.transfer.{name} is {mine!r} but data.train.{name} is {train!r}: the two are "
+                                 f"labeled as one corpus and read alike; set the same {name} on both")
+        if self.transfer.label_column or self.transfer.task_label_columns:
+            raise ValueError("data.transfer has gold label columns set: the transfer set is read without gold (its "
+                             "labels come from the teacher); remove data.transfer.label_column / task_label_columns")
+        return self
+
 
 class PipelineTaskConfig(Section):
     """One task of a multi-task run: its gold column and labels, its teacher, its share of the loss."""
@@ -554,7 +582,7 @@ class PipelineConfig(Section):
     logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
-    distill: TrainArgs = Field(default_factory=TrainArgs, description="Student training settings.")
+    distill: StudentTrainArgs = Field(default_factory=StudentTrainArgs, description="Student training settings.")
     tune: SearchConfig | None = Field(
         None, description="Search T, alpha and learning rate with Ray Tune instead of one distillation with `loss` "
         "and `distill`, which become the search's first trial; the best trial's student is the run's student.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pyarrow as pa
@@ -64,6 +64,7 @@ class Shard:
     format: str
     start: int = 0
     stop: int | None = None
+    gold: bool = True  # False: a file of corpus.unlabeled_path, read without its gold labels
 
 
 def _file_format(name: str, configured: str) -> str | None:
@@ -85,15 +86,16 @@ def _is_hf_dataset_dir(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shard]:
-    """Resolve ``cfg.path`` (file, folder, glob, URI, HF dataset, or a list of them) to shards."""
+    """Resolve ``cfg.path`` (file, folder, glob, URI, HF dataset, or a list of them), then
+    ``cfg.unlabeled_path``, to shards."""
+    if cfg.unlabeled_path is not None:
+        unlabeled = cfg.model_copy(update={"path": cfg.unlabeled_path, "unlabeled_path": None})
+        shards = (list_shards(cfg.model_copy(update={"unlabeled_path": None}), hf_rows_per_shard)
+                  + [replace(s, gold=False) for s in list_shards(unlabeled, hf_rows_per_shard)])
+        return _distinct_names(shards)
     if isinstance(cfg.path, list):
-        shards = [s for p in cfg.path for s in list_shards(cfg.model_copy(update={"path": p}), hf_rows_per_shard)]
-        names = [s.name for s in shards]
-        clashes = sorted({n for n in names if names.count(n) > 1})
-        if clashes:
-            raise CorpusError(f"corpus.path entries share the file names {clashes}, which would give rows the same "
-                              f"derived ids; rename the files or set corpus.id_column")
-        return shards
+        return _distinct_names([s for p in cfg.path
+                                for s in list_shards(cfg.model_copy(update={"path": p}), hf_rows_per_shard)])
     path = cfg.path.rstrip("/")
     if path.startswith("hf://") or cfg.format == "hf":
         return _hf_shards(cfg, hf_rows_per_shard)
@@ -128,6 +130,15 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
         hint = f" (found only {skipped[:3]}; set corpus.format)" if skipped else ""
         raise CorpusError(f"corpus.path {cfg.path!r} matches no readable corpus files{hint}; "
                           f"allowed extensions: {sorted(EXTENSIONS)}")
+    return shards
+
+
+def _distinct_names(shards: list[Shard]) -> list[Shard]:
+    names = [s.name for s in shards]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise CorpusError(f"corpus.path / corpus.unlabeled_path entries share the file names {clashes}, which would "
+                          f"give rows the same derived ids; rename the files or set corpus.id_column")
     return shards
 
 
@@ -281,7 +292,7 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
     gold_idx: dict[str, list[int | None]] = {}
     for out, (column, field_name, to_index) in golds.items():
         gold_idx[out] = [None] * n
-        if not column or shard.format == "text":  # text files have no columns, so no gold labels
+        if not column or shard.format == "text" or not shard.gold:  # text files have no columns, so no gold labels
             continue
         if column not in table.column_names and not cfg.partial_labels:
             raise _missing_column(shard, table, column, field_name)

@@ -120,6 +120,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
         "normalize": cfg.corpus.normalize,
         "logits_dtype": cfg.output.logits_dtype,
         "corpus": cfg.corpus.path,
+        "unlabeled_corpus": cfg.corpus.unlabeled_path,
     }
     identity = {k: v for k, v in metadata.items() if k != "kd_ray_version"}
     identity["corpus_config"] = cfg.corpus.model_dump(mode="json")

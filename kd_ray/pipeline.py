@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from kd_ray.config import (DistillConfig, EvaluateConfig, FinetuneConfig, LabelConfig, LabelOutputConfig,
-                           PipelineConfig, TeacherConfig, TuneConfig)
+from kd_ray.config import (CorpusConfig, DistillConfig, EvaluateConfig, FinetuneConfig, LabelConfig,
+                           LabelOutputConfig, PipelineConfig, TeacherConfig, TuneConfig)
 from kd_ray.evaluate import evaluate_multitask, multitask_table, run_evaluate, summary_table
 from kd_ray.label import run_label
 from kd_ray.report import write_report
@@ -61,6 +61,12 @@ def _up_to_date(folder: Path, job_matches) -> bool:
     return info is not None and job_matches(info["job"])
 
 
+def label_corpus(cfg: PipelineConfig, **update) -> CorpusConfig:
+    """What the teacher labels: data.train, then data.transfer read without gold, whatever columns it has."""
+    transfer = cfg.data.transfer.path if cfg.data.transfer else None
+    return cfg.data.train.model_copy(update={"unlabeled_path": transfer, **update})
+
+
 def stage_configs(cfg: PipelineConfig) -> dict:
     """The per-stage configs this run is made of (each could be run alone with its own command)."""
     out = Path(cfg.output)
@@ -70,10 +76,8 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         stages["finetune"] = FinetuneConfig(data=cfg.data.train, base_model=cfg.teacher.base_model, labels=cfg.labels,
                                             validation=cfg.data.validation, train=cfg.teacher.train,
                                             output=teacher_path, ray=cfg.ray)
-    corpora = [cfg.data.train.path] + ([cfg.data.transfer.path] if cfg.data.transfer else [])
-    flat = [p for c in corpora for p in (c if isinstance(c, list) else [c])]
     stages["label"] = LabelConfig(
-        corpus=cfg.data.train.model_copy(update={"path": flat, "partial_labels": cfg.data.transfer is not None}),
+        corpus=label_corpus(cfg),
         teachers=[TeacherConfig(model=teacher_path, max_length=cfg.teacher_max_length)],
         compute=cfg.label,
         # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
@@ -113,12 +117,9 @@ def multitask_stage_configs(cfg: PipelineConfig) -> dict:
                 data=cfg.data.train.model_copy(update={"label_column": tc.label_column, "partial_labels": False}),
                 base_model=tc.teacher.base_model, labels=tc.labels, validation=validation, train=tc.teacher.train,
                 output=path, ray=cfg.ray)
-    corpora = [cfg.data.train.path] + ([cfg.data.transfer.path] if cfg.data.transfer else [])
-    flat = [p for c in corpora for p in (c if isinstance(c, list) else [c])]
     stages["label"] = LabelConfig(
-        corpus=cfg.data.train.model_copy(update={"path": flat, "partial_labels": True,
-                                                 "label_column": tasks[first].label_column,
-                                                 "task_label_columns": task_columns}),
+        corpus=label_corpus(cfg, partial_labels=True, label_column=tasks[first].label_column,
+                            task_label_columns=task_columns),
         teachers=[TeacherConfig(model=stages["teachers"][t], name=t, task=t, max_length=cfg.teacher_max_length)
                   for t in tasks],
         compute=cfg.label,

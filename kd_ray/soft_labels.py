@@ -27,6 +27,7 @@ of each ``label_<task>`` column), ``normalize``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class SoftLabelInfo:
     metadata: dict[str, Any]
     num_rows: int
     extra: dict[str, Any] = field(default_factory=dict)
+    files_digest: str = ""  # the part files' names, sizes and modification times: a relabeled folder differs
 
     @property
     def teachers(self) -> list[dict[str, Any]]:
@@ -148,7 +150,9 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
         if not schema.remove_metadata().equals(expected):
             raise SoftLabelError(f"{file} has schema\n{schema.remove_metadata()}\nexpected\n{expected}")
         total += rows
-    return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total)
+    stats = [(f.base_name, f.size, f.mtime_ns) for f in fs.get_file_info(files)]
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total, files_digest=digest)
 
 
 def check_matches(info: SoftLabelInfo, *, id2label: dict | list | None = None, teacher_model: str | None = None,

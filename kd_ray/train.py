@@ -435,7 +435,8 @@ def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
            "teacher_model": first["model"],
            "loss": cfg.loss.model_dump(mode="json"),
            "teacher_weights": {logits_column(n): w for n, w in weights.items()},
-           "soft_labels_hash": info.metadata["config_hash"], "has_validation": cfg.validation is not None}
+           "soft_labels_hash": info.metadata["config_hash"], "soft_label_files": info.files_digest,
+           "has_validation": cfg.validation is not None}
     return job, info
 
 
@@ -459,7 +460,8 @@ def _multitask_distill_job(cfg: DistillConfig, info) -> dict:
             "teacher_model": tasks[0]["teacher_model"], "loss": cfg.loss.model_dump(mode="json"),
             "teacher_weights": {c: w for t in tasks for c, w in t["teacher_weights"].items()},
             "gold_columns": [t["gold_column"] for t in tasks if t["gold_column"]],
-            "soft_labels_hash": info.metadata["config_hash"], "has_validation": cfg.validation is not None}
+            "soft_labels_hash": info.metadata["config_hash"], "soft_label_files": info.files_digest,
+            "has_validation": cfg.validation is not None}
 
 
 def distill_datasets(cfg: DistillConfig, job: dict, info) -> dict:

@@ -95,6 +95,26 @@ def test_out_of_range_and_every_problem_reported_at_once():
     assert "corpus.path: Field required" in message and "output: Field required" in message
 
 
+PIPELINE = {"output": "o", "labels": ["a", "b"], "teacher.base_model": "m", "data.test.path": "t.csv",
+            "data.train.path": "l.csv", "data.train.id_column": "id", "data.train.label_column": "y",
+            "data.transfer.path": "u.csv", "data.transfer.id_column": "id"}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"data.transfer.id_column": None}, r"data.transfer.id_column is None but data.train.id_column is 'id'"),
+    ({"data.transfer.normalize": True}, r"data.transfer.normalize is True but data.train.normalize is False"),
+    ({"data.transfer.label_column": "y"}, r"the transfer set is read without gold"),
+])
+def test_pipeline_transfer_set_is_read_like_the_labeled_set_and_without_gold(override, expected):
+    from kd_ray.config import PipelineConfig
+    from kd_ray.pipeline import stage_configs
+
+    with pytest.raises(ConfigError, match=expected):
+        load_config(PipelineConfig, overrides={**PIPELINE, **override})
+    corpus = stage_configs(load_config(PipelineConfig, overrides=PIPELINE))["label"].corpus
+    assert (corpus.path, corpus.unlabeled_path, corpus.label_column) == ("l.csv", "u.csv", "y")
+
+
 def test_yaml_file_problems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(LabelConfig, tmp_path / "missing.yaml")

@@ -142,6 +142,26 @@ def test_text_files_carry_no_gold_labels_in_a_labeled_corpus(tmp_path):
     assert table.column("label").to_pylist() == [1, None]
 
 
+def test_unlabeled_path_hides_gold_its_files_carry(tmp_path):
+    # a transfer set that still has its gold column must not leak it into training
+    write_csv(tmp_path / "labeled.csv", [{"id": "l0", "text": "a", "label": "positive"}])
+    write_csv(tmp_path / "transfer.csv", [{"id": "t0", "text": "b", "label": "negative"},
+                                          {"id": "t1", "text": "c", "label": "not a label"}])
+    table = read_all(TEACHER_ORDER, path=str(tmp_path / "labeled.csv"), unlabeled_path=str(tmp_path / "transfer.csv"),
+                     id_column="id", label_column="label")
+    assert table.column("id").to_pylist() == ["l0", "t0", "t1"]
+    assert table.column("label").to_pylist() == [2, None, None]
+
+
+def test_unlabeled_path_file_names_must_not_clash_with_path(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_csv(tmp_path / "a" / "part.csv", [{"text": "a", "label": "positive"}])
+    write_csv(tmp_path / "b" / "part.csv", [{"text": "b"}])
+    with pytest.raises(CorpusError, match=r"unlabeled_path entries share the file names \['part.csv'\]"):
+        list_shards(CorpusConfig(path=str(tmp_path / "a"), unlabeled_path=str(tmp_path / "b"), label_column="label"))
+
+
 # ---------------------------------------------------------------------------- Hugging Face datasets
 
 

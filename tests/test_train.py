@@ -65,6 +65,24 @@ def test_distill_stopped_after_first_epoch_resumes_from_checkpoint(tmp_path, sof
     assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]
 
 
+def test_relabeled_soft_labels_start_a_fresh_run_instead_of_resuming(tmp_path, soft_labels):
+    # the same config over rewritten soft labels (e.g. relabeled after a corpus fix) must not
+    # pick up the checkpoint trained on the old ones
+    import os
+    import shutil
+
+    labels = tmp_path / "soft_labels"
+    shutil.copytree(soft_labels, labels)
+    cfg = _distill_cfg(labels, tmp_path / "student", **{"train.epochs": 2})
+    with pytest.raises(Exception):
+        run_distill(cfg, stop_after_epoch=1)
+    for part in labels.glob("part-*.parquet"):
+        stat = part.stat()
+        os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite would leave it
+    run_distill(cfg)
+    assert [h["resumed_from_epoch"] for h in read_run_info(str(tmp_path / "student"))["history"]] == [0, 0]
+
+
 def test_alpha_zero_trains_on_gold_rows_only(tmp_path, soft_labels):
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.alpha": 0.0, "train.epochs": 1})
     run_distill(cfg)
