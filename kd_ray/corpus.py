@@ -292,7 +292,8 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
     gold_idx: dict[str, list[int | None]] = {}
     for out, (column, field_name, to_index) in golds.items():
         gold_idx[out] = [None] * n
-        if not column or shard.format == "text" or not shard.gold:  # text files have no columns; unlabeled_path hides gold
+        # text files have no columns; the files of corpus.unlabeled_path keep their gold hidden
+        if not column or shard.format == "text" or not shard.gold:
             continue
         if column not in table.column_names and not cfg.partial_labels:
             raise _missing_column(shard, table, column, field_name)
