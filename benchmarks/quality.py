@@ -184,18 +184,11 @@ def tfidf_row(data: Path, args) -> dict:
             "rows_per_s": len(texts) / statistics.median(times), "C": c, "class_weight": weight}
 
 
-def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
-    from kd_ray.config import EvalArgs
-    from kd_ray.evaluate import evaluate_models
+def prepare_seed(run: Path, data: Path, stages: dict, timings: dict) -> None:
+    """The seed's teacher and its soft labels (each skipped where already complete)."""
     from kd_ray.label import run_label
-    from kd_ray.pipeline import stage_configs
-    from kd_ray.train import run_distill, run_finetune
-    from kd_ray.tune import run_tune
+    from kd_ray.train import run_finetune
 
-    run = out / dataset / f"seed{seed}"
-    cfg = pipeline_config(data, labels, run, seed)
-    stages = stage_configs(cfg)
-    timings: dict = {}
     timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"], timings)
     if not (run / "soft_labels" / "_manifest.json").is_file():
         start = time.perf_counter()
@@ -204,6 +197,20 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
     gold = pq.read_table(run / "soft_labels", columns=["label"])["label"]
     labeled = len(pd.read_csv(data / "labeled.csv"))
     assert len(gold) - gold.null_count == labeled, f"{len(gold) - gold.null_count} soft-label rows carry gold, not {labeled}"
+
+
+def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
+    from kd_ray.config import EvalArgs
+    from kd_ray.evaluate import evaluate_models
+    from kd_ray.pipeline import stage_configs
+    from kd_ray.train import run_distill
+    from kd_ray.tune import run_tune
+
+    run = out / dataset / f"seed{seed}"
+    cfg = pipeline_config(data, labels, run, seed)
+    stages = stage_configs(cfg)
+    timings: dict = {}
+    prepare_seed(run, data, stages, timings)
     distill = stages["distill"]
     if tuned is None:  # the search, once, on this seed's soft labels
         from kd_ray.config import TuneConfig
@@ -228,6 +235,46 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
     report = evaluate_models(models, cfg.data.test, EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows}))
     return {"seed": seed, "tuned": tuned, "timings_s": timings,
             **{name: report[name] for name in models}}
+
+
+def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: int, variants: dict, args) -> dict:
+    """Extra students (the defaults with some settings changed) next to the default one, scored on
+    validation and test: the evidence for or against changing a default."""
+    from kd_ray.config import EvalArgs
+    from kd_ray.evaluate import evaluate_models
+    from kd_ray.pipeline import stage_configs
+    from kd_ray.train import run_distill
+
+    run = out / dataset / f"seed{seed}"
+    cfg = pipeline_config(data, labels, run, seed)
+    stages = stage_configs(cfg)
+    timings: dict = {}
+    prepare_seed(run, data, stages, timings)
+    distill = stages["distill"]
+    timed_stage("student_kd", run / "student_kd", run_distill, distill.model_copy(update={"output": str(run / "student_kd")}), timings)
+    for name, update in variants.items():
+        sections = {key: getattr(distill, key).model_copy(update=value) for key, value in update.items()}
+        timed_stage(name, run / name, run_distill, distill.model_copy(update={**sections, "output": str(run / name)}), timings)
+    models = {"teacher": str(run / "teacher"), "student_kd": str(run / "student_kd"), **{n: str(run / n) for n in variants}}
+    eval_args = EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows})
+    scores = {split: evaluate_models(models, getattr(cfg.data, split), eval_args) for split in ("validation", "test")}
+    return {name: {"timing_s": timings.get(name),
+                   **{split: {m: scores[split][name][m] for m in (*METRICS, "rows_per_s")} for split in scores}}
+            for name in models}
+
+
+def variants_table(variants: dict, per_seed: dict[int, dict]) -> str:
+    lines = [f"{'row':<16}{'changed':<34}{'val macro-recall':>24}{'test macro-recall':>24}{'kept (test)':>12}{'rows/s':>8}"]
+    teacher = np.mean([r["teacher"]["test"]["macro_recall"] for r in per_seed.values()])
+    for name in ("teacher", "student_kd", *variants):
+        cells = ""
+        for split in ("validation", "test"):
+            values = [r[name][split]["macro_recall"] for r in per_seed.values()]
+            cells += f"{np.mean(values):>15.4f} ±{(max(values) - min(values)) / 2:.4f}"
+        test = np.mean([r[name]["test"]["macro_recall"] for r in per_seed.values()])
+        speed = np.mean([r[name]["test"]["rows_per_s"] for r in per_seed.values()])
+        lines.append(f"{name:<16}{json.dumps(variants.get(name, {})):<34}{cells}{test / teacher:>12.1%}{speed:>8.0f}")
+    return "\n".join(lines)
 
 
 def summarise(results: list[dict], tfidf: dict) -> dict:
@@ -296,7 +343,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=SEARCH["num_samples"], help="kd-ray tune trials (once, seed 0)")
     parser.add_argument("--results", required=True, help="JSON file for the table")
     parser.add_argument("--table-only", action="store_true", help="print the tables of --results; run nothing")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="instead of the table: train the default student and this one (distill sections "
+                             "to change, e.g. 'epochs3={\"train\": {\"epochs\": 3}}') for every seed, and score "
+                             "both on validation and test; results under 'variants' in --results")
     args = parser.parse_args()
+    variants = dict(v.split("=", 1) for v in args.variant)
+    variants = {name: json.loads(update) for name, update in variants.items()}
     if args.table_only:
         saved = json.loads(Path(args.results).read_text())
         table = summarise(saved["per_seed"], saved["tfidf_lr"])
@@ -312,6 +365,13 @@ def main() -> None:
     sizes = write_splits(args.dataset, data)
     print(f"quality: {args.dataset} splits {sizes} in {data}", flush=True)
     labels = DATASETS[args.dataset][1]
+    if variants:
+        saved = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+        per_seed = {seed: run_variants(args.dataset, data, labels, out, seed, variants, args) for seed in args.seeds}
+        saved["variants"] = {"changed": variants, "per_seed": per_seed}
+        Path(args.results).write_text(json.dumps(saved, indent=2))
+        print(variants_table(variants, per_seed), flush=True)
+        return
     tfidf = tfidf_row(data, args)
     kept = _kept_seeds(Path(args.results), args.dataset, sizes)
     results, tuned = [], None
