@@ -184,11 +184,16 @@ def tfidf_row(data: Path, args) -> dict:
             "rows_per_s": len(texts) / statistics.median(times), "C": c, "class_weight": weight}
 
 
-def prepare_seed(run: Path, data: Path, stages: dict, timings: dict) -> None:
-    """The seed's teacher and its soft labels (each skipped where already complete)."""
+def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, timings: dict):
+    """The seed's teacher and its soft labels (each skipped where already complete); returns the
+    seed's run folder, pipeline config and distill stage config."""
     from kd_ray.label import run_label
+    from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_finetune
 
+    run = out / dataset / f"seed{seed}"
+    cfg = pipeline_config(data, labels, run, seed)
+    stages = stage_configs(cfg)
     timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"], timings)
     if not (run / "soft_labels" / "_manifest.json").is_file():
         start = time.perf_counter()
@@ -197,21 +202,17 @@ def prepare_seed(run: Path, data: Path, stages: dict, timings: dict) -> None:
     gold = pq.read_table(run / "soft_labels", columns=["label"])["label"]
     labeled = len(pd.read_csv(data / "labeled.csv"))
     assert len(gold) - gold.null_count == labeled, f"{len(gold) - gold.null_count} soft-label rows carry gold, not {labeled}"
+    return run, cfg, stages["distill"]
 
 
 def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
     from kd_ray.config import EvalArgs
     from kd_ray.evaluate import evaluate_models
-    from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_distill
     from kd_ray.tune import run_tune
 
-    run = out / dataset / f"seed{seed}"
-    cfg = pipeline_config(data, labels, run, seed)
-    stages = stage_configs(cfg)
     timings: dict = {}
-    prepare_seed(run, data, stages, timings)
-    distill = stages["distill"]
+    run, cfg, distill = prepare_seed(dataset, data, labels, out, seed, timings)
     if tuned is None:  # the search, once, on this seed's soft labels
         from kd_ray.config import TuneConfig
 
@@ -242,15 +243,10 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     validation and test: the evidence for or against changing a default."""
     from kd_ray.config import EvalArgs
     from kd_ray.evaluate import evaluate_models
-    from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_distill
 
-    run = out / dataset / f"seed{seed}"
-    cfg = pipeline_config(data, labels, run, seed)
-    stages = stage_configs(cfg)
     timings: dict = {}
-    prepare_seed(run, data, stages, timings)
-    distill = stages["distill"]
+    run, cfg, distill = prepare_seed(dataset, data, labels, out, seed, timings)
     timed_stage("student_kd", run / "student_kd", run_distill, distill.model_copy(update={"output": str(run / "student_kd")}), timings)
     for name, update in variants.items():
         sections = {key: getattr(distill, key).model_copy(update=value) for key, value in update.items()}
