@@ -243,13 +243,26 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     validation and test: the evidence for or against changing a default."""
     from kd_ray.config import EvalArgs
     from kd_ray.evaluate import evaluate_models
+    from kd_ray.label import run_label
+    from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_distill
 
     timings: dict = {}
     run, cfg, distill = prepare_seed(dataset, data, labels, out, seed, timings)
     timed_stage("student_kd", run / "student_kd", run_distill, distill.model_copy(update={"output": str(run / "student_kd")}), timings)
     for name, update in variants.items():
-        sections = {key: getattr(distill, key).model_copy(update=value) for key, value in update.items()}
+        update = dict(update)
+        if "augment" in update:  # the teacher labels perturbed copies too, into the variant's own soft labels
+            label = stage_configs(cfg)["label"]
+            label = label.model_copy(update={"augment": label.augment.model_copy(update=update.pop("augment")),
+                                             "output": label.output.model_copy(update={"path": str(run / f"soft_labels_{name}")})})
+            if not (run / f"soft_labels_{name}" / "_manifest.json").is_file():
+                start = time.perf_counter()
+                print(run_label(label).line(), flush=True)
+                timings[f"label_{name}"] = round(time.perf_counter() - start, 1)
+            update["soft_labels"] = label.output.path
+        sections = {key: value if isinstance(value, str) else getattr(distill, key).model_copy(update=value)
+                    for key, value in update.items()}
         timed_stage(name, run / name, run_distill, distill.model_copy(update={**sections, "output": str(run / name)}), timings)
     models = {"teacher": str(run / "teacher"), "student_kd": str(run / "student_kd"), **{n: str(run / n) for n in variants}}
     eval_args = EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows})
@@ -341,7 +354,8 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="print the tables of --results; run nothing")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="instead of the table: train the default student and this one (distill sections "
-                             "to change, e.g. 'epochs3={\"train\": {\"epochs\": 3}}') for every seed, and score "
+                             "to change, e.g. 'epochs3={\"train\": {\"epochs\": 3}}'; \"augment\": {...} has the teacher "
+                             "label perturbed copies too) for every seed, and score "
                              "both on validation and test; results under 'variants' in --results")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)

@@ -136,6 +136,32 @@ class LabelOutputConfig(Section):
     overwrite: bool = Field(False, description="Delete an existing, different output folder instead of refusing.")
 
 
+class AugmentConfig(Section):
+    """Perturbed copies of the posts the teacher labels (kd_ray.augment): more transfer text where the
+    corpus is small. The copies carry no gold; only the teacher's soft labels train on them."""
+
+    copies: int = Field(0, ge=0, le=64, description="Perturbed copies of every post (0: none). Each is labeled by "
+                        "the teacher like a post, under the id '<id>#aug<k>'; labeling and distillation cost grow "
+                        "by the same factor.")
+    mask_prob: float = Field(0.1, ge=0, le=1, description="Chance that a word becomes the teacher's mask token "
+                             "(dropped where its tokenizer has none).")
+    replace_prob: float = Field(0.1, ge=0, le=1, description="Chance that a word becomes a word of another post of "
+                                "the same block.")
+    span_prob: float = Field(0.25, ge=0, le=1, description="Chance that a copy keeps only a random contiguous span "
+                             "of at least half its words.")
+    seed: int = Field(0, ge=0, description="Copies depend only on this seed, the post's id and text and its block.")
+
+    @model_validator(mode="after")
+    def _some_change(self) -> AugmentConfig:
+        if self.copies and self.mask_prob + self.replace_prob > 1:
+            raise ValueError(f"augment.mask_prob + augment.replace_prob must be at most 1 (the chance a word "
+                             f"changes), got {self.mask_prob} + {self.replace_prob}")
+        if self.copies and not (self.mask_prob or self.replace_prob or self.span_prob):
+            raise ValueError("augment.copies > 0 with mask_prob, replace_prob and span_prob all 0 would label "
+                             "exact copies of every post; set one of them above 0")
+        return self
+
+
 class LabelConfig(Section):
     """`kd-ray label`: run one or more teachers over a corpus and store their raw logits as Parquet."""
 
@@ -143,6 +169,7 @@ class LabelConfig(Section):
     teachers: list[TeacherConfig] = Field(min_length=1, description="Teachers to run; each adds a logits column.")
     compute: LabelComputeConfig = Field(default_factory=LabelComputeConfig)
     output: LabelOutputConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -578,6 +605,8 @@ class PipelineConfig(Section):
     data: PipelineDataConfig
     teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
     label: LabelComputeConfig = Field(default_factory=LabelComputeConfig, description="Labeling compute.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Perturbed copies of the posts "
+                                   "for the teacher to label: more transfer text for a small corpus.")
     teacher_max_length: int = Field(128, ge=8, le=8192, description="Teacher tokens per text when labeling.")
     logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
     student: StudentConfig = Field(default_factory=StudentConfig)

@@ -32,6 +32,7 @@ import ray
 from ray.data import Datasink
 
 from kd_ray import __version__
+from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
@@ -122,6 +123,9 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
         "corpus": cfg.corpus.path,
         "unlabeled_corpus": cfg.corpus.unlabeled_path,
     }
+    if cfg.augment.copies:  # only then, so that the hash of runs without copies stays what it was
+        metadata["augment"] = {**cfg.augment.model_dump(), "separator": SEPARATOR,
+                               "mask_token": resolve_mask_token(cfg.augment, first["model"], cfg.teachers[0].revision)}
     identity = {k: v for k, v in metadata.items() if k != "kd_ray_version"}
     identity["corpus_config"] = cfg.corpus.model_dump(mode="json")
     metadata["config_hash"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -314,7 +318,8 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
     ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
                         done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None,
-                        task_labels=task_labels)
+                        task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
+                        mask_token=metadata.get("augment", {}).get("mask_token"))
     ds = ds.map_batches(
         TeacherLabeler,
         fn_constructor_kwargs={"teachers": metadata["teachers"], "batch_size": c.batch_size, "num_gpus": c.num_gpus,

@@ -80,6 +80,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         corpus=label_corpus(cfg),
         teachers=[TeacherConfig(model=teacher_path, max_length=cfg.teacher_max_length)],
         compute=cfg.label,
+        augment=cfg.augment,
         # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
         output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True),
         ray=cfg.ray)
@@ -123,6 +124,7 @@ def multitask_stage_configs(cfg: PipelineConfig) -> dict:
         teachers=[TeacherConfig(model=stages["teachers"][t], name=t, task=t, max_length=cfg.teacher_max_length)
                   for t in tasks],
         compute=cfg.label,
+        augment=cfg.augment,
         output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True),
         ray=cfg.ray)
     per_task = lambda s: s.model_copy(update={"label_column": tasks[first].label_column,  # noqa: E731

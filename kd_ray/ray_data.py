@@ -9,7 +9,8 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from kd_ray.config import CorpusConfig
+from kd_ray.augment import augment_table
+from kd_ray.config import AugmentConfig, CorpusConfig
 from kd_ray.corpus import ALREADY_LABELED, Shard, list_shards, read_shard
 from kd_ray.storage import filesystem
 
@@ -26,16 +27,19 @@ def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
 
 
 def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, done_ids: list,
-                     task_labels: dict | None):
+                     task_labels: dict | None, augment: AugmentConfig | None, mask_token: str | None):
     done = ray.get(done_ids[0]) if done_ids else None
     for row in batch.to_pylist():
         for table in read_shard(Shard(**row), corpus_cfg, label_to_index, task_labels):
+            if augment is not None:
+                table = augment_table(table, augment, mask_token)
             yield table if done is None else _mark_already_labeled(table, done)
 
 
 def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, block_rows: int | None = None,
                    num_cpus: float | None = None, done_ids: ray.ObjectRef | None = None,
-                   task_labels: dict[str, dict[str, int]] | None = None) -> ray.data.Dataset:
+                   task_labels: dict[str, dict[str, int]] | None = None, augment: AugmentConfig | None = None,
+                   mask_token: str | None = None) -> ray.data.Dataset:
     """Rows ``id, text, label, reject_reason`` (and ``label_<task>`` per task_labels; see
     kd_ray.corpus), one read task per shard.
 
@@ -43,13 +47,14 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
     single big file still spreads over many downstream actors.
     done_ids: an Arrow string array (in the object store) of ids labeled by an earlier,
     interrupted run; their rows come out marked ALREADY_LABELED, without text.
+    augment: add perturbed copies of every accepted row after it (kd_ray.augment).
     """
     shards = list_shards(cfg)
     ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(_read_shards_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                         fn_kwargs={"corpus_cfg": cfg, "label_to_index": label_to_index,
                                    "done_ids": [done_ids] if done_ids is not None else [],
-                                   "task_labels": task_labels})
+                                   "task_labels": task_labels, "augment": augment, "mask_token": mask_token})
     if block_rows:
         # Ray fuses this into the read task when both ask for the same resources.
         ds = ds.repartition(target_num_rows_per_block=block_rows)
