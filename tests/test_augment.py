@@ -110,6 +110,6 @@ def test_the_teacher_labels_every_copy(tmp_path, tiny_teacher, ray_session):
     # the logits are the teacher's on the copy's own (perturbed) text
     logits = np.stack(a["teacher_logits"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(logits, direct_logits(tiny_teacher, a["text"].to_pylist(), 48), atol=1e-4)
-    metadata = json.loads(a.schema.metadata[METADATA_KEY.encode()])
+    metadata = json.loads(a.schema.metadata[METADATA_KEY])
     assert metadata["augment"]["copies"] == 2 and metadata["augment"]["mask_token"] == "[MASK]"
     assert any("[MASK]" in t for t, c in zip(a["text"].to_pylist(), is_copy) if c)
