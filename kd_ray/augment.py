@@ -4,7 +4,7 @@ A student distilled on a few thousand posts sees the teacher's function at only 
 the teacher's soft labels on perturbed copies of the same posts show it more of it (Tang et al.
 2019, "Distilling Task-Specific Knowledge from BERT into Simple Neural Networks"; TinyBERT's
 data augmentation). Each copy takes its post's words and, independently per word, turns one
-into the teacher's mask token (``mask_prob``) or into a word of another post of the same block
+into the teacher's mask token (``mask_prob``) or into a word drawn from the posts of its block
 (``replace_prob``); then, with ``span_prob``, keeps only a random contiguous span of at least
 half its words. Copies carry no gold labels: only the teacher's logits train on them.
 

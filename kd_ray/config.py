@@ -145,7 +145,7 @@ class AugmentConfig(Section):
                         "by the same factor.")
     mask_prob: float = Field(0.1, ge=0, le=1, description="Chance that a word becomes the teacher's mask token "
                              "(dropped where its tokenizer has none).")
-    replace_prob: float = Field(0.1, ge=0, le=1, description="Chance that a word becomes a word of another post of "
+    replace_prob: float = Field(0.1, ge=0, le=1, description="Chance that a word becomes a word drawn from the posts of "
                                 "the same block.")
     span_prob: float = Field(0.25, ge=0, le=1, description="Chance that a copy keeps only a random contiguous span "
                              "of at least half its words.")
