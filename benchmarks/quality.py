@@ -273,7 +273,7 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
 
 
 def variants_table(variants: dict, per_seed: dict[int, dict]) -> str:
-    lines = [f"{'row':<16}{'changed':<34}{'val macro-recall':>24}{'test macro-recall':>24}{'kept (test)':>12}{'rows/s':>8}"]
+    lines = [f"{'row':<16}{'changed':<42}{'val macro-recall':>24}{'test macro-recall':>24}{'kept (test)':>12}{'rows/s':>8}"]
     teacher = np.mean([r["teacher"]["test"]["macro_recall"] for r in per_seed.values()])
     for name in ("teacher", "student_kd", *variants):
         cells = ""
@@ -282,7 +282,7 @@ def variants_table(variants: dict, per_seed: dict[int, dict]) -> str:
             cells += f"{np.mean(values):>15.4f} ±{(max(values) - min(values)) / 2:.4f}"
         test = np.mean([r[name]["test"]["macro_recall"] for r in per_seed.values()])
         speed = np.mean([r[name]["test"]["rows_per_s"] for r in per_seed.values()])
-        lines.append(f"{name:<16}{json.dumps(variants.get(name, {})):<34}{cells}{test / teacher:>12.1%}{speed:>8.0f}")
+        lines.append(f"{name:<16}{json.dumps(variants.get(name, {})):<42}{cells}{test / teacher:>12.1%}{speed:>8.0f}")
     return "\n".join(lines)
 
 
@@ -364,6 +364,8 @@ def main() -> None:
         saved = json.loads(Path(args.results).read_text())
         table = summarise(saved["per_seed"], saved["tfidf_lr"])
         print(format_table(table), markdown_table(table), f"tuned: {saved['per_seed'][0]['tuned']}", sep="\n\n")
+        if "variants" in saved:
+            print("", variants_table(saved["variants"]["changed"], saved["variants"]["per_seed"]), sep="\n")
         return
     if not SHARED.is_dir() or not MODEL.is_dir():
         sys.exit(f"quality: needs the shared data at {SHARED} and the MiniLM-L6 folder at {MODEL} (`make setup`)")
