@@ -186,7 +186,7 @@ def tfidf_row(data: Path, args) -> dict:
 
 def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, timings: dict):
     """The seed's teacher and its soft labels (each skipped where already complete); returns the
-    seed's run folder, pipeline config and distill stage config."""
+    seed's run folder, pipeline config and stage configs."""
     from kd_ray.label import run_label
     from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_finetune
@@ -202,7 +202,7 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     gold = pq.read_table(run / "soft_labels", columns=["label"])["label"]
     labeled = len(pd.read_csv(data / "labeled.csv"))
     assert len(gold) - gold.null_count == labeled, f"{len(gold) - gold.null_count} soft-label rows carry gold, not {labeled}"
-    return run, cfg, stages["distill"]
+    return run, cfg, stages
 
 
 def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
@@ -212,7 +212,8 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
     from kd_ray.tune import run_tune
 
     timings: dict = {}
-    run, cfg, distill = prepare_seed(dataset, data, labels, out, seed, timings)
+    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings)
+    distill = stages["distill"]
     if tuned is None:  # the search, once, on this seed's soft labels
         from kd_ray.config import TuneConfig
 
@@ -244,16 +245,16 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     from kd_ray.config import EvalArgs
     from kd_ray.evaluate import evaluate_models
     from kd_ray.label import run_label
-    from kd_ray.pipeline import stage_configs
     from kd_ray.train import run_distill
 
     timings: dict = {}
-    run, cfg, distill = prepare_seed(dataset, data, labels, out, seed, timings)
+    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings)
+    distill = stages["distill"]
     timed_stage("student_kd", run / "student_kd", run_distill, distill.model_copy(update={"output": str(run / "student_kd")}), timings)
     for name, update in variants.items():
         update = dict(update)
         if "augment" in update:  # the teacher labels perturbed copies too, into the variant's own soft labels
-            label = stage_configs(cfg)["label"]
+            label = stages["label"]
             label = label.model_copy(update={"augment": label.augment.model_copy(update=update.pop("augment")),
                                              "output": label.output.model_copy(update={"path": str(run / f"soft_labels_{name}")})})
             if not (run / f"soft_labels_{name}" / "_manifest.json").is_file():
@@ -358,8 +359,15 @@ def main() -> None:
                              "label perturbed copies too) for every seed, and score "
                              "both on validation and test; results under 'variants' in --results")
     args = parser.parse_args()
-    variants = dict(v.split("=", 1) for v in args.variant)
-    variants = {name: json.loads(update) for name, update in variants.items()}
+    variants = {}
+    for variant in args.variant:
+        name, _, update = variant.partition("=")
+        try:
+            variants[name] = json.loads(update)
+        except json.JSONDecodeError as e:
+            parser.error(f"--variant {variant!r}: expected NAME={{JSON object}} ({e})")
+        if not isinstance(variants[name], dict):
+            parser.error(f"--variant {variant!r}: expected NAME={{JSON object}}")
     if args.table_only:
         saved = json.loads(Path(args.results).read_text())
         table = summarise(saved["per_seed"], saved["tfidf_lr"])
