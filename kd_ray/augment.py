@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.config import AugmentConfig
+from kd_ray.errors import CorpusError
 
 SEPARATOR = "#aug"  # copy k of post <id> has the id '<id>#aug<k>'
+COPY_ID_PATTERN = SEPARATOR + r"[0-9]+$"
 
 
 def perturb(words: list[str], rng: random.Random, pool: list[str], cfg: AugmentConfig,
@@ -44,13 +46,19 @@ def perturb(words: list[str], rng: random.Random, pool: list[str], cfg: AugmentC
     return " ".join(out) if out else words[0]  # every word masked away: keep the first
 
 
-def augment_table(table: pa.Table, cfg: AugmentConfig, mask_token: str | None) -> pa.Table:
+def augment_table(table: pa.Table, cfg: AugmentConfig, mask_token: str | None, source: str = "corpus") -> pa.Table:
     """``table`` (kd_ray.corpus rows) followed by ``cfg.copies`` perturbed copies of each accepted row.
 
-    The copies keep only id and text; gold labels and reject reasons are null.
+    The copies keep only id and text; gold labels and reject reasons are null. A post whose own
+    id looks like a copy's (``source`` names its file in the error) is refused before any labeling.
     """
     if not cfg.copies or table.num_rows == 0:
         return table
+    clash = table.filter(pc.match_substring_regex(table.column("id"), COPY_ID_PATTERN))
+    if clash.num_rows:
+        raise CorpusError(f"{source}: ids such as {clash.column('id')[0].as_py()!r} end like an augmented copy's id "
+                          f"('<id>{SEPARATOR}<k>'); with augment.copies > 0 corpus ids must not end in "
+                          f"{SEPARATOR!r} and a number: rename them or set augment.copies: 0")
     accepted = table.filter(pc.is_null(table.column("reject_reason")))
     ids = accepted.column("id").to_pylist()
     words = [text.split() for text in accepted.column("text").to_pylist()]

@@ -32,7 +32,7 @@ def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: 
     for row in batch.to_pylist():
         for table in read_shard(Shard(**row), corpus_cfg, label_to_index, task_labels):
             if augment is not None:
-                table = augment_table(table, augment, mask_token)
+                table = augment_table(table, augment, mask_token, source=row["uri"])
             yield table if done is None else _mark_already_labeled(table, done)
 
 

@@ -13,6 +13,7 @@ from test_label import direct_logits
 
 from kd_ray.augment import SEPARATOR, augment_table
 from kd_ray.config import AugmentConfig, LabelConfig, PipelineConfig, load_config
+from kd_ray.errors import CorpusError
 from kd_ray.label import run_label
 from kd_ray.soft_labels import METADATA_KEY
 
@@ -52,6 +53,16 @@ def test_copies_depend_only_on_seed_id_and_block():
     other_seed = augment_table(table, AugmentConfig(copies=1, seed=1), "[MASK]")
     assert other_seed["text"].to_pylist()[30:] != first["text"].to_pylist()[30:]
     assert augment_table(table, AugmentConfig(copies=0), "[MASK]") is table
+
+
+def test_a_post_whose_id_looks_like_a_copy_is_refused():
+    table = corpus_rows(5)
+    table = table.set_column(0, "id", pa.array(["p0", "p1", f"p2{SEPARATOR}7", "p3", "p4"]))
+    with pytest.raises(CorpusError, match=r"posts\.csv: ids such as 'p2#aug7' end like an augmented copy's id"):
+        augment_table(table, AugmentConfig(copies=1), "[MASK]", source="posts.csv")
+    assert augment_table(table, AugmentConfig(copies=0), "[MASK]") is table  # no copies, no clash
+    fine = table.set_column(0, "id", pa.array(["p0", "p1", f"p2{SEPARATOR}", f"x{SEPARATOR}1y", "p4"]))
+    assert augment_table(fine, AugmentConfig(copies=1), "[MASK]").num_rows == 9
 
 
 def test_without_a_mask_token_masked_words_are_dropped():
@@ -113,3 +124,18 @@ def test_the_teacher_labels_every_copy(tmp_path, tiny_teacher, ray_session):
     metadata = json.loads(a.schema.metadata[METADATA_KEY])
     assert metadata["augment"]["copies"] == 2 and metadata["augment"]["mask_token"] == "[MASK]"
     assert any("[MASK]" in t for t, c in zip(a["text"].to_pylist(), is_copy) if c)
+
+
+def test_a_clashing_id_stops_labeling_before_anything_is_written(tmp_path, tiny_teacher, ray_session):
+    corpus = labeled_corpus(tmp_path / "corpus", 50)
+    table = pq.read_table(corpus)
+    ids = table["id"].to_pylist()
+    ids[17] = f"{ids[3]}{SEPARATOR}0"  # would be the id of post 3's first copy
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids)), corpus)
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": str(corpus), "corpus.id_column": "id", "corpus.label_column": "label",
+        "teachers.0.model": str(tiny_teacher), "teachers.0.max_length": 48, "augment.copies": 1,
+        "output.path": str(tmp_path / "out")})
+    with pytest.raises(CorpusError, match=f"{corpus}: ids such as '{ids[17]}'"):
+        run_label(cfg)
+    assert not list((tmp_path / "out").glob("**/*.parquet"))
