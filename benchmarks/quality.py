@@ -273,6 +273,23 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
             for name in models}
 
 
+def merge_variants(saved: dict | None, variants: dict, per_seed: dict[int, dict]) -> dict:
+    """The --results 'variants' entry with this run's variants added (a same-named one replaced).
+
+    Earlier variants are kept when they were run on the same seeds; the teacher and default student
+    rows come from this run."""
+    per_seed = {str(seed): rows for seed, rows in per_seed.items()}
+    if not saved or set(saved["per_seed"]) != set(per_seed):
+        if saved:
+            print(f"quality: earlier variants ran on seeds {sorted(saved['per_seed'])}, not {sorted(per_seed)}; "
+                  "replacing them", flush=True)
+        return {"changed": variants, "per_seed": per_seed}
+    changed = {name: update for name, update in saved["changed"].items() if name not in variants} | variants
+    merged = {seed: {**{n: r for n, r in saved["per_seed"][seed].items() if n in changed}, **rows}
+              for seed, rows in per_seed.items()}
+    return {"changed": changed, "per_seed": merged}
+
+
 def variants_table(variants: dict, per_seed: dict[int, dict]) -> str:
     lines = [f"{'row':<16}{'changed':<42}{'val macro-recall':>24}{'test macro-recall':>24}{'kept (test)':>12}{'rows/s':>8}"]
     teacher = np.mean([r["teacher"]["test"]["macro_recall"] for r in per_seed.values()])
@@ -357,7 +374,8 @@ def main() -> None:
                         help="instead of the table: train the default student and this one (distill sections "
                              "to change, e.g. 'epochs3={\"train\": {\"epochs\": 3}}'; \"augment\": {...} has the teacher "
                              "label perturbed copies too) for every seed, and score "
-                             "both on validation and test; results under 'variants' in --results")
+                             "both on validation and test; added under 'variants' in --results, where earlier variants "
+                             "on the same seeds stay")
     args = parser.parse_args()
     variants = {}
     for variant in args.variant:
@@ -388,9 +406,9 @@ def main() -> None:
     if variants:
         saved = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
         per_seed = {seed: run_variants(args.dataset, data, labels, out, seed, variants, args) for seed in args.seeds}
-        saved["variants"] = {"changed": variants, "per_seed": per_seed}
+        saved["variants"] = merge_variants(saved.get("variants"), variants, per_seed)
         Path(args.results).write_text(json.dumps(saved, indent=2))
-        print(variants_table(variants, per_seed), flush=True)
+        print(variants_table(saved["variants"]["changed"], saved["variants"]["per_seed"]), flush=True)
         return
     tfidf = tfidf_row(data, args)
     kept = _kept_seeds(Path(args.results), args.dataset, sizes)
