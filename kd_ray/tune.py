@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -107,6 +108,14 @@ def trial_dirname(trial) -> str:
     return trial_name(trial.trial_id)  # the values live in trials.csv, not in the folder name
 
 
+def trial_of_dir(dirname: str) -> str:
+    """``trial_00002`` for its folder, also when Tune named it ``trial_00002_6d8d``: a resumed search
+    re-creates a trial that started after Tune last saved its state, finds the killed run's folder
+    in the way and adds a suffix."""
+    match = re.fullmatch(r"(trial_\d+)(_[0-9a-f]+)?", dirname)
+    return match.group(1) if match else dirname
+
+
 def _runs_default_first(search: SearchConfig) -> bool:
     """Trial 0 runs the distill config's own values, unless a grid fixes which points run."""
     return search.include_default and not any(s.distribution == "grid" for s in search.space.values())
@@ -186,7 +195,7 @@ def trials_tables(grid, cfg: TuneConfig):
     trials, per_epoch = [], []
     starts = trial_starts(Path(cfg.output).resolve())
     for result in grid:
-        trial_id = Path(result.path).name
+        trial_id = trial_of_dir(Path(result.path).name)
         values = {name: result.config.get(path) for name, path in paths.items()}
         history = result.metrics_dataframe
         rows = []

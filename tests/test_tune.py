@@ -178,3 +178,14 @@ def test_a_search_saved_before_a_config_field_existed_still_matches_its_config(t
     assert _saved_spec(tmp_path / "spec.json") != _spec(cfg)
     (tmp_path / "spec.json").write_text(json.dumps({"search": {}}))
     assert _saved_spec(tmp_path / "spec.json") is None
+
+
+def test_a_trial_is_named_by_its_index_also_when_tune_suffixed_its_folder():
+    """A resumed search re-creates a trial that started after Tune's last saved state; the killed run's
+    folder is in the way, so Tune names the new one ``trial_00002_6d8d``. trials.csv and the starts log
+    must still agree on ``trial_00002``."""
+    from kd_ray.tune import trial_of_dir
+
+    assert trial_of_dir("trial_00002") == "trial_00002"
+    assert trial_of_dir("trial_00002_6d8d") == "trial_00002"
+    assert trial_of_dir("something_else") == "something_else"
