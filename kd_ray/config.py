@@ -335,6 +335,9 @@ class StudentConfig(Section):
                               "For 'pretrained': the student's folder or hub id.")
     num_layers: int = Field(2, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
     layer_selection: Literal["spread", "first"] = Field("spread", description="Which teacher layers a 'cut' keeps.")
+    ffn_size: int | None = Field(
+        None, ge=8, le=32768, description="For 'cut': feed-forward neurons each kept layer keeps, those with the "
+        "largest in and out weight norms (null: all of the teacher's; MiniLM-L6 has 1536).")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")

