@@ -27,7 +27,10 @@ _LAYER_LIST_PATHS = ("encoder.layer", "transformer.layer")
 
 # A layer's feed-forward block: (input linear, output linear, config field of its width).
 # BERT, RoBERTa, XLM-R, MiniLM, MPNet, ELECTRA; DistilBERT.
-_FEED_FORWARD_PATHS = (("intermediate.dense", "output.dense", "intermediate_size"), ("ffn.lin1", "ffn.lin2", "hidden_dim"))
+_FEED_FORWARD_PATHS = (
+    ("intermediate.dense", "output.dense", "intermediate_size"),
+    ("ffn.lin1", "ffn.lin2", "hidden_dim"),
+)
 
 
 def _find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList] | None:
@@ -123,10 +126,11 @@ def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel
     weights into and out of it, no data needed) and the ``ffn_size`` best are kept, in their
     original order. The config's width field is updated, so ``save_pretrained`` writes a model
     that ``from_pretrained`` loads as an ordinary, narrower one. In a MiniLM-L6 cut this is most
-    of a layer's cost: 3 layers with half their feed-forward neurons run like 2 whole ones.
+    of a layer's cost: 3 layers with half their feed-forward neurons run about as fast as 2 whole ones.
     """
     found = _find_layer_list(model)
-    spec = next((p for p in _FEED_FORWARD_PATHS if found and isinstance(_submodule(found[1][0], p[0]), nn.Linear)), None)
+    first_layer = found[1][0] if found else None
+    spec = next((p for p in _FEED_FORWARD_PATHS if isinstance(_submodule(first_layer, p[0]), nn.Linear)), None)
     if spec is None:
         raise ValueError(f"cannot narrow the feed-forward blocks of a {type(model).__name__} (model_type "
                          f"{model.config.model_type!r}): only BERT-like models and DistilBERT are supported")

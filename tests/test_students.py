@@ -205,8 +205,9 @@ def feed_forward_of(layer):
 def test_narrowing_to_the_full_width_changes_nothing(teacher):
     student = prune_feed_forward(cut_student_from_teacher(teacher, 2), 64).eval()
     reference = cut_student_from_teacher(teacher, 2).eval()
+    inputs = sample_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(student(**sample_inputs()).logits, reference(**sample_inputs()).logits, rtol=0, atol=0)
+        torch.testing.assert_close(student(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
 
 
 def test_narrowing_drops_the_neurons_with_the_smallest_weights(teacher):
