@@ -342,6 +342,13 @@ class StudentConfig(Section):
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
 
+    @model_validator(mode="after")
+    def _ffn_size_cuts(self) -> StudentConfig:
+        if self.ffn_size is not None and self.kind != "cut":
+            raise ValueError(f"student.ffn_size narrows a 'cut' student; a '{self.kind}' student would ignore it "
+                             "(a 'config' student's width is student.intermediate_size)")
+        return self
+
 
 class DistillLossConfig(Section):
     kind: Literal["kl", "mse", "hard"] = Field(

@@ -141,17 +141,18 @@ def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel
     for layer in found[1]:
         w_in, w_out = _submodule(layer, in_path), _submodule(layer, out_path)
         keep = torch.topk(w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0), ffn_size).indices.sort().values
-        narrow_in = nn.Linear(w_in.in_features, ffn_size, bias=w_in.bias is not None)
+        like = {"dtype": w_in.weight.dtype, "device": w_in.weight.device}
+        narrow_in = nn.Linear(w_in.in_features, ffn_size, bias=w_in.bias is not None, **like)
         narrow_in.weight.copy_(w_in.weight[keep])
         if w_in.bias is not None:
             narrow_in.bias.copy_(w_in.bias[keep])
-        narrow_out = nn.Linear(ffn_size, w_out.out_features, bias=w_out.bias is not None)
+        narrow_out = nn.Linear(ffn_size, w_out.out_features, bias=w_out.bias is not None, **like)
         narrow_out.weight.copy_(w_out.weight[:, keep])
         if w_out.bias is not None:
             narrow_out.bias.copy_(w_out.bias)
         for path, new in ((in_path, narrow_in), (out_path, narrow_out)):
             parent, name = path.rsplit(".", 1)
-            setattr(_submodule(layer, parent), name, new.to(dtype=w_in.weight.dtype, device=w_in.weight.device))
+            setattr(_submodule(layer, parent), name, new)
     setattr(model.config, width_field, ffn_size)
     return model
 

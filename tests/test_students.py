@@ -8,6 +8,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizerFast,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
@@ -267,3 +268,27 @@ def test_cut_real_minilm_and_round_trip(tmp_path, monkeypatch):
     assert layers_of(reloaded)[2].intermediate.dense.weight.shape == (768, 384)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, narrow(**inputs).logits)
+
+
+def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tmp_path):
+    from pydantic import ValidationError
+
+    from kd_ray.config import StudentConfig
+    from kd_ray.errors import ModelError
+    from kd_ray.models import build_student
+
+    with pytest.raises(ValidationError, match="ffn_size narrows a 'cut' student; a 'config' student would ignore it"):
+        StudentConfig(kind="config", ffn_size=64)
+    tiny_bert().save_pretrained(tmp_path / "teacher")
+    BertTokenizerFast(vocab=_tiny_vocab(tmp_path)).save_pretrained(tmp_path / "teacher")
+    student = StudentConfig(num_layers=2, ffn_size=128).model_dump()
+    with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
+        build_student(student, str(tmp_path / "teacher"), list(ID2LABEL.values()))
+    net, _ = build_student({**student, "ffn_size": 16}, str(tmp_path / "teacher"), list(ID2LABEL.values()))
+    assert net.config.intermediate_size == 16 and layers_of(net)[1].intermediate.dense.out_features == 16
+
+
+def _tiny_vocab(folder) -> str:
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]))
+    return str(path)
