@@ -338,6 +338,11 @@ class StudentConfig(Section):
     ffn_size: int | None = Field(
         None, ge=8, le=32768, description="For 'cut': feed-forward neurons each kept layer keeps, those with the "
         "largest in and out weight norms (null: all of the teacher's; MiniLM-L6 has 1536).")
+    wide_epochs: int = Field(
+        0, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the teacher's full "
+        "feed-forward width; it is then narrowed to ffn_size and trains train.epochs more, on a fresh learning-rate "
+        "schedule (0: narrowed before training). Narrowing a trained student keeps more than narrowing the "
+        "teacher's weights (BENCHMARKS.md).")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
@@ -347,6 +352,9 @@ class StudentConfig(Section):
         if self.ffn_size is not None and self.kind != "cut":
             raise ValueError(f"student.ffn_size narrows a 'cut' student; a '{self.kind}' student would ignore it "
                              "(a 'config' student's width is student.intermediate_size)")
+        if self.wide_epochs and self.ffn_size is None:
+            raise ValueError("student.wide_epochs trains at full width before narrowing to student.ffn_size, "
+                             "which is not set")
         return self
 
 
@@ -392,6 +400,11 @@ class DistillConfig(TrainStageConfig):
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks, when set, needs at least one task")
         return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs a distillation reports: those at full width (student.wide_epochs), then train.epochs."""
+        return self.student.wide_epochs + self.train.epochs
 
 
 # ---------------------------------------------------------------------------- tuning

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_ray.errors import ModelError
-from kd_ray.students import cut_student_from_teacher, student_from_config
+from kd_ray.students import check_ffn_size, cut_student_from_teacher, student_from_config
 
 
 def _label_maps(labels: list[str]) -> dict[str, Any]:
@@ -60,9 +60,12 @@ def build_student(student: dict[str, Any], teacher_model: str, labels: list[str]
         if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
             raise ModelError(f"cannot cut a student from {source}: its labels "
                              f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
-        try:
+        ffn_size, wide_first = student.get("ffn_size"), bool(student.get("wide_epochs"))
+        try:  # a student narrowed after training (wide_epochs) starts at full width
             net = cut_student_from_teacher(teacher, student["num_layers"], student["layer_selection"],
-                                           student.get("ffn_size"))
+                                           None if wide_first else ffn_size)
+            if wide_first:
+                check_ffn_size(net, ffn_size)
         except ValueError as e:
             raise ModelError(f"cannot cut a student from {source}: {e}") from e
         return net, tokenizer

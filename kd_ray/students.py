@@ -118,6 +118,29 @@ def _submodule(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def _feed_forward_spec(model: PreTrainedModel) -> tuple[list[nn.Module], tuple[str, str, str]]:
+    """The encoder layers and (in path, out path, config width field) of their feed-forward blocks."""
+    found = _find_layer_list(model)
+    first_layer = found[1][0] if found else None
+    spec = next((p for p in _FEED_FORWARD_PATHS if isinstance(_submodule(first_layer, p[0]), nn.Linear)), None)
+    if spec is None:
+        raise ValueError(f"cannot narrow the feed-forward blocks of a {type(model).__name__} (model_type "
+                         f"{model.config.model_type!r}): only BERT-like models and DistilBERT are supported")
+    return list(found[1]), spec
+
+
+def feed_forward_width(model: PreTrainedModel) -> int:
+    """Neurons in each feed-forward block of a BERT-like model or DistilBERT."""
+    return getattr(model.config, _feed_forward_spec(model)[1][2])
+
+
+def check_ffn_size(model: PreTrainedModel, ffn_size: int) -> None:
+    """Raise ValueError unless ``model``'s feed-forward blocks can be narrowed to ``ffn_size``."""
+    width = feed_forward_width(model)
+    if not 1 <= ffn_size <= width:
+        raise ValueError(f"ffn_size must be in [1, {width}] (the teacher's feed-forward width), got {ffn_size}")
+
+
 @torch.no_grad()
 def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel:
     """Narrow every encoder layer's feed-forward block to ``ffn_size`` neurons, in place.
@@ -128,17 +151,9 @@ def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel
     that ``from_pretrained`` loads as an ordinary, narrower one. In a MiniLM-L6 cut this is most
     of a layer's cost: 3 layers with half their feed-forward neurons run about as fast as 2 whole ones.
     """
-    found = _find_layer_list(model)
-    first_layer = found[1][0] if found else None
-    spec = next((p for p in _FEED_FORWARD_PATHS if isinstance(_submodule(first_layer, p[0]), nn.Linear)), None)
-    if spec is None:
-        raise ValueError(f"cannot narrow the feed-forward blocks of a {type(model).__name__} (model_type "
-                         f"{model.config.model_type!r}): only BERT-like models and DistilBERT are supported")
-    in_path, out_path, width_field = spec
-    width = getattr(model.config, width_field)
-    if not 1 <= ffn_size <= width:
-        raise ValueError(f"ffn_size must be in [1, {width}] (the teacher's feed-forward width), got {ffn_size}")
-    for layer in found[1]:
+    check_ffn_size(model, ffn_size)
+    layers, (in_path, out_path, width_field) = _feed_forward_spec(model)
+    for layer in layers:
         w_in, w_out = _submodule(layer, in_path), _submodule(layer, out_path)
         keep = torch.topk(w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0), ffn_size).indices.sort().values
         like = {"dtype": w_in.weight.dtype, "device": w_in.weight.device}

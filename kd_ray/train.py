@@ -154,40 +154,52 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     from kd_ray.losses import combine_teacher_logits, compute_loss
     from kd_ray.models import build_student, load_classifier
     from kd_ray.multitask import multitask_loss, task_layout, write_layout
+    from kd_ray.students import feed_forward_width, prune_feed_forward
 
     args = TrainArgs(**job["train"])
     if not args.use_gpu:
         torch.set_num_threads(args.threads_per_worker)
     accelerator = Accelerator(cpu=not args.use_gpu, mixed_precision=args.mixed_precision)
     set_seed(args.seed)
+    student = job.get("student") or {}
+    # a student narrowed after training: wide_epochs at full width first, then narrowed and trained on
+    wide_epochs = student.get("wide_epochs") or 0
     if job["mode"] == "finetune":
         model, tokenizer = load_classifier(job["base_model"], job["labels"], what="base model")
     else:
-        model, tokenizer = build_student(job["student"], job["teacher_model"], job["labels"], tasks=job.get("tasks"))
+        model, tokenizer = build_student(student, job["teacher_model"], job["labels"], tasks=job.get("tasks"))
     layout = task_layout({t["name"]: t["labels"] for t in job["tasks"]}) if job.get("tasks") else None
-    # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
-    # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=True)
     steps_per_epoch = math.ceil(job["rows"] / args.num_workers / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    epochs = wide_epochs + args.epochs
 
-    start_epoch, history = 0, []
+    def optimize(net, phase_epochs: int):
+        # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
+        # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
+        opt = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+        steps = steps_per_epoch * phase_epochs
+        sched = get_scheduler(args.schedule, opt, num_warmup_steps=int(args.warmup_ratio * steps),
+                              num_training_steps=steps)
+        prepared, opt = accelerator.prepare(net, opt)
+        return prepared, opt, sched
+
+    start_epoch, history, state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        from safetensors.torch import load_file
+
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
-            from safetensors.torch import load_file
-
-            accelerator.unwrap_model(model).load_state_dict(load_file(Path(folder) / "model.safetensors"),
-                                                            strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, history = state["epoch"], state["history"]
-            torch.set_rng_state(state["rng"])
+            weights = load_file(Path(folder) / "model.safetensors")
+        start_epoch, history = state["epoch"], state["history"]
+        if wide_epochs and start_epoch > wide_epochs:  # saved after narrowing
+            prune_feed_forward(model, student["ffn_size"])
+        model.load_state_dict(weights, strict=False)
+    narrowed = wide_epochs == 0 or start_epoch > wide_epochs
+    model, optimizer, scheduler = optimize(model, args.epochs if narrowed else wide_epochs)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
 
     loss_cfg = job.get("loss") or {}
     teacher_columns = list(job.get("teacher_weights") or {})
@@ -195,7 +207,12 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     rank = ray.train.get_context().get_world_rank()
     resumed_from = start_epoch
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, epochs):
+        if not narrowed and epoch == wide_epochs:
+            bare = accelerator.unwrap_model(model)
+            accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
+            model, optimizer, scheduler = optimize(prune_feed_forward(bare, student["ffn_size"]), args.epochs)
+            narrowed = True
         model.train()
         started, rows, loss_sum, steps, seen_ids = time.perf_counter(), 0, 0.0, 0, []
         for batch, enc in _training_batches(train_shard, tokenizer, args, seed=args.seed * 1000 + epoch):
@@ -226,7 +243,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             if job.get("record_ids_to"):
                 seen_ids += batch.column("id").to_pylist()
             if rank == 0 and steps % LOG_EVERY_STEPS == 0:
-                print(f"epoch {epoch + 1}/{args.epochs} step {steps}/{steps_per_epoch} loss {loss_sum / steps:.4f} "
+                print(f"epoch {epoch + 1}/{epochs} step {steps}/{steps_per_epoch} loss {loss_sum / steps:.4f} "
                       f"{rows * args.num_workers / (time.perf_counter() - started):.1f} samples/s", flush=True)
         if job.get("record_ids_to"):  # test hook: which rows each worker saw
             Path(job["record_ids_to"]).mkdir(parents=True, exist_ok=True)
@@ -235,6 +252,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
                    "samples_per_s": rows / seconds if seconds else 0.0, "rank": rank,
                    "resumed_from_epoch": resumed_from}
+        if wide_epochs:
+            metrics["ffn_size"] = feed_forward_width(accelerator.unwrap_model(model))
         if rank == 0 and job.get("has_validation"):
             metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
                                      ray.train.get_dataset_shard("validation"), job, accelerator.device))

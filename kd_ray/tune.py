@@ -162,7 +162,7 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
         (out / STARTS_FILE).unlink(missing_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
-    search, epochs = cfg.search, cfg.distill.train.epochs
+    search, epochs = cfg.search, cfg.distill.total_epochs
     points = []
     if _runs_default_first(search):
         base = cfg.distill.model_dump(mode="json")
@@ -191,7 +191,7 @@ def trials_tables(grid, cfg: TuneConfig):
     """(per-trial table, per-epoch table) as pandas DataFrames, trials in the order they were created."""
     import pandas as pd
 
-    paths, metric, epochs = searched_paths(cfg.search), cfg.search.metric, cfg.distill.train.epochs
+    paths, metric, epochs = searched_paths(cfg.search), cfg.search.metric, cfg.distill.total_epochs
     trials, per_epoch = [], []
     starts = trial_starts(Path(cfg.output).resolve())
     for result in grid:
@@ -259,7 +259,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     finished = table[(table["status"] == "completed") & table[metric].notna()]
     if finished.empty:
         errors = table["error"].dropna()
-        raise KdRayUserError(f"no trial finished all {cfg.distill.train.epochs} epochs; see {out / 'trials.csv'}"
+        raise KdRayUserError(f"no trial finished all {cfg.distill.total_epochs} epochs; see {out / 'trials.csv'}"
                              + (f"; the first error: {errors.iloc[0]}" if len(errors) else ""))
     best = finished.loc[finished[metric].idxmax()]  # first of equals: the default trial wins ties
     best_cfg = trial_config(base, {path: _plain(best[name]) for name, path in searched_paths(cfg.search).items()})

@@ -65,6 +65,34 @@ def test_distill_stopped_after_first_epoch_resumes_from_checkpoint(tmp_path, sof
     assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]
 
 
+def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_two_workers(tmp_path, soft_labels):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
+        "student.ffn_size": 16, "student.wide_epochs": 1, "train.epochs": 2, "train.num_workers": 2,
+        "train.num_cpus_per_worker": 0.25, "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
+    run_distill(cfg)
+    history = read_run_info(str(tmp_path / "student"))["history"]
+    assert [(h["epoch"], h["ffn_size"]) for h in history] == [(1, 64), (2, 16), (3, 16)]
+    assert all("val_macro_recall" in h for h in history)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    assert student.config.intermediate_size == 16
+    assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
+
+
+@pytest.mark.parametrize("stop_after, resumed", [(1, [0, 1, 1]), (2, [0, 0, 2])])
+def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, stop_after, resumed):
+    # stopped after the wide epoch: resumes wide and narrows; stopped after the first narrow epoch:
+    # the checkpoint holds the narrow model, which the resumed run must rebuild before loading it
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1})
+    with pytest.raises(Exception):
+        run_distill(cfg, stop_after_epoch=stop_after)
+    run_distill(cfg)
+    history = read_run_info(str(tmp_path / "student"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == resumed
+    assert [h["ffn_size"] for h in history] == [64, 16, 16]
+
+
 def test_relabeled_soft_labels_start_a_fresh_run_instead_of_resuming(tmp_path, soft_labels):
     # the same config over rewritten soft labels (e.g. relabeled after a corpus fix) must not
     # pick up the checkpoint trained on the old ones
