@@ -18,7 +18,8 @@ CPU threads, alternating between models (median of 3 passes over --timing-rows t
   tfidf_lr        TF-IDF word 1-2-grams + logistic regression (C and class weighting chosen on
                   validation), trained on the labeled set
   teacher         MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on the labeled set (`kd-ray finetune`)
-  student_alpha0  the 2-layer student cut from the teacher, trained on the labeled set only
+  student_alpha0  kd-ray's default student (3 layers cut from the teacher, trained 2 epochs, then
+                  narrowed to half their feed-forward neurons and trained 3 more), labeled set only
   student_kd      distilled on labeled + transfer soft labels with kd-ray's default T and alpha
   student_tuned   distilled with T, alpha and learning rate from `kd-ray tune` (searched once, on
                   seed 0's soft labels, scored on validation; then trained for every seed)
@@ -118,7 +119,7 @@ def pipeline_config(data: Path, labels: list[str], run: Path, seed: int) -> Pipe
                               "threads_per_worker": 2, "num_cpus_per_worker": 1.5}},
         "teacher_max_length": 64,
         "label": {"batch_size": 64, "block_rows": 1024},
-        "distill": {"epochs": 2, "batch_size": 32, "learning_rate": 2e-4, "max_length": 64, "seed": seed,
+        "distill": {"epochs": 3, "batch_size": 32, "learning_rate": 2e-4, "max_length": 64, "seed": seed,
                     "threads_per_worker": 2, "num_cpus_per_worker": 1.5},
         "eval": {"batch_size": 64, "max_length": 64, "threads": 2, "timing_rows": 1000},
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -285,7 +285,8 @@ class TrainArgs(Section):
 class StudentTrainArgs(TrainArgs):
     """A student's training: TrainArgs with the defaults the quality benchmark chose (BENCHMARKS.md)."""
 
-    epochs: int = Field(2, ge=1, le=1000, description="Passes over the training data.")
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (after student.wide_epochs "
+                        "at full width, for a student narrowed after training).")
     learning_rate: float = Field(
         2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
         "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
@@ -333,13 +334,13 @@ class StudentConfig(Section):
         "model folder or hub id in `model`; 'config': a fresh small BERT with the teacher's vocabulary.")
     model: str | None = Field(None, description="For 'cut': the teacher to cut (null: the soft labels' teacher). "
                               "For 'pretrained': the student's folder or hub id.")
-    num_layers: int = Field(2, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
+    num_layers: int = Field(3, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
     layer_selection: Literal["spread", "first"] = Field("spread", description="Which teacher layers a 'cut' keeps.")
-    ffn_size: int | None = Field(
-        None, ge=8, le=32768, description="For 'cut': feed-forward neurons each kept layer keeps, those with the "
-        "largest in and out weight norms (null: all of the teacher's; MiniLM-L6 has 1536).")
+    ffn_size: int | float | None = Field(
+        0.5, description="For 'cut': feed-forward neurons each kept layer keeps, those with the largest in and out "
+        "weight norms: a count, or a fraction in (0, 1] of the teacher's (MiniLM-L6 has 1536; null: all).")
     wide_epochs: int = Field(
-        0, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the teacher's full "
+        2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the teacher's full "
         "feed-forward width; it is then narrowed to ffn_size and trains train.epochs more, on a fresh learning-rate "
         "schedule (0: narrowed before training). Narrowing a trained student keeps more than narrowing the "
         "teacher's weights (BENCHMARKS.md).")
@@ -347,11 +348,41 @@ class StudentConfig(Section):
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
 
+    @field_validator("ffn_size", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, value: Any) -> Any:
+        """'768' is a count and '0.5' a fraction (command-line flags arrive as text)."""
+        if isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    return parse(value)
+                except ValueError:
+                    pass
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError("expected a neuron count (e.g. 768), a fraction in (0, 1] (e.g. 0.5) or null")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _narrowing_defaults(cls, data: Any) -> Any:
+        """The narrowing defaults (ffn_size, wide_epochs) apply to cut students; set, they must make sense."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "cut")
+        if kind != "cut":
+            if data.get("ffn_size") is not None or data.get("wide_epochs"):
+                raise ValueError(f"student.ffn_size and wide_epochs narrow a 'cut' student; a '{kind}' student would "
+                                 "ignore them (a 'config' student's width is student.intermediate_size)")
+            return {**data, "ffn_size": None, "wide_epochs": 0}
+        if "ffn_size" in data and data["ffn_size"] is None and "wide_epochs" not in data:
+            return {**data, "wide_epochs": 0}  # a full-width student has nothing to narrow
+        return data
+
     @model_validator(mode="after")
     def _ffn_size_cuts(self) -> StudentConfig:
-        if self.ffn_size is not None and self.kind != "cut":
-            raise ValueError(f"student.ffn_size narrows a 'cut' student; a '{self.kind}' student would ignore it "
-                             "(a 'config' student's width is student.intermediate_size)")
+        size = self.ffn_size
+        if isinstance(size, float) and not 0 < size <= 1 or isinstance(size, int) and not 1 <= size <= 32768:
+            raise ValueError(f"student.ffn_size must be a neuron count in [1, 32768] or a fraction in (0, 1], got {size}")
         if self.wide_epochs and self.ffn_size is None:
             raise ValueError("student.wide_epochs trains at full width before narrowing to student.ffn_size, "
                              "which is not set")

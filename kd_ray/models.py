@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_ray.errors import ModelError
-from kd_ray.students import check_ffn_size, cut_student_from_teacher, student_from_config
+from kd_ray.students import cut_student_from_teacher, ffn_neurons, student_from_config
 
 
 def _label_maps(labels: list[str]) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def build_student(student: dict[str, Any], teacher_model: str, labels: list[str]
             net = cut_student_from_teacher(teacher, student["num_layers"], student["layer_selection"],
                                            None if wide_first else ffn_size)
             if wide_first:
-                check_ffn_size(net, ffn_size)
+                ffn_neurons(net, ffn_size)
         except ValueError as e:
             raise ModelError(f"cannot cut a student from {source}: {e}") from e
         return net, tokenizer

@@ -65,7 +65,7 @@ def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str
 
 
 def cut_student_from_teacher(
-    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread", ffn_size: int | None = None
+    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread", ffn_size: int | float | None = None
 ) -> PreTrainedModel:
     """A copy of ``teacher`` keeping ``num_layers`` of its encoder layers.
 
@@ -134,16 +134,22 @@ def feed_forward_width(model: PreTrainedModel) -> int:
     return getattr(model.config, _feed_forward_spec(model)[1][2])
 
 
-def check_ffn_size(model: PreTrainedModel, ffn_size: int) -> None:
-    """Raise ValueError unless ``model``'s feed-forward blocks can be narrowed to ``ffn_size``."""
+def ffn_neurons(model: PreTrainedModel, ffn_size: int | float) -> int:
+    """``ffn_size`` as a neuron count for ``model``: an int is one, a float in (0, 1] a fraction of its width.
+
+    Raises ValueError where the model's feed-forward blocks cannot be narrowed to it."""
     width = feed_forward_width(model)
-    if not 1 <= ffn_size <= width:
-        raise ValueError(f"ffn_size must be in [1, {width}] (the teacher's feed-forward width), got {ffn_size}")
+    size = round(width * ffn_size) if isinstance(ffn_size, float) else ffn_size
+    if not 1 <= size <= width:
+        raise ValueError(f"ffn_size must be in [1, {width}] (the teacher's feed-forward width) or a fraction in "
+                         f"(0, 1], got {ffn_size}")
+    return size
 
 
 @torch.no_grad()
-def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel:
-    """Narrow every encoder layer's feed-forward block to ``ffn_size`` neurons, in place.
+def prune_feed_forward(model: PreTrainedModel, ffn_size: int | float) -> PreTrainedModel:
+    """Narrow every encoder layer's feed-forward block to ``ffn_size`` neurons (or that fraction of
+    them, for a float), in place.
 
     Neuron j of a block is scored by ``||W_in[j, :]|| * ||W_out[:, j]||`` (the norms of the
     weights into and out of it, no data needed) and the ``ffn_size`` best are kept, in their
@@ -151,7 +157,7 @@ def prune_feed_forward(model: PreTrainedModel, ffn_size: int) -> PreTrainedModel
     that ``from_pretrained`` loads as an ordinary, narrower one. In a MiniLM-L6 cut this is most
     of a layer's cost: 3 layers with half their feed-forward neurons run about as fast as 2 whole ones.
     """
-    check_ffn_size(model, ffn_size)
+    ffn_size = ffn_neurons(model, ffn_size)
     layers, (in_path, out_path, width_field) = _feed_forward_spec(model)
     for layer in layers:
         w_in, w_out = _submodule(layer, in_path), _submodule(layer, out_path)

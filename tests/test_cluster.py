@@ -82,7 +82,7 @@ def label_flags(corpus: Path, teacher: Path, output: Path) -> dict[str, object]:
 
 
 def as_argv(flags: dict[str, object]) -> list[str]:
-    return [arg for key, value in flags.items() for arg in (f"--{key}", str(value))]
+    return [arg for key, value in flags.items() for arg in (f"--{key}", "null" if value is None else str(value))]
 
 
 def _port_free(port: int) -> bool:
@@ -287,7 +287,8 @@ def test_label_then_distill_jobs_on_a_two_node_cluster(cluster, labeled, corpus,
     # Distill on both nodes: two Ray Train workers, one per node (SPREAD_CPUS each).
     student = tmp_path / "student"
     distill = {"soft_labels": str(folder), "output": str(student), "storage_path": str(tmp_path / "ray_train"),
-               "student.num_layers": 1, "train.num_workers": 2, "train.epochs": 1, "train.batch_size": 64,
+               "student.num_layers": 1, "student.ffn_size": None, "train.num_workers": 2, "train.epochs": 1,
+               "train.batch_size": 64,
                "train.num_cpus_per_worker": SPREAD_CPUS, "train.max_failures": 0}
     record = submit_job(cluster, "jobs/distill.py", distill, timeout=DISTILL_TIMEOUT_S)
     assert "kd-ray distill: 1 epochs" in record["output"]

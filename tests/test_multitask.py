@@ -210,7 +210,7 @@ def _multitask_distill(root, out, **overrides):
     return load_config(DistillConfig, overrides={
         "soft_labels": str(root / "labels"), "output": str(out),
         "tasks": {"sentiment": {"weight": 1.0}, "reason": {"weight": 0.5, "temperature": 4.0}},
-        "student.kind": "cut", "student.num_layers": 1,
+        "student.kind": "cut", "student.num_layers": 1, "student.ffn_size": None,
         "validation": {"path": str(root / "corpus" / "posts.parquet"), "label_column": "sentiment",
                        "task_label_columns": {"reason": "reason"}},
         "train.epochs": 1, "train.batch_size": 16, "train.max_length": 32, "train.learning_rate": 1e-3,
@@ -283,7 +283,7 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
         "data": {"train": {"path": str(files["train"]), "id_column": "id"},
                  "transfer": {"path": str(files["transfer"]), "id_column": "id"},
                  "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
-        "student": {"num_layers": 1}, "distill": fast,
+        "student": {"num_layers": 1, "ffn_size": None}, "distill": fast,
         "eval": {"max_length": 32, "timing_rows": 40, "timing_repeats": 1},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's

@@ -41,7 +41,7 @@ def pipeline_run(tmp_path_factory, tiny_teacher, ray_session):
                  "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
         "teacher": {"base_model": str(tiny_teacher),
                     "train": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5}},
-        "student": {"num_layers": 1},
+        "student": {"num_layers": 1, "ffn_size": None},
         "distill": {"epochs": 2, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
         "eval": {"max_length": 32, "timing_rows": 50, "timing_repeats": 1},
     }

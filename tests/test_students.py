@@ -277,21 +277,38 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
     from kd_ray.errors import ModelError
     from kd_ray.models import build_student
 
-    with pytest.raises(ValidationError, match="ffn_size narrows a 'cut' student; a 'config' student would ignore it"):
+    with pytest.raises(ValidationError, match="ffn_size and wide_epochs narrow a 'cut' student; a 'config' student"):
         StudentConfig(kind="config", ffn_size=64)
+    with pytest.raises(ValidationError, match="a 'pretrained' student would ignore them"):
+        StudentConfig(kind="pretrained", wide_epochs=1)
+    for bad in (0, 1.5, 0.0, 40000):
+        with pytest.raises(ValidationError, match="must be a neuron count in \\[1, 32768\\] or a fraction in \\(0, 1\\]"):
+            StudentConfig(ffn_size=bad)
+    with pytest.raises(ValidationError, match="expected a neuron count .* a fraction in \\(0, 1\\] .* or null"):
+        StudentConfig(ffn_size="none")
+    assert (StudentConfig(ffn_size="768").ffn_size, StudentConfig(ffn_size="0.5").ffn_size) == (768, 0.5)
+    # the narrowing defaults are a cut student's: other kinds and a full-width cut drop them
+    assert (StudentConfig(kind="config").ffn_size, StudentConfig(kind="config").wide_epochs) == (None, 0)
+    assert StudentConfig(ffn_size=None).wide_epochs == 0
     tiny_bert().save_pretrained(tmp_path / "teacher")
     BertTokenizerFast(vocab=_tiny_vocab(tmp_path)).save_pretrained(tmp_path / "teacher")
-    student = StudentConfig(num_layers=2, ffn_size=128).model_dump()
+    student = StudentConfig(num_layers=2, ffn_size=128, wide_epochs=0).model_dump()
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
         build_student(student, str(tmp_path / "teacher"), list(ID2LABEL.values()))
     net, _ = build_student({**student, "ffn_size": 16}, str(tmp_path / "teacher"), list(ID2LABEL.values()))
     assert net.config.intermediate_size == 16 and layers_of(net)[1].intermediate.dense.out_features == 16
     # narrowed after training: built at full width, but a width the teacher lacks is refused before any epoch
     with pytest.raises(ValidationError, match="wide_epochs trains at full width before narrowing to student.ffn_size"):
-        StudentConfig(wide_epochs=2)
+        StudentConfig(ffn_size=None, wide_epochs=2)
     wide_first = StudentConfig(num_layers=2, ffn_size=16, wide_epochs=1).model_dump()
     net, _ = build_student(wide_first, str(tmp_path / "teacher"), list(ID2LABEL.values()))
     assert net.config.intermediate_size == 64
+    # the default: 3 layers, trained wide for 2 epochs, then narrowed to half the teacher's neurons
+    default = StudentConfig()
+    assert (default.num_layers, default.ffn_size, default.wide_epochs) == (3, 0.5, 2)
+    net, _ = build_student({**default.model_dump(), "wide_epochs": 0}, str(tmp_path / "teacher"),
+                           list(ID2LABEL.values()))
+    assert net.config.intermediate_size == 32 and layers_of(net)[2].intermediate.dense.out_features == 32
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
         build_student({**wide_first, "ffn_size": 128}, str(tmp_path / "teacher"), list(ID2LABEL.values()))
 

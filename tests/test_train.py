@@ -20,7 +20,8 @@ FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "trai
 
 def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
     return load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(out),
-                                                 "student.num_layers": 1, **FAST, **overrides})
+                                                 "student.num_layers": 1, "student.ffn_size": None,
+                                                 **FAST, **overrides})
 
 
 def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny_teacher, ray_session):

@@ -27,7 +27,7 @@ SPACE = {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
 
 def _overrides(soft_labels: Path, validation: Path, out: Path, **extra) -> dict:
     return {"distill.soft_labels": str(soft_labels), "distill.validation.path": str(validation),
-            "distill.student.num_layers": 1, "distill.train.epochs": 2, "distill.train.batch_size": 16,
+            "distill.student.num_layers": 1, "distill.student.ffn_size": None, "distill.train.epochs": 2, "distill.train.batch_size": 16,
             "distill.train.max_length": 32, "distill.train.shuffle_buffer": 0,
             "distill.train.num_cpus_per_worker": 0.5, "distill.train.max_failures": 0,
             "search.space": SPACE, "search.num_samples": 4, "output": str(out), **extra}
@@ -130,7 +130,7 @@ def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path
         "ray.address": ray_session.get_runtime_context().gcs_address})
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
-    flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides.items()]
+    flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) or v is None else v}" for k, v in overrides.items()]
     command = [sys.executable, "-m", "kd_ray.cli", "tune", "--config", str(config), *flags]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save Tune's state often, so a kill finds it recent
     experiment = tmp_path / "tune" / "experiment"
