@@ -483,7 +483,8 @@ class SearchConfig(Section):
         "val_macro_recall", description="Validation metric maximised, scored after every epoch.")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="'asha' stops trials that trail at epoch "
                                                "milestones (early stopping); 'fifo' runs every trial to the end.")
-    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
+    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it (at least "
+                              "student.wide_epochs + 1: a student narrowed after training is judged narrowed).")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the top 1/reduction_factor at each milestone.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once; each trial is a "
                                        "Ray Train run with distill.train.num_workers workers.")

@@ -142,6 +142,12 @@ def _saved_spec(path: Path) -> dict | None:
         return None
 
 
+def grace_period(cfg: TuneConfig) -> int:
+    """Epochs before ASHA may stop a trial: search.grace_period, but a student narrowed after
+    training (student.wide_epochs) is first judged once narrowed."""
+    return min(max(cfg.search.grace_period, cfg.distill.student.wide_epochs + 1), cfg.distill.total_epochs)
+
+
 def _tuner(cfg: TuneConfig, out: Path, trainable):
     """A new Tuner, or the interrupted one restored from ``out/experiment``."""
     from ray import tune
@@ -168,7 +174,7 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
         base = cfg.distill.model_dump(mode="json")
         points = [{path: _get_dotted(base, path) for path in searched_paths(search).values()}]
     if search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(search.grace_period, epochs),
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace_period(cfg),
                                   reduction_factor=search.reduction_factor)
     else:
         scheduler = FIFOScheduler()

@@ -189,3 +189,17 @@ def test_a_trial_is_named_by_its_index_also_when_tune_suffixed_its_folder():
     assert trial_of_dir("trial_00002") == "trial_00002"
     assert trial_of_dir("trial_00002_6d8d") == "trial_00002"
     assert trial_of_dir("something_else") == "something_else"
+
+
+def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_path):
+    from kd_ray.tune import grace_period
+
+    def grace(**overrides):
+        return grace_period(load_config(TuneConfig, overrides={"distill.soft_labels": "x", "search.space": SPACE,
+                                                               "distill.validation.path": "v",
+                                                               "output": str(tmp_path), **overrides}))
+
+    assert grace() == 3  # the default student: 2 wide epochs, then 3 narrow ones
+    assert grace(**{"distill.student.ffn_size": None}) == 1  # a full-width cut: the search's own grace period
+    assert grace(**{"search.grace_period": 4}) == 4
+    assert grace(**{"search.grace_period": 9}) == 5  # never past the last of the 5 epochs
