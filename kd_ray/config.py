@@ -351,16 +351,18 @@ class StudentConfig(Section):
     @field_validator("ffn_size", mode="before")
     @classmethod
     def _count_or_fraction(cls, value: Any) -> Any:
-        """'768' is a count and '0.5' a fraction (command-line flags arrive as text)."""
-        if isinstance(value, str):
-            for parse in (int, float):
-                try:
-                    return parse(value)
-                except ValueError:
-                    pass
+        """One message for anything but a number: pydantic would report the int and float members apart,
+        under flags that do not exist."""
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ValueError("expected a neuron count (e.g. 768), a fraction in (0, 1] (e.g. 0.5) or null")
         return value
+
+    @field_validator("ffn_size")
+    @classmethod
+    def _in_range(cls, size: int | float | None) -> int | float | None:
+        if isinstance(size, float) and not 0 < size <= 1 or isinstance(size, int) and not 1 <= size <= 32768:
+            raise ValueError("must be a neuron count in [1, 32768] or a fraction in (0, 1]")
+        return size
 
     @model_validator(mode="before")
     @classmethod
@@ -380,9 +382,6 @@ class StudentConfig(Section):
 
     @model_validator(mode="after")
     def _ffn_size_cuts(self) -> StudentConfig:
-        size = self.ffn_size
-        if isinstance(size, float) and not 0 < size <= 1 or isinstance(size, int) and not 1 <= size <= 32768:
-            raise ValueError(f"student.ffn_size must be a neuron count in [1, 32768] or a fraction in (0, 1], got {size}")
         if self.wide_epochs and self.ffn_size is None:
             raise ValueError("student.wide_epochs trains at full width before narrowing to student.ffn_size, "
                              "which is not set")

@@ -286,7 +286,7 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
             StudentConfig(ffn_size=bad)
     with pytest.raises(ValidationError, match="expected a neuron count .* a fraction in \\(0, 1\\] .* or null"):
         StudentConfig(ffn_size="none")
-    assert (StudentConfig(ffn_size="768").ffn_size, StudentConfig(ffn_size="0.5").ffn_size) == (768, 0.5)
+    assert (StudentConfig(ffn_size=768).ffn_size, StudentConfig(ffn_size=0.5).ffn_size) == (768, 0.5)
     # the narrowing defaults are a cut student's: other kinds and a full-width cut drop them
     assert (StudentConfig(kind="config").ffn_size, StudentConfig(kind="config").wide_epochs) == (None, 0)
     assert StudentConfig(ffn_size=None).wide_epochs == 0
