@@ -280,6 +280,10 @@ class TrainArgs(Section):
         "the Ray Data tasks that stream their data.",
     )
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
+    keep: Literal["last", "best"] = Field(
+        "last", description="Which epoch's model becomes the output: 'last', or 'best': the epoch with the highest "
+        "validation macro-recall (needs validation data; a student narrowed after training picks among its narrow "
+        "epochs). Ray Train keeps that checkpoint besides the latest.")
 
 
 class StudentTrainArgs(TrainArgs):
@@ -318,6 +322,13 @@ class TrainStageConfig(Section):
     storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints (shared by all nodes); "
                                      "null: <output>/../ray_train.")
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrainStageConfig:
+        if self.train.keep == "best" and self.validation is None:
+            raise ValueError("train.keep is 'best', which picks the epoch by its validation score, but no validation "
+                             "data is set; set validation.path or train.keep: last")
+        return self
 
 
 class FinetuneConfig(TrainStageConfig):
@@ -691,4 +702,16 @@ class PipelineConfig(Section):
             raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
+        return self
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> PipelineConfig:
+        teachers = {f"tasks.{n}.teacher": t.teacher for n, t in self.tasks.items()} if self.tasks else {
+            "teacher": self.teacher}
+        keeps = {"distill.keep": self.distill.keep} | {f"{n}.train.keep": t.train.keep for n, t in teachers.items()
+                                                            if t.base_model}  # fine-tuned here
+        for field, keep in keeps.items():
+            if keep == "best" and self.data.validation is None:
+                raise ValueError(f"{field} is 'best', which picks the epoch by its validation score, but "
+                                 f"data.validation is not set; set data.validation.path or {field}: last")
         return self

@@ -33,6 +33,8 @@ TRAIN_STATE = "train_state.pt"
 LOG_EVERY_STEPS = 50
 DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold most CPUs
 RUN_INFO = "kd_ray_train.json"
+# train.keep: best ranks checkpoints by this metric: validation macro-recall, -1 for epochs that cannot be kept
+KEEP_SCORE = "keep_score"
 
 
 # ---------------------------------------------------------------------------- per-worker loop
@@ -257,6 +259,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         if rank == 0 and job.get("has_validation"):
             metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
                                      ray.train.get_dataset_shard("validation"), job, accelerator.device))
+            if args.keep == "best":  # a wide epoch's model is not the student asked for: never the best
+                metrics[KEEP_SCORE] = metrics["val_macro_recall"] if narrowed else -1.0
         history.append(metrics)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
@@ -306,7 +310,9 @@ def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # keep: best adds the best-scoring checkpoint to those kept (Ray always keeps the latest, to resume)
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE if args.keep == "best" else None),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -314,7 +320,7 @@ def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage
 
 
 def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: str | None, ray_cfg: RayConfig):
-    """Run ``train_loop_per_worker`` on Ray Train and export the last checkpoint to ``output``."""
+    """Run ``train_loop_per_worker`` on Ray Train and export the checkpoint ``train.keep`` names to ``output``."""
     from kd_ray.runtime import init_ray
 
     init_ray(ray_cfg)
@@ -322,22 +328,40 @@ def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: s
     result = build_trainer(job, datasets, args, name, _storage_path(output, storage_path)).fit()
     if result.checkpoint is None:
         raise KdRayUserError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
-    export_checkpoint(result.checkpoint, output, job)
+    chosen = result.checkpoint
+    if args.keep == "best":
+        chosen = max(result.best_checkpoints, key=lambda reported: keep_rank(reported[1]))[0]
+    export_checkpoint(chosen, output, job, latest=result.checkpoint)
     return result
 
 
-def export_checkpoint(checkpoint, output: str, job: dict) -> None:
-    """Copy the checkpoint's Hugging Face folder to ``output``, without the optimizer state."""
+def keep_rank(metrics: dict) -> tuple[float, int]:
+    """How ``train.keep: best`` ranks an epoch's metrics: by keep score, the earliest of equals."""
+    score = metrics.get(KEEP_SCORE)
+    return (score if score is not None and score == score else -1.0), -metrics["epoch"]  # NaN: not scored
+
+
+def _train_state(checkpoint) -> dict:
     import torch
 
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
+
+
+def export_checkpoint(checkpoint, output: str, job: dict, latest=None) -> None:
+    """Copy the checkpoint's Hugging Face folder to ``output``, without the optimizer state; the run's
+    history is read from ``latest`` (the run's last checkpoint) when another epoch's model is exported."""
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as folder:
         shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
-        history = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)["history"]
+    state = _train_state(checkpoint)
+    same = latest is None or latest.path == checkpoint.path
+    history = (state if same else _train_state(latest))["history"]
     job = {k: v for k, v in job.items() if k not in TEST_HOOKS}
-    info = {"mode": job["mode"], "labels": job["labels"], "history": history, "job": job}
+    info = {"mode": job["mode"], "labels": job["labels"], "history": history, "exported_epoch": state["epoch"],
+            "job": job}
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # the model folder appears whole or not at all

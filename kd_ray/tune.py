@@ -32,6 +32,7 @@ from kd_ray.config import (
 )
 from kd_ray.errors import KdRayUserError, unwrap_user_error
 from kd_ray.storage import absolute_if_local
+from kd_ray.train import KEEP_SCORE, keep_rank
 
 EXPERIMENT = "experiment"
 SPEC_FILE = "tune_spec.json"
@@ -211,17 +212,24 @@ def trials_tables(grid, cfg: TuneConfig):
             rows = history.to_dict("records")
         for r in rows:
             per_epoch.append({"trial": trial_id, **values, "epoch": int(r["epoch"]), "train_loss": r.get("train_loss"),
-                              **{k: r.get(k) for k in ("val_macro_recall", "val_macro_f1", "val_accuracy")},
+                              **{k: r.get(k) for k in ("val_macro_recall", "val_macro_f1", "val_accuracy", KEEP_SCORE)},
                               "checkpoint_path": r.get("checkpoint_path")})
         done = int(rows[-1]["epoch"]) if rows else 0
         status = "error" if result.error else ("completed" if done >= epochs else "stopped early")
+        kept = kept_epoch(rows, cfg.distill.train.keep) if rows else None  # the student this trial exports
         trials.append({"trial": trial_id, **values, "status": status, "epochs": done,
-                       metric: rows[-1].get(metric) if rows else None,
+                       metric: kept.get(metric) if kept else None,
+                       "kept_epoch": int(kept["epoch"]) if kept else None,
                        **{f"{metric}_epoch{int(r['epoch'])}": r.get(metric) for r in rows},
                        "starts": starts.get(trial_id, 0),
                        "error": _error_line(result.error)})
     table = pd.DataFrame(trials).sort_values("trial").reset_index(drop=True)  # creation order
     return table, pd.DataFrame(per_epoch)
+
+
+def kept_epoch(history: list[dict], keep: str) -> dict:
+    """The epoch whose model a trial exports, picked as ``kd_ray.train.fit`` picks it."""
+    return max(history, key=keep_rank) if keep == "best" else history[-1]
 
 
 def trial_starts(out: Path) -> dict[str, int]:
@@ -270,9 +278,11 @@ def run_tune(cfg: TuneConfig) -> dict:
     best = finished.loc[finished[metric].idxmax()]  # first of equals: the default trial wins ties
     best_cfg = trial_config(base, {path: _plain(best[name]) for name, path in searched_paths(cfg.search).items()})
     best_cfg = best_cfg.model_copy(update={"output": str(out / "student")})
-    last = epochs_table[(epochs_table["trial"] == best["trial"])].sort_values("epoch").iloc[-1]
+    runs = epochs_table[epochs_table["trial"] == best["trial"]].sort_values("epoch")
+    kept = runs[runs["epoch"] == best["kept_epoch"]].iloc[-1]
     job, _ = distill_job(best_cfg)
-    export_checkpoint(ray.train.Checkpoint(last["checkpoint_path"]), best_cfg.output, job)
+    export_checkpoint(ray.train.Checkpoint(kept["checkpoint_path"]), best_cfg.output, job,
+                      latest=ray.train.Checkpoint(runs.iloc[-1]["checkpoint_path"]))
     (out / "best_config.yaml").write_text(
         f"# kd-ray distill --config {out / 'best_config.yaml'}\n"
         f"# best of {len(table)} trials by {metric} = {best[metric]:.4f} (trial {best['trial']})\n"

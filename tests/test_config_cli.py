@@ -115,6 +115,16 @@ def test_pipeline_transfer_set_is_read_like_the_labeled_set_and_without_gold(ove
     assert (corpus.path, corpus.unlabeled_path, corpus.label_column) == ("l.csv", "u.csv", "y")
 
 
+@pytest.mark.parametrize("field", ["distill.keep", "teacher.train.keep"])
+def test_pipeline_keeping_the_best_epoch_needs_validation_data(field):
+    from kd_ray.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match=rf"{field} is 'best'.*data.validation is not set"):
+        load_config(PipelineConfig, overrides={**PIPELINE, field: "best"})
+    cfg = load_config(PipelineConfig, overrides={**PIPELINE, field: "best", "data.validation.path": "v.csv"})
+    assert cfg.distill.keep == "best" or cfg.teacher.train.keep == "best"
+
+
 def test_yaml_file_problems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(LabelConfig, tmp_path / "missing.yaml")

@@ -81,6 +81,37 @@ def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_tw
     assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
 
 
+def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_path, soft_labels):
+    import filecmp
+
+    import torch
+
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
+        "student.ffn_size": 16, "student.wide_epochs": 1, "train.epochs": 3, "train.keep": "best",
+        "train.learning_rate": 3e-3, "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
+    run_distill(cfg)
+    info = read_run_info(str(tmp_path / "student"))
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the whole run's history, whichever epoch is kept
+    assert history[0]["keep_score"] == -1.0  # the wide epoch is never the student
+    narrow = [h for h in history if h["ffn_size"] == 16]
+    best = max(narrow, key=lambda h: (h["val_macro_recall"], -h["epoch"]))
+    assert info["exported_epoch"] == best["epoch"]
+    # the exported weights are that epoch's checkpoint, which Ray Train kept besides the latest
+    kept = {torch.load(c / "train_state.pt", weights_only=False)["epoch"]: c
+            for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()}
+    assert best["epoch"] in kept and 4 in kept
+    assert filecmp.cmp(kept[best["epoch"]] / "model.safetensors", tmp_path / "student" / "model.safetensors",
+                       shallow=False)
+
+
+def test_keep_last_exports_the_last_epoch(tmp_path, soft_labels):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 1})
+    run_distill(cfg)
+    info = read_run_info(str(tmp_path / "student"))
+    assert info["exported_epoch"] == 1 and "keep_score" not in info["history"][0]
+
+
 @pytest.mark.parametrize("stop_after, resumed", [(1, [0, 1, 1]), (2, [0, 0, 2])])
 def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, stop_after, resumed):
     # stopped after the wide epoch: resumes wide and narrows; stopped after the first narrow epoch:
@@ -124,6 +155,8 @@ def test_alpha_zero_trains_on_gold_rows_only(tmp_path, soft_labels):
     ({"loss.alpha": -0.1}, "loss.alpha"),
     ({"train.batch_size": 0}, "train.batch_size"),
     ({"student.kind": "tiny"}, "student.kind"),
+    ({"train.keep": "best"}, "train.keep"),  # needs validation data
+    ({"train.keep": "first"}, "train.keep"),
 ])
 def test_bad_distill_config_names_the_field(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

@@ -203,3 +203,14 @@ def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_p
     assert grace(**{"distill.student.ffn_size": None}) == 1  # a full-width cut: the search's own grace period
     assert grace(**{"search.grace_period": 4}) == 4
     assert grace(**{"search.grace_period": 9}) == 5  # never past the last of the 5 epochs
+
+
+def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
+    from kd_ray.tune import kept_epoch
+
+    history = [{"epoch": 1, "keep_score": -1.0, "val_macro_recall": 0.90},  # wide: scored but never kept
+               {"epoch": 2, "keep_score": 0.70, "val_macro_recall": 0.70},
+               {"epoch": 3, "keep_score": 0.70, "val_macro_recall": 0.70},
+               {"epoch": 4, "keep_score": float("nan"), "val_macro_recall": 0.60}]  # no score: never kept
+    assert kept_epoch(history, "best")["epoch"] == 2  # the earliest of equals
+    assert kept_epoch(history, "last")["epoch"] == 4
