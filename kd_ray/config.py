@@ -280,10 +280,10 @@ class TrainArgs(Section):
         "the Ray Data tasks that stream their data.",
     )
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
-    keep: Literal["last", "best"] = Field(
-        "last", description="Which epoch's model becomes the output: 'last', or 'best': the epoch with the highest "
+    keep: Literal["last", "best", "auto"] = Field(
+        "last", description="Which epoch's model becomes the output: 'last'; 'best': the epoch with the highest "
         "validation macro-recall (needs validation data; a student narrowed after training picks among its narrow "
-        "epochs). Ray Train keeps that checkpoint besides the latest.")
+        "epochs; Ray Train keeps that checkpoint besides the latest); 'auto': best with validation data, else last.")
 
 
 class StudentTrainArgs(TrainArgs):
@@ -294,6 +294,11 @@ class StudentTrainArgs(TrainArgs):
     learning_rate: float = Field(
         2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
         "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
+    keep: Literal["last", "best", "auto"] = Field(
+        "auto", description="Which epoch's model becomes the student: 'last'; 'best': the epoch with the highest "
+        "validation macro-recall (needs validation data; a student narrowed after training picks among its narrow "
+        "epochs; Ray Train keeps that checkpoint besides the latest); 'auto' (default): best with validation data, "
+        "else last. On airline tweets the best narrow epoch beat the last on test (BENCHMARKS.md).")
 
 
 class EvalSetConfig(Section):

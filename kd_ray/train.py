@@ -259,7 +259,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         if rank == 0 and job.get("has_validation"):
             metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
                                      ray.train.get_dataset_shard("validation"), job, accelerator.device))
-            if args.keep == "best":  # a wide epoch's model is not the student asked for: never the best
+            if keeps_best(job):  # a wide epoch's model is not the student asked for: never the best
                 metrics[KEEP_SCORE] = metrics["val_macro_recall"] if narrowed else -1.0
         history.append(metrics)
         with tempfile.TemporaryDirectory() as folder:
@@ -312,7 +312,7 @@ def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
             # keep: best adds the best-scoring checkpoint to those kept (Ray always keeps the latest, to resume)
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE if args.keep == "best" else None),
+                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE if keeps_best(job) else None),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -329,10 +329,16 @@ def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: s
     if result.checkpoint is None:
         raise KdRayUserError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
     chosen = result.checkpoint
-    if args.keep == "best":
+    if keeps_best(job):
         chosen = max(result.best_checkpoints, key=lambda reported: keep_rank(reported[1]))[0]
     export_checkpoint(chosen, output, job, latest=result.checkpoint)
     return result
+
+
+def keeps_best(job: dict) -> bool:
+    """Whether the run exports its best epoch (train.keep 'best', or 'auto' with validation data)."""
+    keep = job["train"].get("keep", "last")
+    return keep == "best" or (keep == "auto" and bool(job.get("has_validation")))
 
 
 def keep_rank(metrics: dict) -> tuple[float, int]:
@@ -548,9 +554,10 @@ def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, reco
 
 def _print_result(stage: str, output: str) -> None:
     info = read_run_info(output)
-    last = info["history"][-1] if info and info["history"] else {}
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
-    print(f"kd-ray {stage}: {len(info['history'])} epochs, last: {shown} -> {output}", flush=True)
+    epoch = info.get("exported_epoch") or len(info["history"])
+    kept = info["history"][epoch - 1] if info["history"] else {}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in kept.items() if isinstance(v, float))
+    print(f"kd-ray {stage}: {len(info['history'])} epochs, exported epoch {epoch}: {shown} -> {output}", flush=True)
 
 
 def finetune_main(cfg: FinetuneConfig) -> None:

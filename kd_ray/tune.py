@@ -216,7 +216,8 @@ def trials_tables(grid, cfg: TuneConfig):
                               "checkpoint_path": r.get("checkpoint_path")})
         done = int(rows[-1]["epoch"]) if rows else 0
         status = "error" if result.error else ("completed" if done >= epochs else "stopped early")
-        kept = kept_epoch(rows, cfg.distill.train.keep) if rows else None  # the student this trial exports
+        # the student this trial exports (a search always has validation data: 'auto' is 'best')
+        kept = kept_epoch(rows, best=cfg.distill.train.keep != "last") if rows else None
         trials.append({"trial": trial_id, **values, "status": status, "epochs": done,
                        metric: kept.get(metric) if kept else None,
                        "kept_epoch": int(kept["epoch"]) if kept else None,
@@ -227,9 +228,9 @@ def trials_tables(grid, cfg: TuneConfig):
     return table, pd.DataFrame(per_epoch)
 
 
-def kept_epoch(history: list[dict], keep: str) -> dict:
+def kept_epoch(history: list[dict], best: bool) -> dict:
     """The epoch whose model a trial exports, picked as ``kd_ray.train.fit`` picks it."""
-    return max(history, key=keep_rank) if keep == "best" else history[-1]
+    return max(history, key=keep_rank) if best else history[-1]
 
 
 def trial_starts(out: Path) -> dict[str, int]:

@@ -105,11 +105,13 @@ def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_p
                        shallow=False)
 
 
-def test_keep_last_exports_the_last_epoch(tmp_path, soft_labels):
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 1})
+@pytest.mark.parametrize("keep, validation", [("last", True), ("auto", False)])
+def test_keep_last_or_auto_without_validation_exports_the_last_epoch(tmp_path, soft_labels, keep, validation):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.keep": keep}, **(
+        {"validation.path": str(labeled_corpus(tmp_path / "val", 100))} if validation else {}))
     run_distill(cfg)
     info = read_run_info(str(tmp_path / "student"))
-    assert info["exported_epoch"] == 1 and "keep_score" not in info["history"][0]
+    assert info["exported_epoch"] == 2 and not any("keep_score" in h for h in info["history"])
 
 
 @pytest.mark.parametrize("stop_after, resumed", [(1, [0, 1, 1]), (2, [0, 0, 2])])

@@ -91,7 +91,11 @@ def test_search_of_four_trials_writes_table_best_config_and_student(tmp_path, so
     assert best_cfg.soft_labels == str(soft_labels) and best_cfg.output == str(out / "student")
     info = json.loads((out / "student" / "kd_ray_train.json").read_text())
     assert [h["epoch"] for h in info["history"]] == [1, 2]
-    assert info["history"][-1]["val_macro_recall"] == pytest.approx(best["val_macro_recall"])
+    # 'auto' keeps a trial's best epoch: the student is that epoch's, and the trial is scored by it
+    assert info["exported_epoch"] == best["kept_epoch"]
+    kept = info["history"][info["exported_epoch"] - 1]
+    assert kept["val_macro_recall"] == pytest.approx(best["val_macro_recall"]) == max(
+        h["val_macro_recall"] for h in info["history"])
     assert info["job"]["loss"]["temperature"] == pytest.approx(best["temperature"])
     AutoModelForSequenceClassification.from_pretrained(out / "student")
 
@@ -212,5 +216,5 @@ def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
                {"epoch": 2, "keep_score": 0.70, "val_macro_recall": 0.70},
                {"epoch": 3, "keep_score": 0.70, "val_macro_recall": 0.70},
                {"epoch": 4, "keep_score": float("nan"), "val_macro_recall": 0.60}]  # no score: never kept
-    assert kept_epoch(history, "best")["epoch"] == 2  # the earliest of equals
-    assert kept_epoch(history, "last")["epoch"] == 4
+    assert kept_epoch(history, best=True)["epoch"] == 2  # the earliest of equals
+    assert kept_epoch(history, best=False)["epoch"] == 4
