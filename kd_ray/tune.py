@@ -229,8 +229,11 @@ def trials_tables(grid, cfg: TuneConfig):
 
 
 def kept_epoch(history: list[dict], best: bool) -> dict:
-    """The epoch whose model a trial exports, picked as ``kd_ray.train.fit`` picks it."""
-    return max(history, key=keep_rank) if best else history[-1]
+    """The epoch whose model a trial exports, picked as ``kd_ray.train.fit`` picks it; the last where
+    no epoch was scored (a trial trained before train.keep existed, resumed now: only its last
+    checkpoints are kept)."""
+    scored = best and any(keep_rank(r)[0] >= 0 for r in history)
+    return max(history, key=keep_rank) if scored else history[-1]
 
 
 def trial_starts(out: Path) -> dict[str, int]:

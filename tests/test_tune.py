@@ -218,3 +218,5 @@ def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
                {"epoch": 4, "keep_score": float("nan"), "val_macro_recall": 0.60}]  # no score: never kept
     assert kept_epoch(history, best=True)["epoch"] == 2  # the earliest of equals
     assert kept_epoch(history, best=False)["epoch"] == 4
+    unscored = [{"epoch": e, "val_macro_recall": v} for e, v in ((1, 0.9), (2, 0.7))]  # trained before train.keep
+    assert kept_epoch(unscored, best=True)["epoch"] == 2
