@@ -295,10 +295,8 @@ class StudentTrainArgs(TrainArgs):
         2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
         "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
     keep: Literal["last", "best", "auto"] = Field(
-        "auto", description="Which epoch's model becomes the student: 'last'; 'best': the epoch with the highest "
-        "validation macro-recall (needs validation data; a student narrowed after training picks among its narrow "
-        "epochs; Ray Train keeps that checkpoint besides the latest); 'auto' (default): best with validation data, "
-        "else last. On airline tweets the best narrow epoch beat the last on test (BENCHMARKS.md).")
+        "auto", description=TrainArgs.model_fields["keep"].description + " A student's default is 'auto': on "
+        "airline tweets the best narrow epoch beat the last on test (BENCHMARKS.md).")
 
 
 class EvalSetConfig(Section):
