@@ -58,16 +58,16 @@ def plain_main(argv: list[str]) -> None:
 
     from kd_ray.losses import compute_loss
     from kd_ray.models import build_student
-    from kd_ray.soft_labels import logits_column, read_soft_label_info
+    from kd_ray.soft_labels import read_soft_label_info
 
     cfg = load_config(DistillConfig, args.config)
     torch.set_num_threads(args.cores)
     torch.manual_seed(cfg.train.seed)
     info = read_soft_label_info(cfg.soft_labels)
     teacher = info.teacher()
-    labels = [teacher["id2label"][str(i)] for i in range(len(teacher["id2label"]))]
-    model, tokenizer = build_student(cfg.student.model_dump(), teacher["model"], labels)
-    column = logits_column(teacher["name"])
+    labels = teacher.labels
+    model, tokenizer = build_student(cfg.student, teacher.model, labels)
+    column = teacher.column
     table = pq.read_table(info.files, columns=["text", "label", column])
     texts = table.column("text").to_pylist()
     gold = np.array([-100 if g is None else g for g in table.column("label").to_pylist()])
@@ -135,13 +135,15 @@ def run_variant(name: str, args, base: DistillConfig, work: Path, run: int) -> d
 def test_quality(runs: dict, base: DistillConfig, test: str) -> dict:
     """Test macro-recall of each kd-ray variant's last student (one epoch): grouping must not cost quality."""
     from kd_ray.config import EvalArgs, EvalSetConfig
-    from kd_ray.evaluate import evaluate_models
+    from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
 
     students = {name: rs[-1]["output"] for name, rs in runs.items() if "output" in rs[-1]}
-    teacher = read_run_info(next(iter(students.values())))["job"]["teacher_model"]
+    teacher = read_run_info(next(iter(students.values())))["plan"]["tasks"][0]["teacher_model"]
     normalize = base.validation.normalize if base.validation else False
-    report = evaluate_models({"teacher": teacher, **students}, EvalSetConfig(path=test, normalize=normalize),
-                             EvalArgs(max_length=base.train.max_length, timing_rows=10, timing_repeats=1))
+    report = metrics_report(evaluate_models({SINGLE_TASK: teacher}, students,
+                                            EvalSetConfig(path=test, normalize=normalize),
+                                            EvalArgs(max_length=base.train.max_length, timing_rows=10,
+                                                     timing_repeats=1)))
     return {name: {k: report[name][k] for k in ("macro_recall", "macro_f1", "accuracy")}
             for name in ["teacher", *students]}
 

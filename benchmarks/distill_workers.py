@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from kd_ray.config import DistillConfig, EvalArgs, EvalSetConfig, load_config
-from kd_ray.evaluate import evaluate_models
+from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
 from kd_ray.train import read_run_info, run_distill
 
 
@@ -47,9 +47,11 @@ def main() -> None:
             runs.append({"workers": workers, "seed": seed, "output": str(out),
                          "samples_per_s": statistics.median(h["samples_per_s"] * workers for h in history)})
     test = EvalSetConfig(path=args.test, normalize=base.validation.normalize if base.validation else False)
-    teacher = read_run_info(runs[0]["output"])["job"]["teacher_model"]
-    models = {"teacher": teacher, **{Path(r["output"]).name: r["output"] for r in runs}}
-    report = evaluate_models(models, test, EvalArgs(max_length=base.train.max_length, timing_rows=10, timing_repeats=1))
+    teacher = read_run_info(runs[0]["output"])["plan"]["tasks"][0]["teacher_model"]
+    students = {Path(r["output"]).name: r["output"] for r in runs}
+    report = metrics_report(evaluate_models({SINGLE_TASK: teacher}, students, test,
+                                            EvalArgs(max_length=base.train.max_length, timing_rows=10,
+                                                     timing_repeats=1)))
     for r in runs:
         m = report[Path(r["output"]).name]
         r.update(macro_recall=m["macro_recall"], accuracy=m["accuracy"], macro_f1=m["macro_f1"],

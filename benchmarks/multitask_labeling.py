@@ -65,6 +65,7 @@ def labeler_main(argv: list[str]) -> None:
     import pyarrow as pa
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kd_ray.config import TeacherConfig
     from kd_ray.teacher import TeacherLabeler
 
     parser = argparse.ArgumentParser(prog="multitask_labeling.py labeler")
@@ -84,7 +85,7 @@ def labeler_main(argv: list[str]) -> None:
     blocks = [pa.table({"id": [str(i) for i in range(start, start + len(chunk))], "text": chunk,
                         "label": pa.nulls(len(chunk), pa.int32()), "reject_reason": pa.nulls(len(chunk), pa.string())})
               for start in range(0, len(texts), args.block_rows) for chunk in [texts[start:start + args.block_rows]]]
-    teachers = [{"model": args.model, "name": f"teacher{i}", "max_length": 64} for i in range(args.teachers)]
+    teachers = [TeacherConfig(model=args.model, name=f"teacher{i}", max_length=64) for i in range(args.teachers)]
     options = {"batch_size": args.batch_size, "num_gpus": args.num_gpus, "threads": args.threads}
     variants = {"one pass": [TeacherLabeler(teachers, **options)],
                 "separate": [TeacherLabeler([t], **options) for t in teachers]}

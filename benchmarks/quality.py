@@ -185,17 +185,25 @@ def tfidf_row(data: Path, args) -> dict:
             "rows_per_s": len(texts) / statistics.median(times), "C": c, "class_weight": weight}
 
 
+def compare(models: dict[str, str], test, args) -> dict:
+    """kd-ray's evaluation of ``models`` (the first one the teacher), one entry per model."""
+    from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
+
+    teacher, *students = models
+    return metrics_report(evaluate_models({SINGLE_TASK: models[teacher]}, {n: models[n] for n in students}, test, args))
+
+
 def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, timings: dict):
     """The seed's teacher and its soft labels (each skipped where already complete); returns the
     seed's run folder, pipeline config and stage configs."""
     from kd_ray.label import run_label
-    from kd_ray.pipeline import stage_configs
+    from kd_ray.pipeline import SINGLE_TASK, stage_configs
     from kd_ray.train import run_finetune
 
     run = out / dataset / f"seed{seed}"
     cfg = pipeline_config(data, labels, run, seed)
     stages = stage_configs(cfg)
-    timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"], timings)
+    timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"][SINGLE_TASK], timings)
     if not (run / "soft_labels" / "_manifest.json").is_file():
         start = time.perf_counter()
         print(run_label(stages["label"]).line(), flush=True)
@@ -208,7 +216,6 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
 
 def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
     from kd_ray.config import EvalArgs
-    from kd_ray.evaluate import evaluate_models
     from kd_ray.train import run_distill
     from kd_ray.tune import run_tune
 
@@ -235,7 +242,7 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
         variant = distill.model_copy(update={**update, "output": str(run / name)})
         timed_stage(name, run / name, run_distill, variant, timings)
     models = {"teacher": str(run / "teacher"), **{name: str(run / name) for name in STUDENTS}}
-    report = evaluate_models(models, cfg.data.test, EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows}))
+    report = compare(models, cfg.data.test, EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows}))
     return {"seed": seed, "tuned": tuned, "timings_s": timings,
             **{name: report[name] for name in models}}
 
@@ -244,7 +251,6 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     """Extra students (the defaults with some settings changed) next to the default one, scored on
     validation and test: the evidence for or against changing a default."""
     from kd_ray.config import EvalArgs
-    from kd_ray.evaluate import evaluate_models
     from kd_ray.label import run_label
     from kd_ray.train import run_distill
 
@@ -268,7 +274,7 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
         timed_stage(name, run / name, run_distill, distill.model_copy(update={**sections, "output": str(run / name)}), timings)
     models = {"teacher": str(run / "teacher"), "student_kd": str(run / "student_kd"), **{n: str(run / n) for n in variants}}
     eval_args = EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows})
-    scores = {split: evaluate_models(models, getattr(cfg.data, split), eval_args) for split in ("validation", "test")}
+    scores = {split: compare(models, getattr(cfg.data, split), eval_args) for split in ("validation", "test")}
     return {name: {"timing_s": timings.get(name),
                    **{split: {m: scores[split][name][m] for m in (*METRICS, "rows_per_s")} for split in scores}}
             for name in models}

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_ray.config import TeacherConfig  # noqa: E402
 from kd_ray.teacher import TeacherLabeler  # noqa: E402
 
 LABELS = 3
@@ -182,7 +183,7 @@ def main() -> None:
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]])
     teacher_cfg = model_config(args.tokenizer, args.teacher_size)
     folder = save_random_model(args.work_dir / f"teacher-{args.teacher_size}", args.tokenizer, teacher_cfg)
-    labeler = TeacherLabeler([{"name": "teacher", "model": str(folder), "max_length": args.max_length}],
+    labeler = TeacherLabeler([TeacherConfig(model=str(folder), max_length=args.max_length)],
                              batch_size=args.batch_size, num_gpus=1 if device == "cuda" else 0, threads=args.threads)
     model = labeler.teachers[0][2]  # the same weights for every variant
     peak, peak_dtype = matmul_peak(device)

@@ -17,19 +17,25 @@ import yaml
 from pydantic import BaseModel
 
 from kd_ray import __version__
+from kd_ray import config
 from kd_ray.config import ConfigError, load_config
 from kd_ray.errors import unwrap_user_error
 
-# subcommand -> (module with CONFIG and main(cfg), one-line help)
-STAGES: dict[str, tuple[str, str]] = {
-    "label": ("kd_ray.label", "Run teacher model(s) over a corpus with Ray Data; write raw logits as Parquet."),
-    "finetune": ("kd_ray.train", "Fine-tune a teacher classifier on gold labels with Ray Train + Accelerate."),
-    "distill": ("kd_ray.train", "Train a small student on soft labels with Ray Train + Accelerate."),
-    "tune": ("kd_ray.tune", "Search temperature, alpha and learning rate with Ray Tune (ASHA), one Train run per trial."),
-    "evaluate": ("kd_ray.evaluate", "Compare teacher and student on a held-out labeled set; write metrics.json."),
-    "run": ("kd_ray.pipeline", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
-    "report": ("kd_ray.report", "Write an HTML page with plots (and the plots as PNG) for a run folder."),
-    "validate": ("kd_ray.soft_labels", "Check a soft-label folder: schema, metadata, ids, finite logits."),
+# subcommand -> (module with ENTRY_POINTS, config model in kd_ray.config or None, one-line help). Only
+# kd_ray.config is imported to build the parser: `kd-ray --help` does not load Ray, torch or a stage.
+STAGES: dict[str, tuple[str, str | None, str]] = {
+    "label": ("kd_ray.label", "LabelConfig",
+              "Run teacher model(s) over a corpus with Ray Data; write raw logits as Parquet."),
+    "finetune": ("kd_ray.train", "FinetuneConfig",
+                 "Fine-tune a teacher classifier on gold labels with Ray Train + Accelerate."),
+    "distill": ("kd_ray.train", "DistillConfig", "Train a small student on soft labels with Ray Train + Accelerate."),
+    "tune": ("kd_ray.tune", "TuneConfig",
+             "Search temperature, alpha and learning rate with Ray Tune (ASHA), one Train run per trial."),
+    "evaluate": ("kd_ray.evaluate", "EvaluateConfig",
+                 "Compare teacher and student on a held-out labeled set; write metrics.json."),
+    "run": ("kd_ray.pipeline", "PipelineConfig", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
+    "report": ("kd_ray.report", None, "Write an HTML page with plots (and the plots as PNG) for a run folder."),
+    "validate": ("kd_ray.soft_labels", None, "Check a soft-label folder: schema, metadata, ids, finite logits."),
 }
 
 
@@ -125,34 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kd-ray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in STAGES.items():
+    for name, (module_name, config_name, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML config for this stage.")
         p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
-        module = _lazy_stage(module_name, name)
-        if module is not None:
-            config_model = module.CONFIGS.get(name)
-            if config_model is not None:
-                _add_flags(p, config_model)
+        if config_name is not None:
+            _add_flags(p, getattr(config, config_name))
     return parser
-
-
-def _lazy_stage(module_name: str, stage: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None  # stage not built yet
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    module = importlib.import_module(args._module)
-    entry: Callable = module.ENTRY_POINTS[args.command]
-    config_model = module.CONFIGS.get(args.command)
+    entry: Callable = importlib.import_module(args._module).ENTRY_POINTS[args.command]
+    config_name = STAGES[args.command][1]
+    config_model = getattr(config, config_name) if config_name else None
     try:
         if config_model is None:  # commands that take positional paths, e.g. validate
             return entry(extra)

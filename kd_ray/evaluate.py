@@ -2,6 +2,8 @@
 
 Runs in one process: the test set is small, and timing every model on the same cores,
 batch size and max length, alternating between them, is what makes the speed-up fair.
+One path for one task or several: each task's teacher is scored against the student(s) on the
+test rows with that task's gold label; a single-task report is the one task's entry, flattened.
 """
 
 from __future__ import annotations
@@ -9,90 +11,23 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig
-from kd_ray.corpus import list_shards, read_shard
+from kd_ray.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
 from kd_ray.metrics import agreement, classification_metrics
+from kd_ray.multitask import TASKS_FILE, TaskSlice, read_layout
+
+SINGLE_TASK = "task"  # the one task of `kd-ray evaluate` (its name appears nowhere in the report)
 
 
-def read_eval_set(cfg: EvalSetConfig, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    corpus = cfg.as_corpus()
-    to_index = {n: i for i, n in enumerate(labels)}
-    texts, gold = [], []
-    for shard in list_shards(corpus):
-        for table in read_shard(shard, corpus, to_index):
-            texts += table.column("text").to_pylist()
-            gold += table.column("label").to_pylist()
-    keep = [i for i, g in enumerate(gold) if g is not None]
-    if not keep:
-        raise KdRayUserError(f"test set {cfg.path} has no rows with a gold label in column {cfg.label_column!r}")
-    return [texts[i] for i in keep], np.array([gold[i] for i in keep])
-
-
-def folder_size_mb(model: str) -> float | None:
-    folder = Path(model)
-    if not folder.is_dir():
-        return None
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
-
-
-def evaluate_models(models: dict[str, str], test: EvalSetConfig, args: EvalArgs) -> dict:
-    """Score every model on ``test`` and time it; the first model is the reference (teacher)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from kd_ray.students import count_parameters
-    from kd_ray.teacher import describe_model
-    from kd_ray.train import predict_logits
-
-    torch.set_num_threads(args.threads)
-    loaded = {}
-    labels = None
-    for name, path in models.items():
-        info = describe_model(path, what=name, hash_weights=False)  # checks it, reads its labels
-        names = [info["id2label"][str(i)] for i in range(len(info["id2label"]))]
-        if labels is not None and names != labels:
-            raise KdRayUserError(f"{name} {path} predicts {names}, but the teacher predicts {labels}")
-        labels = names
-        loaded[name] = (AutoModelForSequenceClassification.from_pretrained(path).eval(),
-                        AutoTokenizer.from_pretrained(path))
-    texts, gold = read_eval_set(test, labels)
-    report: dict = {"labels": labels, "test": {"path": test.path, "rows": len(texts)}, "eval": args.model_dump()}
-    logits = {}
-    for name, (model, tok) in loaded.items():
-        logits[name] = predict_logits(model, tok, texts, max_length=args.max_length, batch_size=args.batch_size,
-                                      device="cpu")
-        report[name] = {**classification_metrics(logits[name], gold, labels),
-                        "params": count_parameters(model), "size_mb": folder_size_mb(models[name])}
-    timing_texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
-    times: dict[str, list[float]] = {name: [] for name in loaded}
-    for _ in range(args.timing_repeats):  # alternate models so that machine noise hits all of them alike
-        for name, (model, tok) in loaded.items():
-            start = time.perf_counter()
-            predict_logits(model, tok, timing_texts, max_length=args.max_length, batch_size=args.batch_size,
-                           device="cpu")
-            times[name].append(time.perf_counter() - start)
-    teacher = next(iter(loaded))
-    for name in loaded:
-        report[name]["rows_per_s"] = len(timing_texts) / statistics.median(times[name])
-        if name != teacher:
-            report[name]["agreement"] = agreement(logits[name], logits[teacher])
-            report[name]["retention"] = {m: report[name][m] / report[teacher][m] if report[teacher][m] else None
-                                         for m in ("macro_recall", "macro_f1", "accuracy")}
-            report[name]["speedup"] = report[name]["rows_per_s"] / report[teacher]["rows_per_s"]
-            report[name]["compression"] = report[teacher]["params"] / report[name]["params"]
-    return report
-
-
-def read_multitask_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Every row's text and, per task, its gold index (-100 where the row has none). The first task's
-    gold is in test.label_column, the others' in test.task_label_columns."""
-    from kd_ray.corpus import task_label_column
-
+def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The texts of the rows with a gold label for some task and, per task, each row's gold index (-100
+    where it has none). The first task's gold is in test.label_column, the others' in test.task_label_columns."""
     first, *others = tasks
     missing = [t for t in others if t not in test.task_label_columns]
     if missing:
@@ -102,118 +37,178 @@ def read_multitask_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) ->
     columns = {first: "label", **{t: task_label_column(t) for t in others}}
     texts, gold = [], {t: [] for t in tasks}
     for shard in list_shards(corpus):
-        for table in read_shard(shard, corpus, to_index[first], {t: to_index[t] for t in others}):
+        for table in read_shard(shard, corpus, to_index[first], {t: to_index[t] for t in others} or None):
             texts += table.column("text").to_pylist()
             for task, column in columns.items():
                 gold[task] += [-100 if g is None else g for g in table.column(column).to_pylist()]
-    return texts, {t: np.array(g) for t, g in gold.items()}
+    gold_arrays = {t: np.array(g, dtype=np.int64) for t, g in gold.items()}
+    keep = np.flatnonzero(np.any([g >= 0 for g in gold_arrays.values()], axis=0)) if texts else np.array([], int)
+    if not len(keep):
+        raise KdRayUserError(f"test set {test.path} has no rows with a gold label in column {test.label_column!r}")
+    return [texts[i] for i in keep], {t: g[keep] for t, g in gold_arrays.items()}
 
 
-def evaluate_multitask(teachers: dict[str, str], students: dict[str, str], test: EvalSetConfig,
-                       args: EvalArgs) -> dict:
-    """Per task, each task's teacher against each multi-task student, on the rows with that task's gold;
-    and rows/s of all the teachers run one after another against one student pass."""
+def folder_size_mb(model: str) -> float | None:
+    folder = Path(model)
+    if not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
+
+
+@dataclass
+class Scored:
+    """A model under evaluation: its weights, tokenizer and which slice of its output is which task."""
+
+    path: str
+    model: object
+    tokenizer: object
+    layout: list[TaskSlice]
+
+    @classmethod
+    def load(cls, path: str, what: str, task: str | None) -> Scored:
+        """A multi-task folder reads its layout; a single-task model is task ``task``."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from kd_ray.teacher import describe_model
+
+        info = describe_model(path, what=what, hash_weights=False)  # checks it, reads its labels
+        layout = (read_layout(path) if (Path(path) / TASKS_FILE).is_file() or task is None
+                  else [TaskSlice(name=task, labels=tuple(info.labels))])
+        return cls(path, AutoModelForSequenceClassification.from_pretrained(path).eval(),
+                   AutoTokenizer.from_pretrained(path), layout)
+
+    def task(self, name: str, what: str) -> TaskSlice:
+        spec = next((t for t in self.layout if t.name == name), None)
+        if spec is None:
+            raise KdRayUserError(f"{what} {self.path} has tasks {[t.name for t in self.layout]}, not {name!r}")
+        return spec
+
+    def logits(self, texts: list[str], args: EvalArgs) -> np.ndarray:
+        from kd_ray.inference import predict_logits
+
+        return predict_logits(self.model, self.tokenizer, texts, max_length=args.max_length,
+                              batch_size=args.batch_size, device="cpu")
+
+
+def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: EvalSetConfig, args: EvalArgs) -> dict:
+    """Per task, its teacher against every student on the test rows with that task's gold label; and the
+    rows/s of the teachers (run one after another) against each student's, timed alternately."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from kd_ray.multitask import MultiTaskClassifier
-    from kd_ray.students import count_parameters
-    from kd_ray.teacher import describe_model
-    from kd_ray.train import predict_logits
 
     torch.set_num_threads(args.threads)
-    tasks, loaded = {}, {}
-    for task, path in teachers.items():
-        info = describe_model(path, what=f"teacher of task {task!r}", hash_weights=False)
-        tasks[task] = [info["id2label"][str(i)] for i in range(len(info["id2label"]))]
-        loaded[task] = (AutoModelForSequenceClassification.from_pretrained(path).eval(),
-                        AutoTokenizer.from_pretrained(path))
-    multi = {name: MultiTaskClassifier.from_pretrained(path, max_length=args.max_length)
-             for name, path in students.items()}
-    for name, student in multi.items():
-        if student.tasks != tasks:
-            raise KdRayUserError(f"{name} {students[name]} has tasks {student.tasks}, but the teachers are for {tasks}")
-    texts, gold = read_multitask_eval_set(test, tasks)
-    predict = lambda model, tok, rows: predict_logits(model, tok, rows, max_length=args.max_length,  # noqa: E731
-                                                      batch_size=args.batch_size, device="cpu")
-    teacher_logits = {task: predict(*loaded[task], texts) for task in tasks}
-    student_logits = {name: s.logits(texts, args.batch_size) for name, s in multi.items()}
+    single = next(iter(teachers)) if len(teachers) == 1 else None
+    refs = {task: Scored.load(path, f"teacher of task {task!r}" if not single else "teacher", task)
+            for task, path in teachers.items()}
+    models = {name: Scored.load(path, name, single) for name, path in students.items()}
+    tasks = {task: list(ref.layout[0].labels) for task, ref in refs.items()}
+    for name, scored in models.items():
+        for task, labels in tasks.items():
+            if list(scored.task(task, name).labels) != labels:
+                raise KdRayUserError(f"{name} {scored.path} predicts {list(scored.task(task, name).labels)} for task "
+                                     f"{task!r}, but its teacher predicts {labels}")
+    texts, gold = read_eval_set(test, tasks)
+    teacher_logits = {task: ref.logits(texts, args) for task, ref in refs.items()}
+    student_logits = {name: scored.logits(texts, args) for name, scored in models.items()}
     report: dict = {"tasks": {}, "test": {"path": test.path, "rows": len(texts)}, "eval": args.model_dump()}
     for task, labels in tasks.items():
         rows = gold[task] >= 0
         entry = {"rows": int(rows.sum()), "labels": labels,
-                 "teacher": {**classification_metrics(teacher_logits[task][rows], gold[task][rows], labels),
-                             "params": count_parameters(loaded[task][0])}}
-        for name, student in multi.items():
-            spec = next(t for t in student.layout if t.name == task)
-            logits = student_logits[name][:, spec.start:spec.stop][rows]
+                 "teacher": classification_metrics(teacher_logits[task][rows], gold[task][rows], labels)}
+        for name, scored in models.items():
+            logits = scored.task(task, name).of(student_logits[name])[rows]
             m = classification_metrics(logits, gold[task][rows], labels)
             m["agreement"] = agreement(logits, teacher_logits[task][rows])
             m["retention"] = {k: m[k] / entry["teacher"][k] if entry["teacher"][k] else None
                               for k in ("macro_recall", "macro_f1", "accuracy")}
             entry[name] = m
         report["tasks"][task] = entry
+    report.update(_speed(refs, models, texts, args))
+    return report
+
+
+def _speed(refs: dict[str, Scored], models: dict[str, Scored], texts: list[str], args: EvalArgs) -> dict:
+    """rows/s, parameters and size of the teachers together and of each student; speed-up and compression."""
+    from kd_ray.students import count_parameters
+
     timing_texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
-    runs = {"teachers": lambda: [predict(*loaded[t], timing_texts) for t in tasks],
-            **{name: (lambda s=s: s.logits(timing_texts, args.batch_size)) for name, s in multi.items()}}
+    runs = {"teachers": lambda: [ref.logits(timing_texts, args) for ref in refs.values()],
+            **{name: (lambda s=s: s.logits(timing_texts, args)) for name, s in models.items()}}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.timing_repeats):  # alternate, so that machine noise hits all of them alike
         for name, run in runs.items():
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    report["rows_per_s"] = {name: len(timing_texts) / statistics.median(t) for name, t in times.items()}
-    report["params"] = {"teachers": sum(count_parameters(m) for m, _ in loaded.values()),
-                        **{name: count_parameters(s.model) for name, s in multi.items()}}
-    report["speedup"] = {name: report["rows_per_s"][name] / report["rows_per_s"]["teachers"] for name in multi}
-    return report
+    rows_per_s = {name: len(timing_texts) / statistics.median(t) for name, t in times.items()}
+    params = {"teachers": sum(count_parameters(r.model) for r in refs.values()),
+              **{name: count_parameters(s.model) for name, s in models.items()}}
+    sizes = [folder_size_mb(r.path) for r in refs.values()]
+    size_mb = {"teachers": None if None in sizes else sum(sizes),
+               **{name: folder_size_mb(s.path) for name, s in models.items()}}
+    return {"rows_per_s": rows_per_s, "params": params, "size_mb": size_mb,
+            "speedup": {name: rows_per_s[name] / rows_per_s["teachers"] for name in models},
+            "compression": {name: params["teachers"] / params[name] for name in models}}
 
 
-def multitask_table(report: dict) -> str:
+def metrics_report(report: dict) -> dict:
+    """What metrics.json holds: the report as it is for several tasks; for one task, `kd-ray evaluate`'s
+    layout, one entry per model (metrics, params, size_mb, rows_per_s, speedup, compression)."""
+    if len(report["tasks"]) > 1:
+        return report
+    (entry,) = report["tasks"].values()
+    out = {"labels": entry["labels"], "test": report["test"], "eval": report["eval"]}
+    for name in [n for n in entry if isinstance(entry[n], dict)]:
+        key = "teachers" if name == "teacher" else name
+        out[name] = {**entry[name], "params": report["params"][key], "size_mb": report["size_mb"][key],
+                     "rows_per_s": report["rows_per_s"][key]}
+        if name != "teacher":
+            out[name].update(speedup=report["speedup"][name], compression=report["compression"][name])
+    out["retention"], out["speedup"] = out["student"]["retention"], out["student"]["speedup"]
+    return out
+
+
+def summary_table(report: dict) -> str:
+    """Per task and model: test rows, quality, agreement with the teacher, share of its macro-recall kept;
+    then each model's rows/s."""
     head = f"{'task':<12}{'model':<16}{'rows':>6}{'macro_recall':>13}{'macro_f1':>10}{'accuracy':>10}{'agree':>7}{'kept':>8}"
     lines = [head]
     for task, entry in report["tasks"].items():
-        for name, m in entry.items():
-            if not isinstance(m, dict) or "macro_recall" not in m:
-                continue
+        shown = task if len(report["tasks"]) > 1 else ""
+        for name, m in ((n, m) for n, m in entry.items() if isinstance(m, dict)):
             kept = f"{m['retention']['macro_recall']:.1%}" if "retention" in m else ""
-            lines.append(f"{task:<12}{name:<16}{entry['rows']:>6}{m['macro_recall']:>13.4f}{m['macro_f1']:>10.4f}"
+            lines.append(f"{shown:<12}{name:<16}{entry['rows']:>6}{m['macro_recall']:>13.4f}{m['macro_f1']:>10.4f}"
                          f"{m['accuracy']:>10.4f}{m.get('agreement', 1.0):>7.3f}{kept:>8}")
     for name, value in report["rows_per_s"].items():
-        speed = f" ({report['speedup'][name]:.2f}x the teachers)" if name in report["speedup"] else ""
+        whom = "the teacher" if len(report["tasks"]) == 1 else "the teachers"
+        speed = f" ({report['speedup'][name]:.2f}x {whom})" if name in report["speedup"] else ""
         lines.append(f"rows/s {name}: {value:.1f}{speed}, {report['params'][name]:,} parameters")
     return "\n".join(lines)
 
 
+def headline(report: dict) -> str:
+    """One line: what the student kept, and how much faster it runs."""
+    tasks = report["tasks"]
+    kept = ", ".join(f"{task + ' ' if len(tasks) > 1 else ''}{entry['student']['retention']['macro_recall']:.1%}"
+                     for task, entry in tasks.items())
+    whose = "the teacher's" if len(tasks) == 1 else "its teachers'"
+    than = "its CPU rows/s" if len(tasks) == 1 else f"the CPU rows/s of the {len(tasks)} teachers run one after another"
+    return f"student keeps {kept} of {whose} macro-recall at {report['speedup']['student']:.2f}x {than}"
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    models = {"teacher": cfg.teacher, "student": cfg.student, **cfg.others}
-    report = evaluate_models(models, cfg.test, cfg.eval)
-    report["retention"] = report["student"]["retention"]
-    report["speedup"] = report["student"]["speedup"]
+    """Evaluate, write metrics.json (see ``metrics_report``) and return the whole report."""
+    report = evaluate_models({SINGLE_TASK: cfg.teacher}, {"student": cfg.student, **cfg.others}, cfg.test, cfg.eval)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics_report(report), indent=2))
     return report
-
-
-def summary_table(report: dict) -> str:
-    names = [k for k, v in report.items() if isinstance(v, dict) and "params" in v]
-    head = f"{'model':<16}{'macro_recall':>13}{'macro_f1':>10}{'accuracy':>10}{'agree':>8}{'params':>12}{'rows/s':>9}"
-    rows = [head]
-    for n in names:
-        m = report[n]
-        rows.append(f"{n:<16}{m['macro_recall']:>13.4f}{m['macro_f1']:>10.4f}{m['accuracy']:>10.4f}"
-                    f"{m.get('agreement', 1.0):>8.3f}{m['params']:>12,}{m['rows_per_s']:>9.1f}")
-    return "\n".join(rows)
 
 
 def main(cfg: EvaluateConfig) -> dict:
     report = run_evaluate(cfg)
     print(summary_table(report))
-    print(f"kd-ray evaluate: student keeps {report['retention']['macro_recall']:.1%} of the teacher's macro-recall "
-          f"at {report['speedup']:.2f}x its rows/s -> {Path(cfg.output) / 'metrics.json'}", flush=True)
+    print(f"kd-ray evaluate: {headline(report)} -> {Path(cfg.output) / 'metrics.json'}", flush=True)
     return report
 
 
-CONFIGS = {"evaluate": EvaluateConfig}
 ENTRY_POINTS = {"evaluate": main}

@@ -38,8 +38,8 @@ from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
 from kd_ray.storage import filesystem
 from kd_ray.corpus import ALREADY_LABELED
-from kd_ray.soft_labels import (MANIFEST, REJECTED_DIR, SCHEMA_VERSION, parquet_writer, soft_label_schema,
-                                validate_soft_labels)
+from kd_ray.soft_labels import (MANIFEST, REJECTED_DIR, SCHEMA_VERSION, TeacherInfo, parquet_writer,
+                                soft_label_schema, validate_soft_labels)
 from kd_ray.teacher import TeacherLabeler, teacher_metadata
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
@@ -72,7 +72,7 @@ class LabelSummary:
                 f"-> {self.output}")
 
 
-def task_label_names(teachers: list[dict[str, Any]], task_label_columns: dict[str, str], *,
+def task_label_names(teachers: list[TeacherInfo], task_label_columns: dict[str, str], *,
                      first_task: str) -> dict[str, list[str]]:
     """Label names of each gold column beyond the first task's, from that task's teachers.
 
@@ -80,12 +80,11 @@ def task_label_names(teachers: list[dict[str, Any]], task_label_columns: dict[st
     and one student head learns from them."""
     by_task: dict[str, list[str]] = {}
     for t in teachers:
-        names = [t["id2label"][str(i)] for i in range(len(t["id2label"]))]
-        if by_task.setdefault(t["task"], names) != names:
-            other = next(o for o in teachers if o["task"] == t["task"])
+        if by_task.setdefault(t.task, t.labels) != t.labels:
+            other = next(o for o in teachers if o.task == t.task)
             raise KdRayUserError(
-                f"teachers {other['name']!r} and {t['name']!r} are both for task {t['task']!r} but predict different "
-                f"labels ({by_task[t['task']]} vs {names}); teachers of one task need the same id2label, in the same "
+                f"teachers {other.name!r} and {t.name!r} are both for task {t.task!r} but predict different "
+                f"labels ({by_task[t.task]} vs {t.labels}); teachers of one task need the same id2label, in the same "
                 f"order, or give them different tasks (teachers.N.task)")
     if first_task in task_label_columns:
         raise KdRayUserError(f"corpus.task_label_columns names {first_task!r}, the first teacher's task, whose gold "
@@ -103,19 +102,19 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     first = teachers[0]
     label_names = None
     if cfg.corpus.label_column:
-        label_names = [first["id2label"][str(i)] for i in range(len(first["id2label"]))]
+        label_names = first.labels
         for name in cfg.corpus.label_names or []:
             if name not in label_names:
                 raise KdRayUserError(
-                    f"corpus.label_names has {name!r}, which teacher {first['name']!r} ({first['model']}) "
+                    f"corpus.label_names has {name!r}, which teacher {first.name!r} ({first.model}) "
                     f"does not predict; its labels are {label_names}"
                 )
-    task_labels = task_label_names(teachers, cfg.corpus.task_label_columns, first_task=first["task"])
+    task_labels = task_label_names(teachers, cfg.corpus.task_label_columns, first_task=first.task)
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
-        "teachers": teachers,
-        "label_task": first["task"] if cfg.corpus.label_column else None,
+        "teachers": [t.model_dump() for t in teachers],
+        "label_task": first.task if cfg.corpus.label_column else None,
         "label_names": label_names,
         "task_labels": task_labels,
         "normalize": cfg.corpus.normalize,
@@ -125,7 +124,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     }
     if cfg.augment.copies:  # only then, so that the hash of runs without copies stays what it was
         metadata["augment"] = {**cfg.augment.model_dump(), "separator": SEPARATOR,
-                               "mask_token": resolve_mask_token(cfg.augment, first["model"], cfg.teachers[0].revision)}
+                               "mask_token": resolve_mask_token(cfg.augment, first.model, cfg.teachers[0].revision)}
     identity = {k: v for k, v in metadata.items() if k != "kd_ray_version"}
     identity["corpus_config"] = cfg.corpus.model_dump(mode="json")
     metadata["config_hash"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -322,7 +321,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                         mask_token=metadata.get("augment", {}).get("mask_token"))
     ds = ds.map_batches(
         TeacherLabeler,
-        fn_constructor_kwargs={"teachers": metadata["teachers"], "batch_size": c.batch_size, "num_gpus": c.num_gpus,
+        fn_constructor_kwargs={"teachers": [TeacherInfo.model_validate(t) for t in metadata["teachers"]], "batch_size": c.batch_size, "num_gpus": c.num_gpus,
                                "threads": c.threads_per_actor, "precision": c.precision,
                                "logits_dtype": cfg.output.logits_dtype},
         batch_size=c.block_rows,
@@ -384,5 +383,4 @@ def main(cfg: LabelConfig) -> LabelSummary:
     return summary
 
 
-CONFIGS = {"label": LabelConfig}
 ENTRY_POINTS = {"label": main}

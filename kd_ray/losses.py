@@ -226,3 +226,30 @@ def compute_loss(
             temperature=temperature, alpha=alpha, ignore_index=ignore_index,
         )
     return LOSSES[kind](student_logits, teacher_logits, gold_labels, alpha=alpha, ignore_index=ignore_index)
+
+
+def multitask_loss(logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None],
+                   gold: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum_k w_k * L_k``: each task's loss on its slice of the student's joint output.
+
+    Args:
+        logits: (batch, total) student outputs; one task may own all of them.
+        tasks: each with ``name``, ``of(logits)`` (its slice), ``kind``, ``temperature``, ``alpha`` and
+            ``weight`` (kd_ray.plan.TaskPlan).
+        teacher_logits: task -> (batch, C_k) teacher logits (several teachers already combined), or None
+            for a task learned from gold labels alone (fine-tuning a teacher): plain cross-entropy.
+        gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
+            such a row contributes only the distillation term of that task.
+
+    Returns:
+        The scalar total and each task's unweighted loss (for logging).
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    parts = {}
+    for task in tasks:
+        teacher = teacher_logits.get(task.name)
+        parts[task.name] = (gold_cross_entropy(task.of(logits), gold[task.name]) if teacher is None else
+                            compute_loss(task.kind, task.of(logits), teacher, gold[task.name],
+                                         temperature=task.temperature, alpha=task.alpha))
+        total = total + task.weight * parts[task.name]
+    return total, parts

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_ray.errors import ModelError
 from kd_ray.students import cut_student_from_teacher, ffn_neurons, student_from_config
 
+if TYPE_CHECKING:
+    from kd_ray.config import StudentConfig
+    from kd_ray.plan import TrainPlan
 
-def _label_maps(labels: list[str]) -> dict[str, Any]:
+
+def label_maps(labels: list[str]) -> dict[str, Any]:
+    """``from_pretrained`` / ``config.update`` keyword arguments for a classifier with ``labels`` as outputs."""
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)}}
 
@@ -30,50 +35,60 @@ def load_classifier(model: str, labels: list[str], *, what: str = "model"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
         net = AutoModelForSequenceClassification.from_pretrained(model, ignore_mismatched_sizes=True,
-                                                                 **_label_maps(labels))
+                                                                 **label_maps(labels))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load {what} from {model!r}: {e}") from e
     return net, tokenizer
 
 
-def build_student(student: dict[str, Any], teacher_model: str, labels: list[str], tasks: list[dict] | None = None):
-    """The student described by a StudentConfig dict, with the teacher's label set.
-
-    With ``tasks`` (multi-task), ``labels`` is the joint 'task:label' list: one head per task (see
-    kd_ray.multitask); a cut student keeps the cut teacher's head for the first task's slice."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    kind = student["kind"]
-    if tasks and kind == "cut":
-        first = list(tasks[0]["labels"])
-        net, tokenizer = build_student(student, teacher_model, first)
-        return with_joint_head(net, labels, keep=len(first)), tokenizer
-    if kind == "pretrained":
-        if not student.get("model"):
-            raise ModelError("student.kind=pretrained needs student.model (a model folder or hub id)")
-        return load_classifier(student["model"], labels, what="student model")
-    source = student.get("model") or teacher_model
-    _check_path(source, "teacher model to cut the student from" if kind == "cut" else "teacher model")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if kind == "cut":
-        teacher = AutoModelForSequenceClassification.from_pretrained(source)
-        if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
-            raise ModelError(f"cannot cut a student from {source}: its labels "
-                             f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
-        ffn_size, wide_first = student.get("ffn_size"), bool(student.get("wide_epochs"))
-        try:  # a student narrowed after training (wide_epochs) starts at full width
-            net = cut_student_from_teacher(teacher, student["num_layers"], student["layer_selection"],
-                                           None if wide_first else ffn_size)
-            if wide_first:
-                ffn_neurons(net, ffn_size)
-        except ValueError as e:
-            raise ModelError(f"cannot cut a student from {source}: {e}") from e
-        return net, tokenizer
-    config = AutoConfig.from_pretrained(source, **_label_maps(labels))
-    net = student_from_config(config, num_layers=student["num_layers"], hidden_size=student["hidden_size"],
-                              num_attention_heads=student["num_attention_heads"],
-                              intermediate_size=student["intermediate_size"])
+def build_model(plan: TrainPlan):
+    """The model a plan trains, and its tokenizer: the base model with the plan's labels (finetune), or
+    the student for its first task, its output widened to every task's labels."""
+    if plan.student is None:
+        return load_classifier(plan.base_model, plan.labels, what="base model")
+    first = plan.tasks[0]
+    net, tokenizer = build_student(plan.student, first.teacher_model, list(first.labels))
+    if plan.labels != list(first.labels):  # one head per task: the cut teacher's head becomes the first's
+        net = with_joint_head(net, plan.labels, keep=len(first.labels))
     return net, tokenizer
+
+
+def build_student(student: StudentConfig, teacher_model: str, labels: list[str]):
+    """The student ``student`` describes, with ``labels`` as outputs, and its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if student.kind == "pretrained":
+        if not student.model:
+            raise ModelError("student.kind=pretrained needs student.model (a model folder or hub id)")
+        return load_classifier(student.model, labels, what="student model")
+    source = student.model or teacher_model
+    _check_path(source, "teacher model to cut the student from" if student.kind == "cut" else "teacher model")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if student.kind == "cut":
+        return _cut_student(student, source, labels), tokenizer
+    config = AutoConfig.from_pretrained(source, **label_maps(labels))
+    net = student_from_config(config, num_layers=student.num_layers, hidden_size=student.hidden_size,
+                              num_attention_heads=student.num_attention_heads,
+                              intermediate_size=student.intermediate_size)
+    return net, tokenizer
+
+
+def _cut_student(student: StudentConfig, source: str, labels: list[str]):
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(source)
+    if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
+        raise ModelError(f"cannot cut a student from {source}: its labels "
+                         f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
+    wide_first = bool(student.wide_epochs)
+    try:  # a student narrowed after training (wide_epochs) starts at full width
+        net = cut_student_from_teacher(teacher, student.num_layers, student.layer_selection,
+                                       None if wide_first else student.ffn_size)
+        if wide_first:
+            ffn_neurons(net, student.ffn_size)  # checks the size now, not epochs later
+    except ValueError as e:
+        raise ModelError(f"cannot cut a student from {source}: {e}") from e
+    return net
 
 
 def with_joint_head(model, labels: list[str], *, keep: int):
@@ -90,6 +105,6 @@ def with_joint_head(model, labels: list[str], *, keep: int):
         wide.weight[:keep] = head.weight[:keep]
         wide.bias[:keep] = head.bias[:keep]
     head.weight, head.bias, head.out_features = wide.weight, wide.bias, len(labels)
-    model.config.update(_label_maps(labels))
+    model.config.update(label_maps(labels))
     model.num_labels = len(labels)
     return model

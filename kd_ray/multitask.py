@@ -17,28 +17,29 @@ Load and run, one forward pass per batch for all tasks::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from kd_ray.errors import ModelError
-from kd_ray.losses import compute_loss
+from kd_ray.inference import predict_logits
 
 TASKS_FILE = "kd_ray_tasks.json"
 SEPARATOR = ":"
 
 
-@dataclass(frozen=True)
-class TaskSlice:
+class TaskSlice(BaseModel):
     """Task ``name`` owns logits[:, start : start + len(labels)]."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     labels: tuple[str, ...]
-    start: int
+    start: int = 0
 
     @property
     def stop(self) -> int:
@@ -57,44 +58,18 @@ def task_layout(tasks: dict[str, list[str]]) -> list[TaskSlice]:
             raise ValueError(f"task name {name!r} must not contain {SEPARATOR!r}")
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"task {name!r} needs at least 2 distinct labels, got {labels}")
-        layout.append(TaskSlice(name, tuple(labels), start))
+        layout.append(TaskSlice(name=name, labels=tuple(labels), start=start))
         start += len(labels)
     return layout
 
 
-def joint_label_maps(layout: list[TaskSlice]) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for the joint output: 'task:label' names."""
-    names = [f"{t.name}{SEPARATOR}{label}" for t in layout for label in t.labels]
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}}
-
-
-def multitask_loss(logits: Tensor, layout: list[TaskSlice], teacher_logits: dict[str, Tensor],
-                   gold: dict[str, Tensor], losses: dict[str, dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
-    """``sum_k w_k * L_k``, each ``L_k`` kd-ray's distillation loss on task k's slice.
-
-    Args:
-        logits: (batch, total) student outputs.
-        teacher_logits: task -> (batch, C_k) teacher logits (several teachers already combined).
-        gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
-            such a row contributes only the distillation term of that task.
-        losses: task -> {"kind", "temperature", "alpha", "weight"}.
-
-    Returns:
-        The scalar total and each task's unweighted loss (for logging).
-    """
-    total = logits.new_zeros((), dtype=torch.float32)
-    parts = {}
-    for task in layout:
-        cfg = losses[task.name]
-        parts[task.name] = compute_loss(cfg["kind"], task.of(logits), teacher_logits[task.name], gold[task.name],
-                                        temperature=cfg["temperature"], alpha=cfg["alpha"])
-        total = total + cfg["weight"] * parts[task.name]
-    return total, parts
+def joint_labels(layout: list[TaskSlice]) -> list[str]:
+    """Names of the joint output: 'task:label'."""
+    return [f"{t.name}{SEPARATOR}{label}" for t in layout for label in t.labels]
 
 
 def write_layout(folder: str | Path, layout: list[TaskSlice]) -> None:
-    tasks = [{"name": t.name, "labels": list(t.labels), "start": t.start} for t in layout]
+    tasks = [{"name": t.name, "labels": list(t.labels), "start": t.start} for t in layout]  # a plan's tasks hold more
     (Path(folder) / TASKS_FILE).write_text(json.dumps({"tasks": tasks}, indent=2))
 
 
@@ -102,7 +77,7 @@ def read_layout(folder: str | Path) -> list[TaskSlice]:
     path = Path(folder) / TASKS_FILE
     if not path.is_file():
         raise ModelError(f"{folder} is not a kd-ray multi-task model: it has no {TASKS_FILE}")
-    return [TaskSlice(t["name"], tuple(t["labels"]), t["start"]) for t in json.loads(path.read_text())["tasks"]]
+    return [TaskSlice.model_validate(t) for t in json.loads(path.read_text())["tasks"]]
 
 
 def output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
@@ -121,6 +96,8 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from kd_ray.models import label_maps
+
     layout = {t.name: t for t in read_layout(folder)}
     if task not in layout:
         raise ModelError(f"{folder} has tasks {sorted(layout)}, not {task!r}")
@@ -132,9 +109,7 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
         head.out_features = len(spec.labels)
         head.weight = nn.Parameter(weight)
         head.bias = nn.Parameter(bias)
-    joint.config.num_labels = len(spec.labels)
-    joint.config.id2label = dict(enumerate(spec.labels))
-    joint.config.label2id = {n: i for i, n in enumerate(spec.labels)}
+    joint.config.update(label_maps(list(spec.labels)))
     joint.num_labels = len(spec.labels)
     out = Path(output)
     joint.save_pretrained(out)
@@ -161,17 +136,10 @@ class MultiTaskClassifier:
     def tasks(self) -> dict[str, list[str]]:
         return {t.name: list(t.labels) for t in self.layout}
 
-    @torch.inference_mode()
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n, total) joint logits, rows in the order of ``texts`` (batches sorted by length)."""
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.model.config.num_labels), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="pt").to(self.device)
-            out[idx] = self.model(**enc).logits.float().cpu().numpy()
-        return out
+        return predict_logits(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size,
+                              device=self.device)
 
     def predict(self, texts: list[str], batch_size: int = 64) -> dict[str, dict[str, Any]]:
         """task -> {"labels": predicted label per text, "probs": (n, C_task) softmax}."""

@@ -8,23 +8,109 @@
 With `tasks:` (multi-task), each task's teacher is fine-tuned into teachers/<task>/ on the rows
 that carry its gold label, all teachers label the corpus in one pass, one student with a head per
 task learns from them all, and each task is scored on the test rows that carry its gold label.
+One run of one task is the same stages with one teacher.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from kd_ray.config import (CorpusConfig, DistillConfig, EvaluateConfig, FinetuneConfig, LabelConfig,
-                           LabelOutputConfig, PipelineConfig, TeacherConfig, TuneConfig)
-from kd_ray.evaluate import evaluate_multitask, multitask_table, run_evaluate, summary_table
-from kd_ray.label import run_label
-from kd_ray.report import write_report
-from kd_ray.storage import absolute_if_local
-from kd_ray.train import distill_job, read_run_info, run_distill, run_finetune
-from kd_ray.tune import run_tune
+from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, FinetuneConfig, LabelConfig,
+                           LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TeacherConfig, TuneConfig)
+
+SINGLE_TASK = "task"  # kd_ray.evaluate's name for the one task of a run without `tasks:`
+
+
+@dataclass
+class TaskTeacher:
+    """One task's teacher in a run: where it is (or will be fine-tuned to) and what it predicts."""
+
+    task: str
+    labels: list[str]
+    label_column: str | None  # the task's gold column in data.train
+    teacher: PipelineTeacherConfig
+    path: str
+
+
+def task_teachers(cfg: PipelineConfig) -> list[TaskTeacher]:
+    out = Path(cfg.output)
+    if cfg.tasks is None:
+        return [TaskTeacher(SINGLE_TASK, cfg.labels, cfg.data.train.label_column, cfg.teacher,
+                            cfg.teacher.model or str(out / "teacher"))]
+    return [TaskTeacher(task, tc.labels, tc.label_column, tc.teacher, tc.teacher.model or str(out / "teachers" / task))
+            for task, tc in cfg.tasks.items()]
+
+
+def _eval_set(cfg: PipelineConfig, data: EvalSetConfig | None, task: str | None = None) -> EvalSetConfig | None:
+    """An eval set as a stage reads it: with `tasks:`, its gold columns are the tasks' (all of them, or
+    only ``task``'s for that task's teacher); without, as configured."""
+    if data is None or cfg.tasks is None:
+        return data
+    first, *others = cfg.tasks
+    if task is not None:
+        return data.model_copy(update={"label_column": cfg.tasks[task].label_column, "task_label_columns": {}})
+    return data.model_copy(update={"label_column": cfg.tasks[first].label_column,
+                                   "task_label_columns": {t: cfg.tasks[t].label_column for t in others}})
+
+
+def label_corpus(cfg: PipelineConfig) -> CorpusConfig:
+    """What the teachers label: data.train, then data.transfer read without gold, whatever columns it has;
+    with `tasks:`, each task's gold column beside the first's."""
+    update = {"unlabeled_path": cfg.data.transfer.path if cfg.data.transfer else None}
+    if cfg.tasks is not None:
+        first, *others = cfg.tasks
+        update.update(partial_labels=True, label_column=cfg.tasks[first].label_column,
+                      task_label_columns={t: cfg.tasks[t].label_column for t in others})
+    return cfg.data.train.model_copy(update=update)
+
+
+def _finetune_stages(cfg: PipelineConfig, teachers: list[TaskTeacher]) -> dict[str, FinetuneConfig]:
+    """Task -> the fine-tuning of its teacher, for teachers given as a base model."""
+    return {t.task: FinetuneConfig(
+        data=cfg.data.train.model_copy(update={"label_column": t.label_column, "task_label_columns": {}}),
+        base_model=t.teacher.base_model, labels=t.labels, validation=_eval_set(cfg, cfg.data.validation, t.task),
+        train=t.teacher.train, output=t.path, ray=cfg.ray) for t in teachers if t.teacher.model is None}
+
+
+def _label_stage(cfg: PipelineConfig, teachers: list[TaskTeacher]) -> LabelConfig:
+    named = cfg.tasks is not None  # one teacher keeps the default name and task: its column is teacher_logits
+    return LabelConfig(
+        corpus=label_corpus(cfg),
+        teachers=[TeacherConfig(model=t.path, max_length=cfg.teacher_max_length,
+                                **({"name": t.task, "task": t.task} if named else {})) for t in teachers],
+        compute=cfg.label, augment=cfg.augment,
+        # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
+        output=LabelOutputConfig(path=str(Path(cfg.output) / "soft_labels"), logits_dtype=cfg.logits_dtype,
+                                 overwrite=True),
+        ray=cfg.ray)
+
+
+def stage_configs(cfg: PipelineConfig) -> dict:
+    """The per-stage configs this run is made of (each could be run alone with its own command)."""
+    out = Path(cfg.output)
+    teachers = task_teachers(cfg)
+    stages: dict = {"finetune": _finetune_stages(cfg, teachers), "label": _label_stage(cfg, teachers)}
+    stages["distill"] = DistillConfig(
+        soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss, validation=_eval_set(
+            cfg, cfg.data.validation), train=cfg.distill, output=str(out / "student"), ray=cfg.ray,
+        tasks={t: tc.loss for t, tc in cfg.tasks.items()} if cfg.tasks else None)
+    students = {"student": str(out / "student")}
+    if cfg.tune is not None:  # the search replaces the single distillation; its first trial is that one
+        stages["tune"] = TuneConfig(distill=stages["distill"], search=cfg.tune, output=str(out / "tune"), ray=cfg.ray)
+        students["student"] = str(out / "tune" / "student")
+    if cfg.baseline_without_distillation:
+        distill = stages["distill"]
+        stages["distill_alpha0"] = distill.model_copy(update={
+            "loss": cfg.loss.model_copy(update={"alpha": 0.0}), "output": str(out / "student_alpha0"),
+            "tasks": {t: tc.model_copy(update={"alpha": 0.0}) for t, tc in distill.tasks.items()}
+            if distill.tasks else None})
+        students["student_alpha0"] = str(out / "student_alpha0")
+    stages["evaluate"] = {"teachers": {t.task: t.path for t in teachers}, "students": students,
+                          "test": _eval_set(cfg, cfg.data.test), "args": cfg.eval}
+    return stages
 
 
 def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
@@ -36,180 +122,86 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
     return result
 
 
-def _distill_stages(stages: dict, timed) -> None:
-    """The student and its alpha=0 twin, each skipped when its folder holds the same job's result."""
+def up_to_date(folder: str, plan) -> bool:
+    """Whether ``folder`` holds the model of this plan (its row count aside: a fine-tune counts its rows
+    only once it reads its data, and the data's config is part of the plan)."""
+    from kd_ray.train import read_run_info
+
+    info = read_run_info(folder)
+    drop = lambda p: {k: v for k, v in p.items() if k != "rows"}  # noqa: E731
+    return info is not None and "plan" in info and drop(info["plan"]) == drop(plan.model_dump(mode="json"))
+
+
+def _finetune_teachers(stages: dict, timings: dict) -> None:
+    """Each teacher given as a base model is fine-tuned, unless its folder holds the same plan's model."""
+    from kd_ray.plan import finetune_plan
+    from kd_ray.train import run_finetune
+
+    for task, ft in stages["finetune"].items():
+        name = "finetune" if task == SINGLE_TASK else f"finetune_{task}"
+        if up_to_date(ft.output, finetune_plan(ft, rows=0)):
+            print(f"kd-ray run: teacher {ft.output} is up to date; skipping {name}", flush=True)
+        else:
+            _timed(timings, name, run_finetune, ft)
+
+
+def _train_students(stages: dict, timings: dict) -> None:
+    """The student (or the search) and its alpha=0 twin, each kept when its folder holds the same plan's model."""
+    from kd_ray.plan import distill_plan
+    from kd_ray.train import run_distill
+    from kd_ray.tune import run_tune
+
+    if "tune" in stages:
+        _timed(timings, "tune", run_tune, stages["tune"])
     for name in ("distill", "distill_alpha0"):
         if name not in stages or (name == "distill" and "tune" in stages):
             continue
-        dc = stages[name]
-        job, _ = distill_job(dc)
-        if _up_to_date(Path(dc.output), lambda old: old == job):
-            print(f"kd-ray run: {dc.output} is up to date; skipping {name}", flush=True)
+        if up_to_date(stages[name].output, distill_plan(stages[name])[0]):
+            print(f"kd-ray run: {stages[name].output} is up to date; skipping {name}", flush=True)
         else:
-            timed(name, run_distill, dc)
+            _timed(timings, name, run_distill, stages[name])
 
 
-def _finish_report(out: Path, report: dict, timings: dict, summary) -> None:
-    report["timings_s"] = timings
-    report["labeling"] = {"rows": summary.rows, "rows_per_s": summary.rows_per_s, "files": summary.files,
-                          "rejected": summary.rejected, "truncated": summary.truncated}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+def _label(cfg: LabelConfig):
+    from kd_ray.label import run_label
 
-
-def _up_to_date(folder: Path, job_matches) -> bool:
-    info = read_run_info(str(folder))
-    return info is not None and job_matches(info["job"])
-
-
-def label_corpus(cfg: PipelineConfig, **update) -> CorpusConfig:
-    """What the teacher labels: data.train, then data.transfer read without gold, whatever columns it has."""
-    transfer = cfg.data.transfer.path if cfg.data.transfer else None
-    return cfg.data.train.model_copy(update={"unlabeled_path": transfer, **update})
-
-
-def stage_configs(cfg: PipelineConfig) -> dict:
-    """The per-stage configs this run is made of (each could be run alone with its own command)."""
-    out = Path(cfg.output)
-    teacher_path = cfg.teacher.model or str(out / "teacher")
-    stages: dict = {}
-    if cfg.teacher.model is None:
-        stages["finetune"] = FinetuneConfig(data=cfg.data.train, base_model=cfg.teacher.base_model, labels=cfg.labels,
-                                            validation=cfg.data.validation, train=cfg.teacher.train,
-                                            output=teacher_path, ray=cfg.ray)
-    stages["label"] = LabelConfig(
-        corpus=label_corpus(cfg),
-        teachers=[TeacherConfig(model=teacher_path, max_length=cfg.teacher_max_length)],
-        compute=cfg.label,
-        augment=cfg.augment,
-        # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
-        output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True),
-        ray=cfg.ray)
-    stages["distill"] = DistillConfig(soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss,
-                                      validation=cfg.data.validation, train=cfg.distill,
-                                      output=str(out / "student"), ray=cfg.ray)
-    student = str(out / "student")
-    if cfg.tune is not None:  # the search replaces the single distillation; its first trial is that one
-        stages["tune"] = TuneConfig(distill=stages["distill"], search=cfg.tune, output=str(out / "tune"), ray=cfg.ray)
-        student = str(out / "tune" / "student")
-    others = {}
-    if cfg.baseline_without_distillation:
-        stages["distill_alpha0"] = stages["distill"].model_copy(
-            update={"loss": cfg.loss.model_copy(update={"alpha": 0.0}), "output": str(out / "student_alpha0")})
-        others["student_alpha0"] = str(out / "student_alpha0")
-    stages["evaluate"] = EvaluateConfig(test=cfg.data.test, teacher=teacher_path, student=student,
-                                        others=others, eval=cfg.eval, output=str(out))
-    return stages
-
-
-def multitask_stage_configs(cfg: PipelineConfig) -> dict:
-    """The stages of a multi-task run: a teacher per task, one labeling pass, one student with a head per task."""
-    out = Path(cfg.output)
-    tasks = cfg.tasks
-    first, *others = tasks
-    task_columns = {t: tasks[t].label_column for t in others}
-    stages: dict = {"finetune": {}, "teachers": {}}
-    for task, tc in tasks.items():
-        path = tc.teacher.model or str(out / "teachers" / task)
-        stages["teachers"][task] = path
-        if tc.teacher.model is None:
-            validation = (cfg.data.validation.model_copy(update={"label_column": tc.label_column, "task_label_columns": {}})
-                          if cfg.data.validation else None)
-            stages["finetune"][task] = FinetuneConfig(
-                data=cfg.data.train.model_copy(update={"label_column": tc.label_column, "partial_labels": False}),
-                base_model=tc.teacher.base_model, labels=tc.labels, validation=validation, train=tc.teacher.train,
-                output=path, ray=cfg.ray)
-    stages["label"] = LabelConfig(
-        corpus=label_corpus(cfg, partial_labels=True, label_column=tasks[first].label_column,
-                            task_label_columns=task_columns),
-        teachers=[TeacherConfig(model=stages["teachers"][t], name=t, task=t, max_length=cfg.teacher_max_length)
-                  for t in tasks],
-        compute=cfg.label,
-        augment=cfg.augment,
-        output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True),
-        ray=cfg.ray)
-    per_task = lambda s: s.model_copy(update={"label_column": tasks[first].label_column,  # noqa: E731
-                                              "task_label_columns": task_columns}) if s else None
-    stages["distill"] = DistillConfig(soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss,
-                                      tasks={t: tc.loss for t, tc in tasks.items()},
-                                      validation=per_task(cfg.data.validation), train=cfg.distill,
-                                      output=str(out / "student"), ray=cfg.ray)
-    students = {"student": str(out / "student")}
-    if cfg.baseline_without_distillation:
-        stages["distill_alpha0"] = stages["distill"].model_copy(update={
-            "tasks": {t: tc.loss.model_copy(update={"alpha": 0.0}) for t, tc in tasks.items()},
-            "output": str(out / "student_alpha0")})
-        students["student_alpha0"] = str(out / "student_alpha0")
-    stages["evaluate"] = {"teachers": stages["teachers"], "students": students, "test": per_task(cfg.data.test),
-                          "args": cfg.eval}
-    return stages
-
-
-def run_multitask_pipeline(cfg: PipelineConfig) -> dict:
-    out = Path(cfg.output)
-    stages = multitask_stage_configs(cfg)
-    timings: dict[str, float] = {}
-    timed = functools.partial(_timed, timings)
-
-    for task, ft in stages["finetune"].items():
-        if _up_to_date(Path(ft.output), lambda job: job["base_model"] == absolute_if_local(ft.base_model)
-                       and job["train"] == ft.train.model_dump(mode="json") and job["labels"] == ft.labels
-                       and job.get("data", {}).get("label_column") == ft.data.label_column):
-            print(f"kd-ray run: teacher {ft.output} is up to date; skipping finetune", flush=True)
-        else:
-            timed(f"finetune_{task}", run_finetune, ft)
-    summary = timed("label", run_label, stages["label"])
+    summary = run_label(cfg)
     print(summary.line(), flush=True)
-    _distill_stages(stages, timed)
-    report = timed("evaluate", evaluate_multitask, **stages["evaluate"])
-    _finish_report(out, report, timings, summary)
-    return report
+    return summary
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every stage; write metrics.json (kd_ray.evaluate.metrics_report, plus timings and labeling) and
+    report.html. Returns the evaluation report."""
+    from kd_ray.evaluate import evaluate_models, metrics_report
+    from kd_ray.report import write_report
+
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    if cfg.tasks is not None:
-        return run_multitask_pipeline(cfg)
     stages = stage_configs(cfg)
-    timings: dict[str, float] = {}
-    timed = functools.partial(_timed, timings)
-
-    if "finetune" in stages:
-        ft = stages["finetune"]
-        if _up_to_date(Path(ft.output), lambda job: job["base_model"] == absolute_if_local(ft.base_model)
-                       and job["train"] == ft.train.model_dump(mode="json") and job["labels"] == ft.labels):
-            print(f"kd-ray run: teacher {ft.output} is up to date; skipping finetune", flush=True)
-        else:
-            timed("finetune", run_finetune, ft)
-    summary = timed("label", run_label, stages["label"])
-    print(summary.line(), flush=True)
-    if "tune" in stages:
-        timed("tune", run_tune, stages["tune"])
-    _distill_stages(stages, timed)
-    report = timed("evaluate", run_evaluate, stages["evaluate"])
-    _finish_report(out, report, timings, summary)
+    timings: dict = {}
+    _finetune_teachers(stages, timings)
+    summary = _timed(timings, "label", _label, stages["label"])
+    _train_students(stages, timings)
+    report = _timed(timings, "evaluate", evaluate_models, **stages["evaluate"])
+    metrics = {**metrics_report(report), "timings_s": timings,
+               "labeling": {"rows": summary.rows, "rows_per_s": summary.rows_per_s, "files": summary.files,
+                            "rejected": summary.rejected, "truncated": summary.truncated}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report["report_html"] = str(write_report(out))
     return report
 
 
 def main(cfg: PipelineConfig) -> dict:
+    from kd_ray.evaluate import headline, summary_table
+
     report = run_pipeline(cfg)
-    if cfg.tasks is not None:
-        print(multitask_table(report))
-        kept = ", ".join(f"{task} {entry['student']['retention']['macro_recall']:.1%}"
-                         for task, entry in report["tasks"].items())
-        print(f"kd-ray run: the multi-task student keeps {kept} of its teachers' macro-recall and runs at "
-              f"{report['speedup']['student']:.2f}x the rows/s of the {len(cfg.tasks)} teachers run one after another. "
-              f"Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})", flush=True)
-        return report
     print(summary_table(report))
-    print(f"kd-ray run: student keeps {report['retention']['macro_recall']:.1%} of the teacher's macro-recall at "
-          f"{report['speedup']:.2f}x its CPU rows/s. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})",
+    print(f"kd-ray run: {headline(report)}. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})",
           flush=True)
     print(f"kd-ray run: report: {report['report_html']} (plots as PNG in {Path(cfg.output) / 'report'})", flush=True)
     return report
 
 
-CONFIGS = {"run": PipelineConfig}
 ENTRY_POINTS = {"run": main}

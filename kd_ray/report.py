@@ -14,8 +14,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kd_ray.soft_labels import TeacherInfo
 
 QUALITY = ("macro_recall", "macro_f1", "accuracy", "agreement")
 MAX_HISTOGRAM_ROWS = 500_000  # teacher confidences drawn from at most this many soft-label rows
@@ -115,7 +119,7 @@ def plot_landscape(trials, summary: dict, x_name: str, y_name: str | None):
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name or metric)
     fig.colorbar(points, ax=ax, label=metric)
-    ax.set_title(f"Tuning landscape: {metric} (last epoch each trial reached)")
+    ax.set_title(f"Tuning landscape: {metric} (each trial's kept epoch, as in trials.csv)")
     ax.legend(loc="best", fontsize=8, framealpha=0.9, markerscale=0.6)
     fig.tight_layout()
     return fig
@@ -214,18 +218,18 @@ def plot_confusions(metrics: dict):
     return fig
 
 
-def teacher_confidences(soft_labels: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+def teacher_confidences(soft_labels: Path) -> tuple[TeacherInfo, np.ndarray, np.ndarray]:
     """(teacher metadata, max softmax probability per row, predicted class per row) of the first teacher."""
     import pyarrow.parquet as pq
 
     from kd_ray.metrics import softmax
-    from kd_ray.soft_labels import logits_column, read_soft_label_info
+    from kd_ray.soft_labels import read_soft_label_info
 
     info = read_soft_label_info(str(soft_labels))
     teacher = info.teacher()
     chunks, rows = [], 0
     for file in info.files:
-        column = pq.read_table(file, columns=[logits_column(teacher["name"])]).column(0).combine_chunks()
+        column = pq.read_table(file, columns=[teacher.column]).column(0).combine_chunks()
         chunks.append(column.flatten().to_numpy().astype(np.float32).reshape(len(column), -1))
         rows += len(column)
         if rows >= MAX_HISTOGRAM_ROWS:
@@ -234,9 +238,9 @@ def teacher_confidences(soft_labels: Path) -> tuple[dict, np.ndarray, np.ndarray
     return teacher, probs.max(axis=1), probs.argmax(axis=1)
 
 
-def plot_soft_labels(teacher: dict, confidence: np.ndarray, predicted: np.ndarray):
+def plot_soft_labels(teacher: TeacherInfo, confidence: np.ndarray, predicted: np.ndarray):
     plt = _plt()
-    labels = [teacher["id2label"][str(i)] for i in range(len(teacher["id2label"]))]
+    labels = teacher.labels
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 1]})
     left.hist(confidence, bins=np.linspace(1 / len(labels), 1, 31), color="steelblue", edgecolor="white")
     left.axvline(np.median(confidence), color="crimson", ls="--", label=f"median {np.median(confidence):.2f}")
@@ -413,7 +417,7 @@ def _labeling_section(page: _Page, run: RunFolder) -> None:
                       manifest["rejected"], manifest["truncated"]]]))
     teacher, confidence, predicted = teacher_confidences(run.soft_labels)
     page.figure("soft_labels", plot_soft_labels(teacher, confidence, predicted),
-                f"Teacher {teacher['model']}: confidence and predicted classes over the labeled corpus.")
+                f"Teacher {teacher.model}: confidence and predicted classes over the labeled corpus.")
 
 
 def write_report(run_folder: str | Path) -> Path:
@@ -446,5 +450,4 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
-CONFIGS: dict = {"report": None}
 ENTRY_POINTS = {"report": report_main}

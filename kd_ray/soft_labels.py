@@ -39,6 +39,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pydantic import BaseModel, ConfigDict
+
 from kd_ray.corpus import task_label_column
 from kd_ray.errors import SoftLabelError
 from kd_ray.storage import filesystem
@@ -47,6 +49,35 @@ SCHEMA_VERSION = 1
 METADATA_KEY = b"kd_ray"
 MANIFEST = "_manifest.json"
 REJECTED_DIR = "_rejected"
+
+
+class ModelInfo(BaseModel):
+    """A sequence classifier's provenance, as ``kd_ray.teacher.describe_model`` reads it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    revision: str | None = None
+    weights_sha256: str | None = None
+    id2label: dict[str, str]
+    architecture: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """Label names in output order."""
+        return [self.id2label[str(i)] for i in range(len(self.id2label))]
+
+
+class TeacherInfo(ModelInfo):
+    """One entry of the metadata's ``teachers``: a labeling run's teacher and its provenance."""
+
+    name: str
+    task: str
+    max_length: int
+
+    @property
+    def column(self) -> str:
+        return logits_column(self.name)
 
 
 def logits_column(teacher_name: str) -> str:
@@ -90,18 +121,22 @@ class SoftLabelInfo:
     files_digest: str = ""  # the part files' names, sizes and modification times: a relabeled folder differs
 
     @property
-    def teachers(self) -> list[dict[str, Any]]:
-        return self.metadata["teachers"]
+    def teachers(self) -> list[TeacherInfo]:
+        return [TeacherInfo.model_validate(t) for t in self.metadata["teachers"]]
 
-    def teacher(self, name: str | None = None) -> dict[str, Any]:
-        if name is None:
-            return self.teachers[0]
+    def teacher(self, name: str | None = None) -> TeacherInfo:
         for t in self.teachers:
-            if t["name"] == name:
+            if name in (None, t.name):
                 return t
         raise SoftLabelError(
-            f"soft labels at {self.path} have no teacher named {name!r}; they hold {[t['name'] for t in self.teachers]}"
+            f"soft labels at {self.path} have no teacher named {name!r}; they hold {[t.name for t in self.teachers]}"
         )
+
+    def gold_column(self, task: str) -> str | None:
+        """The column holding task ``task``'s gold labels, if these soft labels have one."""
+        if self.metadata.get("label_task") == task:
+            return "label"
+        return task_label_column(task) if task in (self.metadata.get("task_labels") or {}) else None
 
 
 def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -155,25 +190,6 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
     return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total, files_digest=digest)
 
 
-def check_matches(info: SoftLabelInfo, *, id2label: dict | list | None = None, teacher_model: str | None = None,
-                  teacher_name: str | None = None) -> None:
-    """Refuse soft labels that don't fit what is being trained: another label set or order, another teacher."""
-    teacher = info.teacher(teacher_name)
-    if id2label is not None:
-        wanted = [id2label[i] for i in sorted(id2label, key=int)] if isinstance(id2label, dict) else list(id2label)
-        have = [teacher["id2label"][str(i)] for i in range(len(teacher["id2label"]))]
-        if wanted != have:
-            raise SoftLabelError(
-                f"soft labels at {info.path} were made by teacher {teacher['name']!r} with labels {have} "
-                f"(in this order), but the model being trained has {wanted}"
-            )
-    if teacher_model is not None and teacher_model not in (teacher["model"], teacher.get("weights_sha256")):
-        raise SoftLabelError(
-            f"soft labels at {info.path} come from teacher model {teacher['model']!r} "
-            f"(sha256 {teacher.get('weights_sha256', '?')[:12]}), not {teacher_model!r}"
-        )
-
-
 def _iter_tables(fs: pafs.FileSystem, files: list[str], columns: list[str] | None = None):
     for file in files:
         with fs.open_input_file(file) as f:
@@ -209,13 +225,13 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
     gold_counts = {"label": len(info.metadata.get("label_names") or [])}
     gold_counts.update({task_label_column(task): len(names)
                         for task, names in (info.metadata.get("task_labels") or {}).items()})
-    columns = list(gold_counts) + [logits_column(t["name"]) for t in info.teachers]
+    columns = list(gold_counts) + [t.column for t in info.teachers]
     for file, table in _iter_tables(fs, info.files, columns):
         for t in info.teachers:
-            values = pc.list_flatten(table.column(logits_column(t["name"])))
+            values = pc.list_flatten(table.column(t.column))
             bad = pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0
             if bad:
-                problems.append(f"{file}: {bad} NaN/Inf values in {logits_column(t['name'])}")
+                problems.append(f"{file}: {bad} NaN/Inf values in {t.column}")
         for column, count in gold_counts.items():
             labels = table.column(column)
             if count and pc.max(labels).as_py() is not None:
@@ -235,7 +251,7 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
         problems.append(f"manifest says {manifest_rows} rows, the part files hold {info.num_rows}")
     if problems:
         raise SoftLabelError(f"soft labels at {path} failed validation:\n  " + "\n  ".join(problems[:20]))
-    return {"path": path, "files": len(info.files), "rows": info.num_rows, "teachers": [t["name"] for t in info.teachers]}
+    return {"path": path, "files": len(info.files), "rows": info.num_rows, "teachers": [t.name for t in info.teachers]}
 
 
 def validate_main(argv: list[str]) -> int:
@@ -249,5 +265,4 @@ def validate_main(argv: list[str]) -> int:
     return 0
 
 
-CONFIGS: dict = {"validate": None}
 ENTRY_POINTS = {"validate": validate_main}

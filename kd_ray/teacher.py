@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from kd_ray.errors import ModelError
+from kd_ray.inference import padded_batches, sorted_logits
+from kd_ray.soft_labels import ModelInfo, TeacherInfo, logits_column
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
     from kd_ray.config import TeacherConfig
@@ -37,7 +38,7 @@ def weights_sha256(folder: Path) -> str:
 
 
 def describe_model(model: str, *, revision: str | None = None, what: str = "teacher",
-                   hash_weights: bool = True) -> dict[str, Any]:
+                   hash_weights: bool = True) -> ModelInfo:
     """Check that ``model`` is a loadable sequence classifier; return its provenance.
 
     Loads only the config (and hashes local weights), so it is cheap on the driver.
@@ -66,19 +67,19 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
             f"`kd-ray finetune`"
         )
     id2label = {str(k): v for k, v in sorted(config.id2label.items(), key=lambda kv: int(kv[0]))}
-    return {
-        "model": str(folder.resolve()) if is_local else model,
-        "revision": revision,
-        "weights_sha256": (weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}")
+    return ModelInfo(
+        model=str(folder.resolve()) if is_local else model,
+        revision=revision,
+        weights_sha256=(weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}")
         if hash_weights else None,
-        "id2label": id2label,
-        "architecture": architectures[0],
-    }
+        id2label=id2label,
+        architecture=architectures[0],
+    )
 
 
-def teacher_metadata(cfg: TeacherConfig) -> dict[str, Any]:
+def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
     info = describe_model(cfg.model, revision=cfg.revision)
-    return {"name": cfg.name, "task": cfg.task, "max_length": cfg.max_length, **info}
+    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length)
 
 
 def pick_device(num_gpus: float) -> str:
@@ -104,31 +105,6 @@ def _tokenizer_key(tokenizer, max_length: int) -> tuple:
     return (hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.padding_side, tokenizer.pad_token_id, max_length)
 
 
-def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> Iterator[dict]:
-    """Tensors for each group of rows of one tokenizer call, padded to the group's longest row
-    on the tokenizer's side, one group at a time (on a GPU the next is padded while the last
-    runs). Padding with numpy is far cheaper than ``tokenizer.pad`` on dicts."""
-    import torch
-
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
-    pad_left = tokenizer.padding_side == "left"
-    for idx in groups:
-        width = max(len(enc["input_ids"][i]) for i in idx)
-        batch = {}
-        for key in keys:
-            array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
-            for row, i in enumerate(idx):
-                values = enc[key][i]
-                if pad_left:
-                    array[row, width - len(values):] = values
-                else:
-                    array[row, :len(values)] = values
-            tensor = torch.from_numpy(array)
-            batch[key] = tensor.pin_memory() if pin_memory else tensor
-        yield batch
-
-
 class TeacherLabeler:
     """Callable: Arrow batch with ``id, text, label, reject_reason`` -> soft-label rows.
 
@@ -137,7 +113,7 @@ class TeacherLabeler:
     compute goes to padding.
     """
 
-    def __init__(self, teachers: list[dict[str, Any]], *, batch_size: int, num_gpus: float = 0.0,
+    def __init__(self, teachers: list[TeacherConfig | TeacherInfo], *, batch_size: int, num_gpus: float = 0.0,
                  threads: int = 1, precision: str = "auto", logits_dtype: str = "float32"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -154,14 +130,14 @@ class TeacherLabeler:
         self.teachers = []
         for t in teachers:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(t["model"], revision=t.get("revision"))
-                model = AutoModelForSequenceClassification.from_pretrained(t["model"], revision=t.get("revision"))
+                tokenizer = AutoTokenizer.from_pretrained(t.model, revision=t.revision)
+                model = AutoModelForSequenceClassification.from_pretrained(t.model, revision=t.revision)
             except (OSError, ValueError) as e:
-                raise ModelError(f"cannot load teacher {t['name']!r} from {t['model']}: {e}") from e
+                raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
             model.to(self.device).eval()
             self.teachers.append((t, tokenizer, model))
         # Teachers fine-tuned from one base share its tokenizer: a block is tokenized once for all of them
-        self.encoding_keys = [_tokenizer_key(tok, t["max_length"]) for t, tok, _ in self.teachers]
+        self.encoding_keys = [_tokenizer_key(tok, t.max_length) for t, tok, _ in self.teachers]
 
     @staticmethod
     def _encode(texts: list[str], tokenizer, max_length: int):
@@ -171,23 +147,12 @@ class TeacherLabeler:
         return enc, truncated
 
     def _logits(self, encoded, tokenizer, model) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
         enc, truncated = encoded
         lengths = np.array([len(ids) for ids in enc["input_ids"]])
         order = np.argsort(-lengths, kind="stable")  # longest first: a too-big batch fails at once
-        amp = torch.autocast(self.device, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        on_gpu = self.device == "cuda"
         groups = [order[start:start + self.batch_size] for start in range(0, len(lengths), self.batch_size)]
-        results = []
-        with torch.inference_mode(), amp:
-            for batch in padded_batches(enc, tokenizer, groups, pin_memory=on_gpu):
-                if on_gpu:
-                    batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
-                results.append(model(**batch).logits.float())  # on a GPU, no sync until the block is done
-        out = np.empty((len(lengths), model.config.num_labels), dtype=np.float32)
-        out[order] = torch.cat(results).cpu().numpy()
-        return out, truncated
+        batches = zip(groups, padded_batches(enc, tokenizer, groups, pin_memory=self.device == "cuda"))
+        return sorted_logits(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype), truncated
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
@@ -201,11 +166,11 @@ class TeacherLabeler:
             logits = np.full((len(texts), width), np.nan, dtype=np.float32)  # rejected rows keep NaN
             if good:
                 if key not in encodings:
-                    encodings[key] = self._encode(good, tokenizer, t["max_length"])
+                    encodings[key] = self._encode(good, tokenizer, t.max_length)
                 logits[ok], truncated = self._logits(encodings[key], tokenizer, model)
                 truncated_any[ok] |= truncated
             flat = pa.array(logits.reshape(-1), pa.float32()).cast(self.logits_type)
-            columns[f"{t['name']}_logits"] = pa.FixedSizeListArray.from_arrays(flat, width)
+            columns[logits_column(t.name)] = pa.FixedSizeListArray.from_arrays(flat, width)
         columns["truncated"] = pa.array(truncated_any)
         return pa.table(columns)
 

@@ -1,9 +1,11 @@
 """`kd-ray finetune` and `kd-ray distill`: one Accelerate training loop, run data-parallel by Ray Train.
 
-``train_loop_per_worker`` reads like Accelerate's own examples; the Ray-specific lines are
-``get_dataset_shard``, ``get_checkpoint`` and ``report``. ``fit`` hands it to a TorchTrainer.
-Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a restarted
-run (a replaced worker, or the same command run again) continues from the last epoch.
+``train_loop_per_worker`` reads like Ray's Accelerate example: build, restore, then per epoch
+train -> validate -> checkpoint. It runs a ``TrainPlan`` (kd_ray.plan): a fine-tune, a student of
+one task and a multi-task student are the same loop. The Ray-specific lines are
+``get_dataset_shard``, ``get_checkpoint`` and ``report``; ``fit`` hands the loop to a TorchTrainer.
+Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a restarted run
+(a replaced worker, or the same command run again) continues from the last epoch.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +30,45 @@ import pyarrow.compute as pc
 from kd_ray.config import DistillConfig, EvalSetConfig, FinetuneConfig, RayConfig, TrainArgs
 from kd_ray.corpus import task_label_column
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
-from kd_ray.soft_labels import check_matches, logits_column, read_soft_label_info
-from kd_ray.storage import absolute_if_local
+from kd_ray.plan import TrainPlan, distill_plan, finetune_plan
 
 TRAIN_STATE = "train_state.pt"
+RNG_STATE = "rng_state_rank{rank}.pt"  # every worker saves its own random state into the shared checkpoint
 LOG_EVERY_STEPS = 50
 DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold most CPUs
 RUN_INFO = "kd_ray_train.json"
 # train.keep: best ranks checkpoints by this metric: validation macro-recall, -1 for epochs that cannot be kept
 KEEP_SCORE = "keep_score"
+# Tests make a worker fail after this epoch's checkpoint, as a crash would (forwarded like every KD_RAY_ variable)
+FAIL_AFTER_EPOCH = "KD_RAY_TEST_FAIL_AFTER_EPOCH"
 
 
 # ---------------------------------------------------------------------------- per-worker loop
 
 
-def _batch_arrays(batch: pa.Table, teacher_columns: list[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
-    texts = batch.column("text").to_pylist()
-    gold = pc.fill_null(batch.column("label"), -100).to_numpy(zero_copy_only=False).astype(np.int64)
-    logits = []
-    for col in teacher_columns:
-        arr = batch.column(col).combine_chunks()
-        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1)
-        bad = ~np.isfinite(values).all(axis=1)
-        if bad.any():  # one NaN would silently turn every weight into NaN
-            ids = np.array(batch.column("id").to_pylist())[bad][:5].tolist()
-            raise SoftLabelError(f"soft labels: {int(bad.sum())} rows of this batch have NaN/Inf in column {col!r} "
-                                 f"(ids {ids}); `kd-ray validate` names every file with such rows")
-        logits.append(values)
-    return texts, gold, logits
+def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict]:
+    """Per task: the teachers' combined logits (None for a task without teachers) and the gold indices
+    (-100 where a row has none), as tensors."""
+    import torch
+
+    from kd_ray.losses import combine_teacher_logits
+
+    teacher = {c: torch.as_tensor(_finite_logits(batch, c), device=device) for c in plan.teacher_columns}
+    logits = {t.name: combine_teacher_logits([teacher[c] for c in t.teachers], list(t.teachers.values()))
+              if t.teachers else None for t in plan.tasks}
+    gold = {t.name: torch.as_tensor(_gold(batch, t.gold_column), device=device) for t in plan.tasks}
+    return logits, gold
+
+
+def _finite_logits(batch: pa.Table, column: str) -> np.ndarray:
+    arr = batch.column(column).combine_chunks()
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():  # one NaN would silently turn every weight into NaN
+        ids = np.array(batch.column("id").to_pylist())[bad][:5].tolist()
+        raise SoftLabelError(f"soft labels: {int(bad.sum())} rows of this batch have NaN/Inf in column {column!r} "
+                             f"(ids {ids}); `kd-ray validate` names every file with such rows")
+    return values
 
 
 def _gold(batch: pa.Table, column: str | None) -> np.ndarray:
@@ -61,18 +76,6 @@ def _gold(batch: pa.Table, column: str | None) -> np.ndarray:
     if column is None or column not in batch.column_names:
         return np.full(batch.num_rows, -100, dtype=np.int64)
     return pc.fill_null(batch.column(column), -100).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _task_targets(batch: pa.Table, tasks: list[dict], teacher: dict[str, np.ndarray], device):
-    """Per task: the (combined) teacher logits and the gold labels of a training batch, as tensors."""
-    import torch
-
-    from kd_ray.losses import combine_teacher_logits
-
-    logits = {t["name"]: combine_teacher_logits([torch.as_tensor(teacher[c], device=device) for c in t["teacher_weights"]],
-                                                list(t["teacher_weights"].values())) for t in tasks}
-    gold = {t["name"]: torch.as_tensor(_gold(batch, t["gold_column"]), device=device) for t in tasks}
-    return logits, gold
 
 
 def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
@@ -83,7 +86,7 @@ def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
     batches whose order is shuffled: batches of alike lengths waste little compute on padding,
     and every row is still seen once per epoch.
     """
-    from kd_ray.teacher import padded_batches
+    from kd_ray.inference import padded_batches
 
     group = args.length_group if args.group_by_length else 1
     rng = np.random.default_rng(seed)
@@ -100,193 +103,235 @@ def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
             yield window.take(pa.array(idx)), tensors
 
 
-def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
-    """Logits of ``model`` on ``texts``, length-sorted batches. Returns (n, classes) float32."""
+@dataclass
+class Run:
+    """A worker's training state: what the loop's steps share."""
+
+    plan: TrainPlan
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    rank: int
+    optimizer: Any = None
+    scheduler: Any = None
+    epoch: int = 0  # epochs done
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    narrowed: bool = True  # the model has its final width (a student narrowed after training is wide at first)
+
+    @property
+    def bare_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+def build(plan: TrainPlan):
+    """The Accelerator and a worker's ``Run`` with the plan's model, as it is before any training."""
+    import ray.train
     import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
-    order = np.argsort([len(t) for t in texts])
-    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt").to(device)
-            out[idx] = model(**enc).logits.float().cpu().numpy()
-    return out
+    from kd_ray.models import build_model
+
+    if not plan.train.use_gpu:
+        torch.set_num_threads(plan.train.threads_per_worker)
+    accelerator = Accelerator(cpu=not plan.train.use_gpu, mixed_precision=plan.train.mixed_precision)
+    set_seed(plan.train.seed)
+    model, tokenizer = build_model(plan)
+    return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(),
+               narrowed=plan.wide_epochs == 0)
 
 
-def _validate(model, tokenizer, shard, job: dict, device) -> dict[str, float]:
+def restore(run: Run) -> dict | None:
+    """Load the last checkpoint's weights into ``run.model`` (narrowed first if it was saved narrow), every
+    key or an error naming the one missing; return its training state (None when starting afresh)."""
+    import ray.train
+    import torch
+    from safetensors.torch import load_file
+
+    from kd_ray.students import prune_feed_forward
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
+        weights = load_file(Path(folder) / "model.safetensors")
+        rng = Path(folder) / RNG_STATE.format(rank=run.rank)
+        state["rng"] = torch.load(rng, weights_only=False) if rng.is_file() else None
+    run.epoch = run.resumed_from = state["epoch"]
+    run.history = state["history"]
+    if run.plan.wide_epochs and run.epoch > run.plan.wide_epochs:  # saved after narrowing
+        prune_feed_forward(run.model, run.plan.student.ffn_size)
+        run.narrowed = True
+    missing, unexpected = run.model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"checkpoint {checkpoint.path} does not fit the model being trained: missing keys "
+                         f"{missing[:5]}, unexpected keys {unexpected[:5]}; delete it to start afresh")
+    return state
+
+
+def prepare(run: Run, phase_epochs: int) -> None:
+    """A fresh AdamW and learning-rate schedule over ``phase_epochs`` epochs, prepared by Accelerate."""
+    import torch
+    from transformers import get_scheduler
+
+    args = run.plan.train
+    # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
+    # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=True)
+    steps = _steps_per_epoch(run.plan) * phase_epochs
+    run.scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
+                                  num_training_steps=steps)
+    run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+
+
+def _steps_per_epoch(plan: TrainPlan) -> int:
+    return math.ceil(plan.rows / plan.train.num_workers / plan.train.batch_size)
+
+
+def narrow(run: Run) -> None:
+    """Narrow a student trained at full width to its ``ffn_size``; it trains on with a fresh schedule."""
+    from kd_ray.students import prune_feed_forward
+
+    bare = run.bare_model
+    run.accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
+    run.model = prune_feed_forward(bare, run.plan.student.ffn_size)
+    run.narrowed = True
+    prepare(run, run.plan.train.epochs)
+
+
+def train_epoch(run: Run, shard) -> dict[str, Any]:
+    """One pass over this worker's shard; returns the epoch's metrics."""
+    from kd_ray.losses import multitask_loss
+
+    plan, device = run.plan, run.accelerator.device
+    run.model.train()
+    started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+    for batch, enc in _training_batches(shard, run.tokenizer, plan.train, seed=plan.train.seed * 1000 + run.epoch):
+        logits = run.model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
+        loss, _ = multitask_loss(logits, plan.tasks, *_targets(batch, plan, device))
+        run.accelerator.backward(loss)
+        if plan.train.grad_clip:
+            run.accelerator.clip_grad_norm_(run.model.parameters(), plan.train.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+        rows, loss_sum, steps = rows + batch.num_rows, loss_sum + loss.item(), steps + 1
+        if run.rank == 0 and steps % LOG_EVERY_STEPS == 0:
+            print(f"epoch {run.epoch + 1}/{plan.epochs} step {steps}/{_steps_per_epoch(plan)} loss "
+                  f"{loss_sum / steps:.4f} {rows * plan.train.num_workers / (time.perf_counter() - started):.1f} "
+                  f"samples/s", flush=True)
+    seconds = time.perf_counter() - started
+    return {"epoch": run.epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
+            "samples_per_s": rows / seconds if seconds else 0.0, "rank": run.rank,
+            "resumed_from_epoch": run.resumed_from}
+
+
+def validate(run: Run, shard) -> dict[str, float]:
+    """Validation metrics of every task (``val_<task>_*`` with several heads) and their mean (``val_*``)."""
+    from kd_ray.inference import predict_logits
     from kd_ray.metrics import classification_metrics
 
-    from kd_ray.multitask import task_layout
-
-    tasks = job.get("tasks") or [{"name": None, "labels": job["labels"]}]
-    columns = {t["name"]: "label" if i == 0 else task_label_column(t["name"]) for i, t in enumerate(tasks)}
-    texts, gold = [], {t["name"]: [] for t in tasks}
+    plan = run.plan
+    columns = {t.name: "label" if i == 0 else task_label_column(t.name) for i, t in enumerate(plan.tasks)}
+    texts, gold = [], {t.name: [] for t in plan.tasks}
     for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
         texts += batch.column("text").to_pylist()
-        for t in tasks:
-            gold[t["name"]].append(_gold(batch, columns[t["name"]]))
-    logits = predict_logits(model, tokenizer, texts, max_length=job["train"]["max_length"], batch_size=64,
-                            device=device)
-    layout = task_layout({t["name"]: t["labels"] for t in tasks}) if job.get("tasks") else None
+        for t in plan.tasks:
+            gold[t.name].append(_gold(batch, columns[t.name]))
+    logits = predict_logits(run.bare_model, run.tokenizer, texts, max_length=plan.train.max_length, batch_size=64,
+                            device=run.accelerator.device)
     metrics, per_task = {}, []
-    for i, t in enumerate(tasks):
-        g = np.concatenate(gold[t["name"]])
-        task_logits = logits[:, layout[i].start:layout[i].stop] if layout else logits
-        m = classification_metrics(task_logits[g >= 0], g[g >= 0], t["labels"])
+    for t in plan.tasks:
+        g = np.concatenate(gold[t.name])
+        m = classification_metrics(t.of(logits)[g >= 0], g[g >= 0], list(t.labels))
         per_task.append(m)
-        if layout:
-            metrics.update({f"val_{t['name']}_{k}": m[k] for k in ("accuracy", "macro_f1", "macro_recall")})
+        if plan.named_heads:
+            metrics.update({f"val_{t.name}_{k}": m[k] for k in ("accuracy", "macro_f1", "macro_recall")})
     # one number to select epochs and trials by: the mean over tasks
     metrics.update({f"val_{k}": float(np.mean([m[k] for m in per_task])) for k in ("accuracy", "macro_f1",
                                                                                    "macro_recall")})
     return metrics
 
 
-def train_loop_per_worker(job: dict[str, Any]) -> None:
-    """One data-parallel worker. ``job`` is plain data (see ``_job``), so the loop runs anywhere."""
+def _rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Run, metrics: dict) -> None:
+    """Report the epoch's metrics with a checkpoint: rank 0 writes the model folder and the optimizer
+    state, every rank its random state; Ray Train merges the ranks' files into one checkpoint."""
     import ray.train
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    from kd_ray.losses import combine_teacher_logits, compute_loss
-    from kd_ray.models import build_student, load_classifier
-    from kd_ray.multitask import multitask_loss, task_layout, write_layout
-    from kd_ray.students import feed_forward_width, prune_feed_forward
+    from kd_ray.multitask import write_layout
 
-    args = TrainArgs(**job["train"])
-    if not args.use_gpu:
-        torch.set_num_threads(args.threads_per_worker)
-    accelerator = Accelerator(cpu=not args.use_gpu, mixed_precision=args.mixed_precision)
-    set_seed(args.seed)
-    student = job.get("student") or {}
-    # a student narrowed after training: wide_epochs at full width first, then narrowed and trained on
-    wide_epochs = student.get("wide_epochs") or 0
-    if job["mode"] == "finetune":
-        model, tokenizer = load_classifier(job["base_model"], job["labels"], what="base model")
-    else:
-        model, tokenizer = build_student(student, job["teacher_model"], job["labels"], tasks=job.get("tasks"))
-    layout = task_layout({t["name"]: t["labels"] for t in job["tasks"]}) if job.get("tasks") else None
-    steps_per_epoch = math.ceil(job["rows"] / args.num_workers / args.batch_size)
-    epochs = wide_epochs + args.epochs
+    with tempfile.TemporaryDirectory() as folder:
+        if run.rank == 0:
+            run.bare_model.save_pretrained(folder)
+            run.tokenizer.save_pretrained(folder)
+            if run.plan.named_heads:
+                write_layout(folder, run.plan.tasks)
+            torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                        "epoch": run.epoch, "history": run.history}, Path(folder) / TRAIN_STATE)
+        torch.save(_rng_state(), Path(folder) / RNG_STATE.format(rank=run.rank))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    def optimize(net, phase_epochs: int):
-        # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
-        # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
-        opt = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-        steps = steps_per_epoch * phase_epochs
-        sched = get_scheduler(args.schedule, opt, num_warmup_steps=int(args.warmup_ratio * steps),
-                              num_training_steps=steps)
-        prepared, opt = accelerator.prepare(net, opt)
-        return prepared, opt, sched
 
-    start_epoch, history, state = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        from safetensors.torch import load_file
+def train_loop_per_worker(config: dict) -> None:
+    """One data-parallel worker: build, restore, then per epoch train -> validate -> checkpoint.
+    ``config`` is a TrainPlan as JSON (Ray Train's config is plain data)."""
+    import ray.train
 
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
-            weights = load_file(Path(folder) / "model.safetensors")
-        start_epoch, history = state["epoch"], state["history"]
-        if wide_epochs and start_epoch > wide_epochs:  # saved after narrowing
-            prune_feed_forward(model, student["ffn_size"])
-        model.load_state_dict(weights, strict=False)
-    narrowed = wide_epochs == 0 or start_epoch > wide_epochs
-    model, optimizer, scheduler = optimize(model, args.epochs if narrowed else wide_epochs)
+    from kd_ray.students import feed_forward_width
+
+    plan = TrainPlan.model_validate(config)
+    run = build(plan)
+    state = restore(run)
+    prepare(run, plan.train.epochs if run.narrowed else plan.wide_epochs)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-
-    loss_cfg = job.get("loss") or {}
-    teacher_columns = list(job.get("teacher_weights") or {})
-    teacher_weights = list((job.get("teacher_weights") or {}).values())
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state["rng"] is not None:  # absent when the run resumes on more workers than it saved
+            _set_rng_state(state["rng"])
     train_shard = ray.train.get_dataset_shard("train")
-    rank = ray.train.get_context().get_world_rank()
-    resumed_from = start_epoch
-    for epoch in range(start_epoch, epochs):
-        if not narrowed and epoch == wide_epochs:
-            bare = accelerator.unwrap_model(model)
-            accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
-            model, optimizer, scheduler = optimize(prune_feed_forward(bare, student["ffn_size"]), args.epochs)
-            narrowed = True
-        model.train()
-        started, rows, loss_sum, steps, seen_ids = time.perf_counter(), 0, 0.0, 0, []
-        for batch, enc in _training_batches(train_shard, tokenizer, args, seed=args.seed * 1000 + epoch):
-            texts, gold, teacher = _batch_arrays(batch, teacher_columns)
-            logits = model(**{k: v.to(accelerator.device) for k, v in enc.items()}).logits.float()
-            gold_t = torch.as_tensor(gold, device=accelerator.device)
-            if job["mode"] == "finetune":
-                loss = torch.nn.functional.cross_entropy(logits, gold_t, ignore_index=-100)
-            elif layout:
-                loss, _ = multitask_loss(logits, layout,
-                                         *_task_targets(batch, job["tasks"], dict(zip(teacher_columns, teacher)),
-                                                        accelerator.device),
-                                         {t["name"]: t for t in job["tasks"]})
-            else:
-                teacher_t = combine_teacher_logits([torch.as_tensor(t, device=accelerator.device) for t in teacher],
-                                                   teacher_weights)
-                loss = compute_loss(loss_cfg["kind"], logits, teacher_t, gold_t,
-                                    temperature=loss_cfg["temperature"], alpha=loss_cfg["alpha"])
-            accelerator.backward(loss)
-            if args.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            rows += len(texts)
-            loss_sum += loss.item()
-            steps += 1
-            if job.get("record_ids_to"):
-                seen_ids += batch.column("id").to_pylist()
-            if rank == 0 and steps % LOG_EVERY_STEPS == 0:
-                print(f"epoch {epoch + 1}/{epochs} step {steps}/{steps_per_epoch} loss {loss_sum / steps:.4f} "
-                      f"{rows * args.num_workers / (time.perf_counter() - started):.1f} samples/s", flush=True)
-        if job.get("record_ids_to"):  # test hook: which rows each worker saw
-            Path(job["record_ids_to"]).mkdir(parents=True, exist_ok=True)
-            (Path(job["record_ids_to"]) / f"epoch{epoch + 1}-rank{rank}.json").write_text(json.dumps(seen_ids))
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
-                   "samples_per_s": rows / seconds if seconds else 0.0, "rank": rank,
-                   "resumed_from_epoch": resumed_from}
-        if wide_epochs:
-            metrics["ffn_size"] = feed_forward_width(accelerator.unwrap_model(model))
-        if rank == 0 and job.get("has_validation"):
-            metrics.update(_validate(accelerator.unwrap_model(model), tokenizer,
-                                     ray.train.get_dataset_shard("validation"), job, accelerator.device))
-            if keeps_best(job):  # a wide epoch's model is not the student asked for: never the best
-                metrics[KEEP_SCORE] = metrics["val_macro_recall"] if narrowed else -1.0
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:  # one copy of the state is enough; every worker reports its metrics
-                accelerator.unwrap_model(model).save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-                if layout:
-                    write_layout(folder, layout)
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch + 1, "history": history, "rng": torch.get_rng_state()},
-                           Path(folder) / TRAIN_STATE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if job.get("stop_after_epoch") == epoch + 1:  # lets tests stop a run midway, as a crash would
-            raise SystemExit(f"stopping after epoch {epoch + 1} as asked")
+    while run.epoch < plan.epochs:
+        if not run.narrowed and run.epoch == plan.wide_epochs:
+            narrow(run)
+        metrics = train_epoch(run, train_shard)
+        if plan.wide_epochs:
+            metrics["ffn_size"] = feed_forward_width(run.bare_model)
+        if run.rank == 0 and plan.has_validation:
+            metrics.update(validate(run, ray.train.get_dataset_shard("validation")))
+            if plan.keeps_best:  # a wide epoch's model is not the student asked for: never the best
+                metrics[KEEP_SCORE] = metrics["val_macro_recall"] if run.narrowed else -1.0
+        run.epoch += 1
+        run.history.append(metrics)
+        save_checkpoint(run, metrics)
+        if os.environ.get(FAIL_AFTER_EPOCH) == str(run.epoch):
+            raise RuntimeError(f"{FAIL_AFTER_EPOCH}={run.epoch}: stopping after epoch {run.epoch}, as a crash would")
 
 
 # ---------------------------------------------------------------------------- driver side
 
 
-TEST_HOOKS = ("stop_after_epoch", "record_ids_to")
-
-
-def run_name(output: str, job: dict) -> str:
-    stable = {k: v for k, v in job.items() if k not in TEST_HOOKS}
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def run_name(output: str, plan: TrainPlan) -> str:
+    digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:10]
     return f"{Path(output).name}-{digest}"
 
 
@@ -296,15 +341,17 @@ def _storage_path(output: str, storage_path: str | None) -> str:
     return str(Path(output).resolve().parent / "ray_train")
 
 
-def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage_path: str, callbacks=()):
+def build_trainer(plan: TrainPlan, datasets: dict, name: str, storage_path: str, callbacks=()):
     """The TorchTrainer that runs ``train_loop_per_worker``; a run with ``name`` already in
     ``storage_path`` resumes from its last checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    args = plan.train
+    env = {k: v for k, v in os.environ.items() if k.startswith("KD_RAY_")}  # kd-ray's own settings reach the workers
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job,
+        train_loop_config=plan.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                                resources_per_worker={"CPU": args.num_cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -312,33 +359,28 @@ def build_trainer(job: dict, datasets: dict, args: TrainArgs, name: str, storage
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
             # keep: best adds the best-scoring checkpoint to those kept (Ray always keeps the latest, to resume)
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE if keeps_best(job) else None),
+                num_to_keep=2, checkpoint_score_attribute=KEEP_SCORE if plan.keeps_best else None),
+            worker_runtime_env={"env_vars": env} if env else None,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def fit(job: dict, datasets: dict, args: TrainArgs, output: str, storage_path: str | None, ray_cfg: RayConfig):
+def fit(plan: TrainPlan, datasets: dict, output: str, storage_path: str | None, ray_cfg: RayConfig):
     """Run ``train_loop_per_worker`` on Ray Train and export the checkpoint ``train.keep`` names to ``output``."""
     from kd_ray.runtime import init_ray
 
     init_ray(ray_cfg)
-    name = run_name(output, job)
-    result = build_trainer(job, datasets, args, name, _storage_path(output, storage_path)).fit()
+    name = run_name(output, plan)
+    result = build_trainer(plan, datasets, name, _storage_path(output, storage_path)).fit()
     if result.checkpoint is None:
         raise KdRayUserError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
     chosen = result.checkpoint
-    if keeps_best(job):
+    if plan.keeps_best:
         chosen = max(result.best_checkpoints, key=lambda reported: keep_rank(reported[1]))[0]
-    export_checkpoint(chosen, output, job, latest=result.checkpoint)
+    export_checkpoint(chosen, output, plan, latest=result.checkpoint)
     return result
-
-
-def keeps_best(job: dict) -> bool:
-    """Whether the run exports its best epoch (train.keep 'best', or 'auto' with validation data)."""
-    keep = job["train"].get("keep", "last")
-    return keep == "best" or (keep == "auto" and bool(job.get("has_validation")))
 
 
 def keep_rank(metrics: dict) -> tuple[float, int]:
@@ -354,20 +396,19 @@ def _train_state(checkpoint) -> dict:
         return torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
 
 
-def export_checkpoint(checkpoint, output: str, job: dict, latest=None) -> None:
-    """Copy the checkpoint's Hugging Face folder to ``output``, without the optimizer state; the run's
+def export_checkpoint(checkpoint, output: str, plan: TrainPlan, latest=None) -> None:
+    """Copy the checkpoint's Hugging Face folder to ``output``, without the training state; the run's
     history is read from ``latest`` (the run's last checkpoint) when another epoch's model is exported."""
     out = Path(output)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE))
+        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(TRAIN_STATE, RNG_STATE.format(rank="*")))
     state = _train_state(checkpoint)
     same = latest is None or latest.path == checkpoint.path
     history = (state if same else _train_state(latest))["history"]
-    job = {k: v for k, v in job.items() if k not in TEST_HOOKS}
-    info = {"mode": job["mode"], "labels": job["labels"], "history": history, "exported_epoch": state["epoch"],
-            "job": job}
+    info = {"mode": plan.mode, "labels": plan.labels, "history": history, "exported_epoch": state["epoch"],
+            "plan": plan.model_dump(mode="json")}
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # the model folder appears whole or not at all
@@ -383,173 +424,57 @@ def _labeled_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.and_(batch.column("label").is_valid(), batch.column("reject_reason").is_null()))
 
 
-def _gold_rows(batch: pa.Table, columns: list[str] = ("label",)) -> pa.Table:
+def _gold_rows(batch: pa.Table, columns: list[str]) -> pa.Table:
     """Rows with a gold label in any of ``columns``."""
     return batch.filter(functools.reduce(pc.or_, [batch.column(c).is_valid() for c in columns]))
 
 
-def _count_gold_rows(info) -> int:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(info.files, format="parquet").count_rows(filter=pads.field("label").is_valid())
-
-
-def _common_job(args: TrainArgs) -> dict[str, Any]:
-    return {"train": args.model_dump(mode="json")}
-
-
-def run_finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None):
+def validation_dataset(validation: EvalSetConfig, plan: TrainPlan):
+    """The validation set, with a gold column per task beyond the first (validation.task_label_columns)."""
     from kd_ray.ray_data import corpus_dataset
 
-    labels = list(cfg.labels)
-    train_ds = corpus_dataset(cfg.data, {n: i for i, n in enumerate(labels)}, num_cpus=DATA_TASK_CPUS)
+    first, *others = plan.tasks
+    missing = [t.name for t in others if t.name not in validation.task_label_columns]
+    if missing:
+        raise KdRayUserError(f"validation.task_label_columns needs the gold column of tasks {missing} (the first "
+                             f"task, {first.name!r}, reads validation.label_column)")
+    return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(first.labels)},
+                          num_cpus=DATA_TASK_CPUS,
+                          task_labels={t.name: {n: i for i, n in enumerate(t.labels)} for t in others} or None)
+
+
+def run_finetune(cfg: FinetuneConfig):
+    from kd_ray.ray_data import corpus_dataset
+
+    train_ds = corpus_dataset(cfg.data, {n: i for i, n in enumerate(cfg.labels)}, num_cpus=DATA_TASK_CPUS)
     train_ds = train_ds.map_batches(_labeled_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
     rows = train_ds.count()
     if rows == 0:
         raise KdRayUserError(f"data.path {cfg.data.path} has no rows with a gold label in column "
                              f"{cfg.data.label_column!r}; finetune needs labeled rows")
-    datasets = {"train": train_ds}
-    if cfg.validation:
-        datasets["validation"] = corpus_dataset(cfg.validation.as_corpus(), {n: i for i, n in enumerate(labels)},
-                                                num_cpus=DATA_TASK_CPUS)
-    job = {**_common_job(cfg.train), "mode": "finetune", "base_model": absolute_if_local(cfg.base_model), "labels": labels,
-           "rows": rows, "has_validation": cfg.validation is not None, "stop_after_epoch": stop_after_epoch,
-           "data": cfg.data.model_dump(mode="json")}
-    return fit(job, datasets, cfg.train, cfg.output, cfg.storage_path, cfg.ray)
+    plan = finetune_plan(cfg, rows)
+    return fit(plan, {"train": train_ds, **_validation(cfg, plan)}, cfg.output, cfg.storage_path, cfg.ray)
 
 
-def _task_jobs(cfg: DistillConfig, info) -> list[dict[str, Any]]:
-    """Per task of a multi-task student: its labels, gold column, teacher columns and loss settings."""
-    by_task: dict[str, list[dict]] = {}
-    for t in info.teachers:
-        by_task.setdefault(t["task"], []).append(t)
-    gold_columns = {task: task_label_column(task) for task in info.metadata.get("task_labels") or {}}
-    if info.metadata.get("label_task"):
-        gold_columns[info.metadata["label_task"]] = "label"
-    jobs = []
-    for task, task_cfg in cfg.tasks.items():
-        if task not in by_task:
-            raise SoftLabelError(f"tasks.{task}: the soft labels at {cfg.soft_labels} have no label column for task "
-                                 f"{task!r}; their teachers label tasks {sorted(by_task)}")
-        named = {t["name"]: t for t in by_task[task]}
-        weights = task_cfg.teachers or {name: 1.0 for name in named}
-        wrong = sorted(set(weights) - set(named))
-        if wrong:
-            raise SoftLabelError(f"tasks.{task}.teachers names {wrong}, which are not teachers of task {task!r} in "
-                                 f"{cfg.soft_labels}; its teachers are {sorted(named)}")
-        id2labels = {name: [named[name]["id2label"][str(i)] for i in range(len(named[name]["id2label"]))]
-                     for name in weights}
-        labels = next(iter(id2labels.values()))
-        for name, other in id2labels.items():
-            if other != labels:
-                raise SoftLabelError(f"tasks.{task}: teachers {next(iter(id2labels))!r} and {name!r} predict different "
-                                     f"labels ({labels} vs {other}); one head cannot learn from both")
-        jobs.append({"name": task, "labels": labels, "gold_column": gold_columns.get(task),
-                     "teacher_weights": {logits_column(n): w for n, w in weights.items()},
-                     "teacher_model": named[next(iter(weights))]["model"],
-                     "kind": task_cfg.kind or cfg.loss.kind,
-                     "temperature": task_cfg.temperature if task_cfg.temperature is not None else cfg.loss.temperature,
-                     "alpha": task_cfg.alpha if task_cfg.alpha is not None else cfg.loss.alpha,
-                     "weight": task_cfg.weight})
-    return jobs
+def _validation(cfg: FinetuneConfig | DistillConfig, plan: TrainPlan) -> dict:
+    return {"validation": validation_dataset(cfg.validation, plan)} if cfg.validation else {}
 
 
-def distill_job(cfg: DistillConfig) -> tuple[dict, Any]:
-    """Check the soft labels against the student config; return the job and soft-label info."""
-    info = read_soft_label_info(cfg.soft_labels)
-    if cfg.tasks is not None:
-        return _multitask_distill_job(cfg, info), info
-    names = [t["name"] for t in info.teachers]
-    weights = cfg.loss.teachers or {names[0]: 1.0}
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise SoftLabelError(f"loss.teachers names {unknown}, but the soft labels at {cfg.soft_labels} hold "
-                             f"teachers {names}")
-    first = info.teacher(next(iter(weights)))
-    labels = [first["id2label"][str(i)] for i in range(len(first["id2label"]))]
-    for name in weights:
-        check_matches(info, id2label=labels, teacher_name=name)
-    gold_only = cfg.loss.alpha == 0  # no distillation term: rows without gold would contribute nothing
-    rows = _count_gold_rows(info) if gold_only else info.num_rows
-    if rows == 0:
-        what = "rows with a gold label (alpha=0 trains on gold labels only)" if gold_only else "rows"
-        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no {what}: the training set is empty")
-    local = cfg.student.model and cfg.student.model.startswith((".", "/", "~"))
-    if local and not Path(cfg.student.model).expanduser().exists():
-        raise ModelError(f"student.model {cfg.student.model} does not exist")
-    if cfg.student.kind == "cut" and cfg.student.model is None and len(weights) > 1:
-        raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
-    job = {**_common_job(cfg.train), "mode": "distill", "labels": labels, "rows": rows, "gold_only": gold_only,
-           "student": {**cfg.student.model_dump(mode="json"), "model": absolute_if_local(cfg.student.model)},
-           "teacher_model": first["model"],
-           "loss": cfg.loss.model_dump(mode="json"),
-           "teacher_weights": {logits_column(n): w for n, w in weights.items()},
-           "soft_labels_hash": info.metadata["config_hash"], "soft_label_files": info.files_digest,
-           "has_validation": cfg.validation is not None}
-    return job, info
-
-
-def _multitask_distill_job(cfg: DistillConfig, info) -> dict:
-    import pyarrow.dataset as pads
-
-    tasks = _task_jobs(cfg, info)
-    gold_only = all(t["alpha"] == 0 for t in tasks)  # no distillation term anywhere: unlabeled rows add nothing
-    rows = info.num_rows
-    if gold_only:
-        golds = [pads.field(t["gold_column"]).is_valid() for t in tasks if t["gold_column"]]
-        rows = pads.dataset(info.files, format="parquet").count_rows(
-            filter=functools.reduce(lambda a, b: a | b, golds)) if golds else 0
-    if rows == 0:
-        raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no rows to train on"
-                             + (" with a gold label (every task has alpha=0)" if gold_only else ""))
-    joint = [f"{t['name']}:{label}" for t in tasks for label in t["labels"]]
-    return {**_common_job(cfg.train), "mode": "distill", "labels": joint, "tasks": tasks, "rows": rows,
-            "gold_only": gold_only, "student": {**cfg.student.model_dump(mode="json"),
-                                                "model": absolute_if_local(cfg.student.model)},
-            "teacher_model": tasks[0]["teacher_model"], "loss": cfg.loss.model_dump(mode="json"),
-            "teacher_weights": {c: w for t in tasks for c, w in t["teacher_weights"].items()},
-            "gold_columns": [t["gold_column"] for t in tasks if t["gold_column"]],
-            "soft_labels_hash": info.metadata["config_hash"], "soft_label_files": info.files_digest,
-            "has_validation": cfg.validation is not None}
-
-
-def distill_datasets(cfg: DistillConfig, job: dict, info) -> dict:
+def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
     from kd_ray.ray_data import parquet_files_dataset
 
-    gold_columns = job.get("gold_columns", ["label"])
-    columns = list(dict.fromkeys(["id", "text", "label", *gold_columns, *job["teacher_weights"]]))
+    columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns]))
     train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
-    if job["gold_only"]:
-        train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": gold_columns}, batch_format="pyarrow",
+    if plan.gold_only:
+        train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": plan.gold_columns}, batch_format="pyarrow",
                                         num_cpus=DATA_TASK_CPUS)
-    datasets = {"train": train_ds}
-    if cfg.validation:
-        datasets["validation"] = validation_dataset(cfg.validation, job)
-    return datasets
+    return {"train": train_ds, **_validation(cfg, plan)}
 
 
-def validation_dataset(validation: EvalSetConfig, job: dict):
-    """The validation set, with a gold column per task for a multi-task student."""
-    from kd_ray.ray_data import corpus_dataset
-
-    if not job.get("tasks"):
-        return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(job["labels"])},
-                              num_cpus=DATA_TASK_CPUS)
-    first, *others = job["tasks"]
-    missing = [t["name"] for t in others if t["name"] not in validation.task_label_columns]
-    if missing:
-        raise KdRayUserError(f"validation.task_label_columns needs the gold column of tasks {missing} (the first "
-                             f"task, {first['name']!r}, reads validation.label_column)")
-    return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(first["labels"])},
-                          num_cpus=DATA_TASK_CPUS,
-                          task_labels={t["name"]: {n: i for i, n in enumerate(t["labels"])} for t in others})
-
-
-def run_distill(cfg: DistillConfig, *, stop_after_epoch: int | None = None, record_ids_to: str | None = None):
-    job, info = distill_job(cfg)
-    job.update(stop_after_epoch=stop_after_epoch, record_ids_to=record_ids_to)
-    return fit(job, distill_datasets(cfg, job, info), cfg.train, cfg.output, cfg.storage_path, cfg.ray)
+def run_distill(cfg: DistillConfig):
+    plan, info = distill_plan(cfg)
+    return fit(plan, distill_datasets(cfg, plan, info), cfg.output, cfg.storage_path, cfg.ray)
 
 
 def _print_result(stage: str, output: str) -> None:
@@ -570,5 +495,4 @@ def distill_main(cfg: DistillConfig) -> None:
     _print_result("distill", cfg.output)
 
 
-CONFIGS = {"finetune": FinetuneConfig, "distill": DistillConfig}
 ENTRY_POINTS = {"finetune": finetune_main, "distill": distill_main}

@@ -78,15 +78,16 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str, starts_log: st
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kd_ray.train import build_trainer, distill_datasets, distill_job, run_name
+    from kd_ray.plan import distill_plan
+    from kd_ray.train import build_trainer, distill_datasets, run_name
 
     cfg = trial_config(base, values)
-    job, info = distill_job(cfg)
+    plan, info = distill_plan(cfg)
     trial = trial_name(ray.tune.get_context().get_trial_id())
     with open(starts_log, "a") as log:  # one short line: appends do not interleave
         log.write(json.dumps({"trial": trial, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    # The run name is a hash of the job: a trial restarted after a crash resumes its own Train run.
-    trainer = build_trainer(job, distill_datasets(cfg, job, info), cfg.train, run_name("trial", job), storage_path,
+    # The run name is a hash of the plan: a trial restarted after a crash resumes its own Train run.
+    trainer = build_trainer(plan, distill_datasets(cfg, plan, info), run_name("trial", plan), storage_path,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -254,11 +255,12 @@ def run_tune(cfg: TuneConfig) -> dict:
     import ray.train
     from ray import tune
 
+    from kd_ray.plan import distill_plan
     from kd_ray.runtime import init_ray
-    from kd_ray.train import distill_job, export_checkpoint
+    from kd_ray.train import export_checkpoint
 
     out = Path(cfg.output).resolve()
-    distill_job(cfg.distill)  # checks the soft labels and the student before any trial starts
+    distill_plan(cfg.distill)  # checks the soft labels and the student before any trial starts
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray)
     base = _with_absolute_paths(cfg.distill).model_dump(mode="json")
@@ -284,8 +286,8 @@ def run_tune(cfg: TuneConfig) -> dict:
     best_cfg = best_cfg.model_copy(update={"output": str(out / "student")})
     runs = epochs_table[epochs_table["trial"] == best["trial"]].sort_values("epoch")
     kept = runs[runs["epoch"] == best["kept_epoch"]].iloc[-1]
-    job, _ = distill_job(best_cfg)
-    export_checkpoint(ray.train.Checkpoint(kept["checkpoint_path"]), best_cfg.output, job,
+    plan, _ = distill_plan(best_cfg)
+    export_checkpoint(ray.train.Checkpoint(kept["checkpoint_path"]), best_cfg.output, plan,
                       latest=ray.train.Checkpoint(runs.iloc[-1]["checkpoint_path"]))
     (out / "best_config.yaml").write_text(
         f"# kd-ray distill --config {out / 'best_config.yaml'}\n"
@@ -318,5 +320,4 @@ def main(cfg: TuneConfig) -> dict:
     return summary
 
 
-CONFIGS = {"tune": TuneConfig}
 ENTRY_POINTS = {"tune": main}

@@ -300,7 +300,7 @@ def test_label_then_distill_jobs_on_a_two_node_cluster(cluster, labeled, corpus,
     assert run_info["mode"] == "distill"
     assert [h["epoch"] for h in run_info["history"]] == [1]
     assert math.isfinite(run_info["history"][0]["train_loss"])
-    assert run_info["job"]["rows"] == ROWS and run_info["job"]["train"]["num_workers"] == 2
+    assert run_info["plan"]["rows"] == ROWS and run_info["plan"]["train"]["num_workers"] == 2
     config = json.loads((student / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
     assert list(config["id2label"].values()) == ["negative", "neutral", "positive"]

@@ -23,7 +23,7 @@ from test_corpus import BAD_INPUT, write_bad_corpus
 
 import kd_ray
 from kd_ray.cli import main
-from kd_ray.config import LabelConfig, load_config
+from kd_ray.config import LabelConfig, TeacherConfig, load_config
 from kd_ray.errors import CorpusError, KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
 from kd_ray.label import run_label
 from kd_ray.normalize import normalize_post
@@ -185,7 +185,7 @@ def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
     order = np.argsort(-np.array(lengths), kind="stable")  # the labeler's batches: longest first
     reference = direct_logits(folder, [texts[i] for i in order], MAX_LENGTH, batch_size=32)
-    labeler = TeacherLabeler([{"name": "teacher", "model": str(folder), "max_length": MAX_LENGTH}], batch_size=32)
+    labeler = TeacherLabeler([TeacherConfig(model=str(folder), max_length=MAX_LENGTH)], batch_size=32)
     rows = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "label": pa.nulls(len(texts), pa.int32()),
                      "reject_reason": pa.nulls(len(texts), pa.string())})
     logits = np.array(labeler(rows).column("teacher_logits").to_pylist(), dtype=np.float32)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_tiny_classifier, random_posts
-from kd_ray.losses import distill_loss
-from kd_ray.multitask import (MultiTaskClassifier, export_task, joint_label_maps, multitask_loss, read_layout,
-                              task_layout, write_layout)
+from kd_ray.losses import distill_loss, multitask_loss
+from kd_ray.multitask import MultiTaskClassifier, export_task, joint_labels, read_layout, task_layout, write_layout
+from kd_ray.plan import TaskPlan
 
 TASKS = {"sentiment": ["negative", "neutral", "positive"],
          "reason": ["Late Flight", "Lost Luggage", "Customer Service Issue", "Other"]}
@@ -23,7 +23,7 @@ def multitask_model(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification
 
     layout = task_layout(TASKS)
-    labels = list(joint_label_maps(layout)["id2label"].values())
+    labels = joint_labels(layout)
     folder = build_tiny_classifier(tmp_path_factory.mktemp("mt") / "student", labels=labels)
     write_layout(folder, layout)
     assert AutoModelForSequenceClassification.from_pretrained(folder).config.num_labels == 7
@@ -35,7 +35,7 @@ def test_layout_slices_the_joint_output_in_config_order():
     assert [(t.name, t.start, t.stop) for t in layout] == [("sentiment", 0, 3), ("reason", 3, 7)]
     logits = torch.arange(14.0).reshape(2, 7)
     assert layout[1].of(logits).tolist() == [[3, 4, 5, 6], [10, 11, 12, 13]]
-    assert joint_label_maps(layout)["id2label"][3] == "reason:Late Flight"
+    assert joint_labels(layout)[3] == "reason:Late Flight"
 
 
 @pytest.mark.parametrize("tasks, message", [
@@ -56,7 +56,8 @@ def test_loss_is_the_weighted_sum_of_per_task_distillation_losses():
     gold = {"sentiment": torch.tensor([0, 1, 2, 0, 1]), "reason": torch.tensor([2, -100, -100, 1, -100])}
     losses = {"sentiment": {"kind": "kl", "temperature": 2.0, "alpha": 0.7, "weight": 1.0},
               "reason": {"kind": "kl", "temperature": 4.0, "alpha": 0.5, "weight": 0.5}}
-    total, parts = multitask_loss(logits, layout, teacher, gold, losses)
+    tasks = [TaskPlan(**t.model_dump(), **losses[t.name]) for t in layout]
+    total, parts = multitask_loss(logits, tasks, teacher, gold)
     expected = {"sentiment": distill_loss(logits[:, :3], teacher["sentiment"], gold["sentiment"], temperature=2.0,
                                           alpha=0.7),
                 "reason": distill_loss(logits[:, 3:], teacher["reason"], gold["reason"], temperature=4.0, alpha=0.5)}
@@ -71,9 +72,8 @@ def test_rows_without_a_tasks_gold_label_get_only_its_distillation_term():
     layout = task_layout(TASKS)
     logits = torch.randn(1, 7, requires_grad=True)
     teacher = {"sentiment": torch.randn(1, 3), "reason": torch.randn(1, 4)}
-    losses = {t: {"kind": "kl", "temperature": 2.0, "alpha": 0.6, "weight": 1.0} for t in TASKS}
-    _, parts = multitask_loss(logits, layout, teacher, {"sentiment": torch.tensor([1]), "reason": torch.tensor([-100])},
-                              losses)
+    tasks = [TaskPlan(**t.model_dump(), kind="kl", temperature=2.0, alpha=0.6) for t in layout]
+    _, parts = multitask_loss(logits, tasks, teacher, {"sentiment": torch.tensor([1]), "reason": torch.tensor([-100])})
     kl = F.kl_div(F.log_softmax(logits[:, 3:] / 2, -1), F.log_softmax(teacher["reason"] / 2, -1), reduction="batchmean",
                   log_target=True)
     assert torch.allclose(parts["reason"], 0.6 * 4 * kl)
@@ -172,10 +172,10 @@ def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_id
         assert len(got["sentiment_logits"]) == 3 and len(got["reason_logits"]) == 4
         assert got["label"] == ["negative", "neutral", "positive"].index(r["sentiment"])
         assert got["label_reason"] == (REASONS.index(r["reason"]) if r["reason"] else None)
-    teachers = {t["name"]: t for t in info.teachers}
-    assert teachers["sentiment"]["task"] == "sentiment" and teachers["reason"]["task"] == "reason"
-    assert [teachers["reason"]["id2label"][str(i)] for i in range(4)] == REASONS
-    assert teachers["sentiment"]["model"] == str(tiny_teacher) and teachers["reason"]["weights_sha256"]
+    teachers = {t.name: t for t in info.teachers}
+    assert teachers["sentiment"].task == "sentiment" and teachers["reason"].task == "reason"
+    assert teachers["reason"].labels == REASONS
+    assert teachers["sentiment"].model == str(tiny_teacher) and teachers["reason"].weights_sha256
     assert info.metadata["task_labels"] == {"reason": REASONS}
     validate_soft_labels(str(root / "labels"))
 
@@ -230,7 +230,7 @@ def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_la
         assert 0.0 <= last[key] <= 1.0, key
     assert last["val_macro_recall"] == pytest.approx((last["val_sentiment_macro_recall"]
                                                       + last["val_reason_macro_recall"]) / 2)
-    job_tasks = {t["name"]: t for t in info["job"]["tasks"]}
+    job_tasks = {t["name"]: t for t in info["plan"]["tasks"]}
     assert job_tasks["reason"]["temperature"] == 4.0 and job_tasks["reason"]["gold_column"] == "label_reason"
     model = MultiTaskClassifier.from_pretrained(tmp_path / "student")
     assert model.tasks == {"sentiment": ["negative", "neutral", "positive"], "reason": REASONS}
@@ -290,9 +290,9 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
     run = tmp_path / "run"
     reason_job = json.loads((run / "teachers" / "reason" / "kd_ray_train.json").read_text())
-    assert reason_job["job"]["rows"] == int((frame[:100]["reason"] != "").sum())  # rows without a reason skipped
+    assert reason_job["plan"]["rows"] == int((frame[:100]["reason"] != "").sum())  # rows without a reason skipped
     info = read_soft_label_info(str(run / "soft_labels"))
-    assert [t["name"] for t in info.teachers] == ["sentiment", "reason"] and info.num_rows == 180
+    assert [t.name for t in info.teachers] == ["sentiment", "reason"] and info.num_rows == 180
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"]["reason"]["rows"] == int((frame[210:]["reason"] != "").sum())
     for task in ("sentiment", "reason"):
@@ -346,6 +346,7 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
     import numpy as np
     import pyarrow as pa
 
+    from kd_ray.config import TeacherConfig
     from kd_ray.teacher import TeacherLabeler
 
     other = build_tiny_classifier(tmp_path / "reason", labels=REASONS, seed=3)
@@ -354,14 +355,14 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
     texts = random_posts(50, seed=8, max_words=40)
     block = pa.table({"id": [f"r{i}" for i in range(50)], "text": texts, "label": pa.nulls(50, pa.int32()),
                       "reject_reason": pa.nulls(50, pa.string())})
-    teachers = [{"model": str(tiny_teacher), "name": "sentiment", "max_length": 16},
-                {"model": str(other), "name": "reason", "max_length": 16}]
+    teachers = [TeacherConfig(model=str(tiny_teacher), name="sentiment", max_length=16),
+                TeacherConfig(model=str(other), name="reason", max_length=16)]
     shared = TeacherLabeler(teachers, batch_size=8)
     assert len(set(shared.encoding_keys)) == 1
     together = shared(block)
     for t in teachers:
         alone = TeacherLabeler([t], batch_size=8)(block)
-        np.testing.assert_allclose(np.array(together.column(f"{t['name']}_logits").to_pylist()),
-                                   np.array(alone.column(f"{t['name']}_logits").to_pylist()), atol=1e-6)
-    mixed = TeacherLabeler([teachers[0], {**teachers[1], "max_length": 32}], batch_size=8)
+        np.testing.assert_allclose(np.array(together.column(f"{t.name}_logits").to_pylist()),
+                                   np.array(alone.column(f"{t.name}_logits").to_pylist()), atol=1e-6)
+    mixed = TeacherLabeler([teachers[0], teachers[1].model_copy(update={"max_length": 32})], batch_size=8)
     assert len(set(mixed.encoding_keys)) == 2

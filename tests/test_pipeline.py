@@ -132,7 +132,7 @@ def test_run_with_a_tune_section_evaluates_the_best_trial(pipeline_run, capsys):
     summary = json.loads((run / "tune" / "tune_summary.json").read_text())
     assert summary["trials"] == 2 and summary["student"] == str((run / "tune" / "student").resolve())
     best = json.loads((run / "tune" / "student" / "kd_ray_train.json").read_text())
-    assert best["job"]["loss"]["temperature"] == pytest.approx(summary["best_values"]["temperature"])
+    assert best["plan"]["tasks"][0]["temperature"] == pytest.approx(summary["best_values"]["temperature"])
     page = (run / "report.html").read_text()
     assert "Best of 2 trials" in page and "No tuning" not in page
     assert {"tuning_landscape.png", "trial_curves.png"} <= {p.name for p in (run / "report").glob("*.png")}

@@ -292,25 +292,25 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
     assert StudentConfig(ffn_size=None).wide_epochs == 0
     tiny_bert().save_pretrained(tmp_path / "teacher")
     BertTokenizerFast(vocab=_tiny_vocab(tmp_path)).save_pretrained(tmp_path / "teacher")
-    student = StudentConfig(num_layers=2, ffn_size=128, wide_epochs=0).model_dump()
+    student = StudentConfig(num_layers=2, ffn_size=128, wide_epochs=0)
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
         build_student(student, str(tmp_path / "teacher"), list(ID2LABEL.values()))
-    net, _ = build_student({**student, "ffn_size": 16}, str(tmp_path / "teacher"), list(ID2LABEL.values()))
+    net, _ = build_student(student.model_copy(update={"ffn_size": 16}), str(tmp_path / "teacher"), list(ID2LABEL.values()))
     assert net.config.intermediate_size == 16 and layers_of(net)[1].intermediate.dense.out_features == 16
     # narrowed after training: built at full width, but a width the teacher lacks is refused before any epoch
     with pytest.raises(ValidationError, match="wide_epochs trains at full width before narrowing to student.ffn_size"):
         StudentConfig(ffn_size=None, wide_epochs=2)
-    wide_first = StudentConfig(num_layers=2, ffn_size=16, wide_epochs=1).model_dump()
+    wide_first = StudentConfig(num_layers=2, ffn_size=16, wide_epochs=1)
     net, _ = build_student(wide_first, str(tmp_path / "teacher"), list(ID2LABEL.values()))
     assert net.config.intermediate_size == 64
     # the default: 3 layers, trained wide for 2 epochs, then narrowed to half the teacher's neurons
     default = StudentConfig()
     assert (default.num_layers, default.ffn_size, default.wide_epochs) == (3, 0.5, 2)
-    net, _ = build_student({**default.model_dump(), "wide_epochs": 0}, str(tmp_path / "teacher"),
+    net, _ = build_student(default.model_copy(update={"wide_epochs": 0}), str(tmp_path / "teacher"),
                            list(ID2LABEL.values()))
     assert net.config.intermediate_size == 32 and layers_of(net)[2].intermediate.dense.out_features == 32
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
-        build_student({**wide_first, "ffn_size": 128}, str(tmp_path / "teacher"), list(ID2LABEL.values()))
+        build_student(wide_first.model_copy(update={"ffn_size": 128}), str(tmp_path / "teacher"), list(ID2LABEL.values()))
 
 
 def _tiny_vocab(folder) -> str:

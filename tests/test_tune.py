@@ -96,7 +96,7 @@ def test_search_of_four_trials_writes_table_best_config_and_student(tmp_path, so
     kept = info["history"][info["exported_epoch"] - 1]
     assert kept["val_macro_recall"] == pytest.approx(best["val_macro_recall"]) == max(
         h["val_macro_recall"] for h in info["history"])
-    assert info["job"]["loss"]["temperature"] == pytest.approx(best["temperature"])
+    assert info["plan"]["tasks"][0]["temperature"] == pytest.approx(best["temperature"])
     AutoModelForSequenceClassification.from_pretrained(out / "student")
 
     # the report of a tuning-only folder: the search's plots, and a note where evaluation would be
