@@ -5,7 +5,7 @@ Submit to a Ray cluster (the job joins it through RAY_ADDRESS, which `ray job su
     ray job submit --address http://127.0.0.1:8275 --working-dir . -- \
         python jobs/finetune.py --config jobs/configs/finetune-demo.yaml
 
-Any config field can be overridden after it, e.g. `--output.path /mnt/kd-ray/runs/x`.
+Any config field can be overridden after it, e.g. `--output /mnt/kd-ray/runs/x`.
 Run locally with the same line minus the `ray job submit ... --` part.
 """
 

@@ -29,110 +29,73 @@ class Section(BaseModel):
 
 
 class RayConfig(Section):
-    address: str | None = Field(
-        None,
-        description="Ray cluster to use: null starts a local Ray instance (or joins the one a "
-        "`ray job submit` job runs in); 'auto' joins a running cluster; or ray://host:port.",
-    )
-    num_cpus: int | None = Field(
-        None, ge=1, description="CPUs for a local Ray instance (null: all of this machine's)."
-    )
+    address: str | None = Field(None, description="Ray cluster to use: null starts a local Ray instance (or joins "
+        "the one a `ray job submit` job runs in); 'auto' joins a running cluster; or ray://host:port.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (null: all of this "
+        "machine's).")
 
 
 class CorpusConfig(Section):
-    path: str | list[str] = Field(
-        description="Corpus: a file, folder or glob (local, s3://, gs://) of Parquet, JSON Lines, CSV/TSV or text "
-        "files; a datasets save_to_disk folder; hf://<hub name>; or a list of these."
-    )
-    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "text", "hf"] = Field(
-        "auto", description="File format; 'auto' goes by extension (.parquet, .jsonl/.json, .csv, .tsv, .txt)."
-    )
+    path: str | list[str] = Field(description="Corpus: a file, folder or glob (local, s3://, gs://) of Parquet, JSON "
+        "Lines, CSV/TSV or text files; a datasets save_to_disk folder; hf://<hub name>; or a list of these.")
+    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "text", "hf"] = Field("auto", description="File "
+        "format; 'auto' goes by extension (.parquet, .jsonl/.json, .csv, .tsv, .txt).")
     text_column: str = Field("text", description="Column holding the post text (ignored for text files).")
-    id_column: str | None = Field(
-        None,
-        description="Column of unique row ids; null derives a stable id '<file>:<row>' from each row's position.",
-    )
+    id_column: str | None = Field(None, description="Column of unique row ids; null derives a stable id "
+        "'<file>:<row>' from each row's position.")
     label_column: str | None = Field(None, description="Column of gold labels, if the corpus has some.")
-    unlabeled_path: str | list[str] | None = Field(
-        None, description="More corpus, read like `path` but without gold labels even where its files carry the "
-        "gold columns: an unlabeled transfer set labeled only by the teacher, next to the labeled set in `path`.")
-    partial_labels: bool = Field(
-        False, description="Files without the label column are read as unlabeled rows (a labeled set plus an "
-        "unlabeled transfer set); otherwise a missing label column is an error.")
-    label_names: list[str] | None = Field(
-        None,
-        description="Names of the gold labels; integer labels index into this list. Needed when the "
-        "label column holds integers.",
-    )
-    task_label_columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Multi-task: task -> column of that task's gold labels, for tasks other than the first "
-        "teacher's (whose gold is label_column). An empty or null cell means the row has no gold label for that "
-        "task: it still trains that task's distillation term.",
-    )
+    unlabeled_path: str | list[str] | None = Field(None, description="More corpus, read like `path` but without gold "
+        "labels even where its files carry the gold columns: an unlabeled transfer set labeled only by the teacher, "
+        "next to the labeled set in `path`.")
+    partial_labels: bool = Field(False, description="Files without the label column are read as unlabeled rows (a "
+        "labeled set plus an unlabeled transfer set); otherwise a missing label column is an error.")
+    label_names: list[str] | None = Field(None, description="Names of the gold labels; integer labels index into "
+        "this list. Needed when the label column holds integers.")
+    task_label_columns: dict[str, str] = Field(default_factory=dict, description="Multi-task: task -> column of that "
+        "task's gold labels, for tasks other than the first teacher's (whose gold is label_column). An empty or null "
+        "cell means the row has no gold label for that task: it still trains that task's distillation term.")
     split: str = Field("train", description="Split of a Hugging Face dataset (hf:// or save_to_disk folder).")
-    normalize: bool = Field(
-        False,
-        description="Social-media normalisation: @mentions -> @user, links -> http, whitespace collapsed; "
-        "emojis kept. The teacher sees and the labels store the normalised text.",
-    )
-    bad_rows: Literal["error", "skip"] = Field(
-        "error",
-        description="Null, empty, over-long or non-string texts and unknown gold labels: 'error' stops with the "
-        "file and row; 'skip' keeps them out of training but records them under <output>/_rejected/ and in the summary.",
-    )
-    max_text_chars: int = Field(
-        100_000, ge=1, description="Longest text accepted, in characters; longer ones are bad rows (see bad_rows). "
-        "Teachers read only max_length tokens, so a megabyte-long 'post' is almost surely broken input.",
-    )
+    normalize: bool = Field(False, description="Social-media normalisation: @mentions -> @user, links -> http, "
+        "whitespace collapsed; emojis kept. The teacher sees and the labels store the normalised text.")
+    bad_rows: Literal["error", "skip"] = Field("error", description="Null, empty, over-long or non-string texts and "
+        "unknown gold labels: 'error' stops with the file and row; 'skip' keeps them out of training but records "
+        "them under <output>/_rejected/ and in the summary.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters; longer ones are "
+        "bad rows (see bad_rows). Teachers read only max_length tokens, so a megabyte-long 'post' is almost surely "
+        "broken input.")
     limit: int | None = Field(None, ge=1, description="Read at most this many rows per file (for quick trials).")
 
 
 class TeacherConfig(Section):
     model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id.")
-    name: str = Field(
-        "teacher",
-        pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
-        description="Name of this teacher; its logits go to the column '<name>_logits'.",
-    )
+    name: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Name of this teacher; its logits "
+        "go to the column '<name>_logits'.")
     task: str = Field("sentiment", description="Task this teacher labels (several teachers may share a task).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated and counted.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
 
 
 class LabelComputeConfig(Section):
-    concurrency: int | None = Field(
-        None, ge=1, description="Teacher actors; null: one per GPU when num_gpus > 0, else one per CPU / threads."
-    )
+    concurrency: int | None = Field(None, ge=1, description="Teacher actors; null: one per GPU when num_gpus > 0, "
+        "else one per CPU / threads.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per teacher actor (fractions share a GPU).")
-    num_cpus: float = Field(
-        0.5,
-        gt=0,
-        le=64,
-        description="CPUs Ray reserves per teacher actor (scheduling only; threads_per_actor sets the threads). "
-        "Under 1 so that N actors on N cores leave CPUs for the read tasks: with 1 the pipeline deadlocks.",
-    )
+    num_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per teacher actor (scheduling only; "
+        "threads_per_actor sets the threads). Under 1 so that N actors on N cores leave CPUs for the read tasks: "
+        "with 1 the pipeline deadlocks.")
     threads_per_actor: int = Field(1, ge=1, le=64, description="torch threads per actor on CPU.")
     batch_size: int = Field(64, ge=1, le=8192, description="Texts per forward pass.")
-    block_rows: int = Field(
-        2048,
-        ge=1,
-        le=1_000_000,
-        description="Rows each actor receives at a time; they are sorted by length and cut into batches, "
-        "so larger blocks waste less compute on padding.",
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Inference precision: 'auto' is bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU."
-    )
+    block_rows: int = Field(2048, ge=1, le=1_000_000, description="Rows each actor receives at a time; they are "
+        "sorted by length and cut into batches, so larger blocks waste less compute on padding.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference precision: 'auto' is "
+        "bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU.")
 
 
 class LabelOutputConfig(Section):
     path: str = Field(description="Output folder (local, s3://, gs://) for the soft-label Parquet files.")
     rows_per_file: int = Field(100_000, ge=1, le=10_000_000, description="Rows per Parquet file, at least: a file closes once it holds this "
                                "many (it may run over by up to one block); the last file may hold fewer.")
-    logits_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="Storage type of the raw logits (float16 halves their bytes)."
-    )
+    logits_dtype: Literal["float32", "float16"] = Field("float32", description="Storage type of the raw logits "
+        "(float16 halves their bytes).")
     overwrite: bool = Field(False, description="Delete an existing, different output folder instead of refusing.")
 
 
@@ -266,24 +229,20 @@ class TrainArgs(Section):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text for the model being trained.")
     seed: int = Field(0, ge=0, description="Seed for initialisation, shuffling and dropout.")
     shuffle_buffer: int = Field(10_000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
-    group_by_length: bool = Field(
-        True, description="Batch rows of alike token counts together (in windows of length_group batches, batch "
-        "order shuffled), so that little compute goes to padding.")
+    group_by_length: bool = Field(True, description="Batch rows of alike token counts together (in windows of "
+        "length_group batches, batch order shuffled), so that little compute goes to padding.")
     length_group: int = Field(32, ge=2, le=1024, description="Batches per window that group_by_length sorts.")
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision (GPU).")
     threads_per_worker: int = Field(1, ge=1, le=128, description="torch threads per worker on CPU.")
-    num_cpus_per_worker: float = Field(
-        0.75, gt=0, le=128,
-        description="CPUs Ray reserves per worker. Under 1 so that workers on every core still leave room for "
-        "the Ray Data tasks that stream their data.",
-    )
+    num_cpus_per_worker: float = Field(0.75, gt=0, le=128, description="CPUs Ray reserves per worker. Under 1 so "
+        "that workers on every core still leave room for the Ray Data tasks that stream their data.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
-    keep: Literal["last", "best", "auto"] = Field(
-        "last", description="Which epoch's model becomes the output: 'last'; 'best': the epoch with the highest "
-        "validation macro-recall (needs validation data; a student narrowed after training picks among its narrow "
-        "epochs; Ray Train keeps that checkpoint besides the latest); 'auto': best with validation data, else last.")
+    keep: Literal["last", "best", "auto"] = Field("last", description="Which epoch's model becomes the output: "
+        "'last'; 'best': the epoch with the highest validation macro-recall (needs validation data; a student "
+        "narrowed after training picks among its narrow epochs; Ray Train keeps that checkpoint besides the latest); "
+        "'auto': best with validation data, else last.")
 
 
 class StudentTrainArgs(TrainArgs):
@@ -291,28 +250,18 @@ class StudentTrainArgs(TrainArgs):
 
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (after student.wide_epochs "
                         "at full width, for a student narrowed after training).")
-    learning_rate: float = Field(
-        2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns faster than its teacher "
-        "did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 trailed.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns "
+        "faster than its teacher did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 "
+        "trailed.")
     keep: Literal["last", "best", "auto"] = Field(
         "auto", description=TrainArgs.model_fields["keep"].description + " A student's default is 'auto': on "
         "airline tweets the best narrow epoch beat the last on test (BENCHMARKS.md).")
 
 
-class EvalSetConfig(Section):
-    path: str = Field(description="Labeled data (any corpus format) to measure quality on.")
-    text_column: str = Field("text", description="Column holding the text.")
-    label_column: str = Field("label", description="Column holding the gold label.")
-    label_names: list[str] | None = Field(None, description="Names of integer gold labels, in order.")
-    format: Literal["auto", "parquet", "jsonl", "csv", "tsv", "hf"] = Field("auto", description="File format.")
-    normalize: bool = Field(False, description="Apply the social-media normalisation (match the training data).")
-    task_label_columns: dict[str, str] = Field(
-        default_factory=dict, description="Multi-task: task -> gold column of each task beyond label_column's.")
+class EvalSetConfig(CorpusConfig):
+    """Labeled data to measure quality on: a corpus whose gold labels are in column 'label' unless set."""
 
-    def as_corpus(self) -> CorpusConfig:
-        return CorpusConfig(path=self.path, text_column=self.text_column, label_column=self.label_column,
-                            label_names=self.label_names, format=self.format, normalize=self.normalize,
-                            task_label_columns=self.task_label_columns)
+    label_column: str = Field("label", description="Column holding the gold label.")
 
 
 class TrainStageConfig(Section):
@@ -343,21 +292,20 @@ class FinetuneConfig(TrainStageConfig):
 
 
 class StudentConfig(Section):
-    kind: Literal["cut", "pretrained", "config"] = Field(
-        "cut", description="'cut': keep num_layers of the teacher's layers (DistilBERT-style); 'pretrained': any "
-        "model folder or hub id in `model`; 'config': a fresh small BERT with the teacher's vocabulary.")
+    kind: Literal["cut", "pretrained", "config"] = Field("cut", description="'cut': keep num_layers of the teacher's "
+        "layers (DistilBERT-style); 'pretrained': any model folder or hub id in `model`; 'config': a fresh small "
+        "BERT with the teacher's vocabulary.")
     model: str | None = Field(None, description="For 'cut': the teacher to cut (null: the soft labels' teacher). "
                               "For 'pretrained': the student's folder or hub id.")
     num_layers: int = Field(3, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
     layer_selection: Literal["spread", "first"] = Field("spread", description="Which teacher layers a 'cut' keeps.")
-    ffn_size: int | float | None = Field(
-        0.5, description="For 'cut': feed-forward neurons each kept layer keeps, those with the largest in and out "
-        "weight norms: a count, or a fraction in (0, 1] of the teacher's (MiniLM-L6 has 1536; null: all).")
-    wide_epochs: int = Field(
-        2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the teacher's full "
-        "feed-forward width; it is then narrowed to ffn_size and trains train.epochs more, on a fresh learning-rate "
-        "schedule (0: narrowed before training). Narrowing a trained student keeps more than narrowing the "
-        "teacher's weights (BENCHMARKS.md).")
+    ffn_size: int | float | None = Field(0.5, description="For 'cut': feed-forward neurons each kept layer keeps, "
+        "those with the largest in and out weight norms: a count, or a fraction in (0, 1] of the teacher's "
+        "(MiniLM-L6 has 1536; null: all).")
+    wide_epochs: int = Field(2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the "
+        "teacher's full feed-forward width; it is then narrowed to ffn_size and trains train.epochs more, on a fresh "
+        "learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more than narrowing "
+        "the teacher's weights (BENCHMARKS.md).")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
@@ -403,22 +351,20 @@ class StudentConfig(Section):
 
 
 class DistillLossConfig(Section):
-    kind: Literal["kl", "mse", "hard"] = Field(
-        "kl", description="'kl': alpha*T^2*KL(teacher_T||student_T) + (1-alpha)*CE(gold); 'mse': on logits; "
-        "'hard': cross-entropy on the teacher's argmax.")
+    kind: Literal["kl", "mse", "hard"] = Field("kl", description="'kl': alpha*T^2*KL(teacher_T||student_T) + "
+        "(1-alpha)*CE(gold); 'mse': on logits; 'hard': cross-entropy on the teacher's argmax.")
     temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature T of the distillation term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs "
                          "cross-entropy on gold labels (rows without gold get only the distillation term).")
-    teachers: dict[str, float] | None = Field(
-        None, description="Teacher name -> weight, to distill from several teachers' logits at once "
-        "(null: the soft labels' first teacher).")
+    teachers: dict[str, float] | None = Field(None, description="Teacher name -> weight, to distill from several "
+        "teachers' logits at once (null: the soft labels' first teacher).")
 
 
 class TaskLossConfig(Section):
     """One task of a multi-task student: its teachers, its weight w_k, and its own T and alpha if set."""
 
-    teachers: dict[str, float] | None = Field(
-        None, description="Teacher name -> weight for this task (null: every teacher of the task, equally).")
+    teachers: dict[str, float] | None = Field(None, description="Teacher name -> weight for this task (null: every "
+        "teacher of the task, equally).")
     weight: float = Field(1.0, ge=0, le=1000, description="w_k: this task's weight in L = sum_k w_k * L_k.")
     kind: Literal["kl", "mse", "hard"] | None = Field(None, description="Loss kind for this task (null: loss.kind).")
     temperature: float | None = Field(None, gt=0, le=100, description="T for this task (null: loss.temperature).")
@@ -432,10 +378,9 @@ class DistillConfig(TrainStageConfig):
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
     train: StudentTrainArgs = Field(default_factory=StudentTrainArgs)
-    tasks: dict[str, TaskLossConfig] | None = Field(
-        None, description="Multi-task: task -> its loss settings; the student gets one head per task and learns "
-        "L = sum_k w_k * (alpha_k * T_k^2 * KL + (1 - alpha_k) * CE on the task's gold). Null: one task, the "
-        "first teacher's (or loss.teachers').")
+    tasks: dict[str, TaskLossConfig] | None = Field(None, description="Multi-task: task -> its loss settings; the "
+        "student gets one head per task and learns L = sum_k w_k * (alpha_k * T_k^2 * KL + (1 - alpha_k) * CE on the "
+        "task's gold). Null: one task, the first teacher's (or loss.teachers').")
 
     @model_validator(mode="after")
     def _one_way_to_pick_teachers(self) -> DistillConfig:
@@ -460,9 +405,8 @@ TUNE_ALIASES = {"temperature": "loss.temperature", "alpha": "loss.alpha", "learn
 class ParamSpec(Section):
     """One searched hyperparameter: a range to sample from, or values to choose or grid over."""
 
-    distribution: Literal["uniform", "loguniform", "choice", "grid"] = Field(
-        description="'uniform'/'loguniform' sample from [low, high]; 'choice' samples from values; "
-        "'grid' runs every value (times search.num_samples).")
+    distribution: Literal["uniform", "loguniform", "choice", "grid"] = Field(description="'uniform'/'loguniform' "
+        "sample from [low, high]; 'choice' samples from values; 'grid' runs every value (times search.num_samples).")
     low: float | None = Field(None, description="Lower end of a uniform/loguniform range.")
     high: float | None = Field(None, description="Upper end of a uniform/loguniform range (> low).")
     values: list[Any] | None = Field(None, description="Candidates for choice/grid (at least one).")
@@ -484,16 +428,15 @@ class ParamSpec(Section):
 class SearchConfig(Section):
     """The Ray Tune search: what to vary, how many trials, and when to stop a trial early."""
 
-    space: dict[str, ParamSpec] = Field(
-        min_length=1, description="Hyperparameter -> range. Names: temperature, alpha, learning_rate, or any dotted path "
-        "into the distill config (e.g. train.weight_decay, student.num_layers; for a multi-task student "
-        "tasks.<task>.alpha, tasks.<task>.temperature, tasks.<task>.weight).")
+    space: dict[str, ParamSpec] = Field(min_length=1, description="Hyperparameter -> range. Names: temperature, "
+        "alpha, learning_rate, or any dotted path into the distill config (e.g. train.weight_decay, "
+        "student.num_layers; for a multi-task student tasks.<task>.alpha, tasks.<task>.temperature, "
+        "tasks.<task>.weight).")
     num_samples: int = Field(8, ge=1, le=10_000, description="Trials to sample (with grid entries: repeats of the grid).")
-    include_default: bool = Field(
-        True, description="Run the distill config's own values as the first trial, so the table shows what the "
-        "search gained over the defaults.")
-    metric: Literal["val_macro_recall", "val_macro_f1", "val_accuracy"] = Field(
-        "val_macro_recall", description="Validation metric maximised, scored after every epoch.")
+    include_default: bool = Field(True, description="Run the distill config's own values as the first trial, so the "
+        "table shows what the search gained over the defaults.")
+    metric: Literal["val_macro_recall", "val_macro_f1", "val_accuracy"] = Field("val_macro_recall", description="Validation "
+        "metric maximised, scored after every epoch.")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="'asha' stops trials that trail at epoch "
                                                "milestones (early stopping); 'fifo' runs every trial to the end.")
     grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it (at least "
@@ -622,6 +565,10 @@ class PipelineTeacherConfig(Section):
     base_model: str | None = Field(None, description="Pretrained encoder to fine-tune into the teacher.")
     train: TrainArgs = Field(default_factory=TrainArgs, description="Fine-tuning settings.")
 
+    def check_source(self) -> None:
+        if (self.model is None) == (self.base_model is None):
+            raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+
 
 class PipelineDataConfig(Section):
     train: CorpusConfig = Field(description="Labeled set: fine-tunes the teacher; labeled by it for distillation.")
@@ -656,8 +603,7 @@ class PipelineTaskConfig(Section):
 
     @model_validator(mode="after")
     def _teacher_source(self) -> PipelineTaskConfig:
-        if (self.teacher.model is None) == (self.teacher.base_model is None):
-            raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        self.teacher.check_source()
         return self
 
 
@@ -667,9 +613,9 @@ class PipelineConfig(Section):
     output: str = Field(description="Run folder: teacher/, soft_labels/, student/, metrics.json land here.")
     labels: list[str] | None = Field(None, min_length=2, description="The label set, in output order (one task; "
                                      "for several, see tasks).")
-    tasks: dict[str, PipelineTaskConfig] | None = Field(
-        None, description="Multi-task: task -> its gold column, labels and teacher. Every teacher labels the corpus "
-        "in one pass, and one student with a head per task learns from all of them. Replaces labels and teacher.")
+    tasks: dict[str, PipelineTaskConfig] | None = Field(None, description="Multi-task: task -> its gold column, "
+        "labels and teacher. Every teacher labels the corpus in one pass, and one student with a head per task "
+        "learns from all of them. Replaces labels and teacher.")
     data: PipelineDataConfig
     teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
     label: LabelComputeConfig = Field(default_factory=LabelComputeConfig, description="Labeling compute.")
@@ -680,11 +626,11 @@ class PipelineConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
     distill: StudentTrainArgs = Field(default_factory=StudentTrainArgs, description="Student training settings.")
-    tune: SearchConfig | None = Field(
-        None, description="Search T, alpha and learning rate with Ray Tune instead of one distillation with `loss` "
-        "and `distill`, which become the search's first trial; the best trial's student is the run's student.")
-    baseline_without_distillation: bool = Field(
-        True, description="Also train the same student with alpha=0 on the labeled rows only, and report it.")
+    tune: SearchConfig | None = Field(None, description="Search T, alpha and learning rate with Ray Tune instead of "
+        "one distillation with `loss` and `distill`, which become the search's first trial; the best trial's student "
+        "is the run's student.")
+    baseline_without_distillation: bool = Field(True, description="Also train the same student with alpha=0 on the "
+        "labeled rows only, and report it.")
     eval: EvalArgs = Field(default_factory=EvalArgs)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -696,13 +642,10 @@ class PipelineConfig(Section):
                                  "tasks.<task>.teacher), not the top-level labels and teacher")
             if len(self.tasks) < 2:
                 raise ValueError("tasks needs at least two tasks; for one, use labels and teacher")
-            if self.tune is not None:
-                raise ValueError("tune is not yet supported with tasks; run `kd-ray tune` on the run's soft labels")
-            return self
-        if self.labels is None:
+        elif self.labels is None:
             raise ValueError("set labels (the label set) or tasks (several tasks)")
-        if (self.teacher.model is None) == (self.teacher.base_model is None):
-            raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        else:
+            self.teacher.check_source()
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
         return self

@@ -250,63 +250,20 @@ def _missing_column(shard: Shard, table: pa.Table, column: str, field_name: str)
 def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str, row0: int,
                 label_to_index: dict[str, int] | None, seen_ids: dict[str, int],
                 task_labels: dict[str, dict[str, int]]) -> pa.Table:
-    n = table.num_rows
+    """The rows of one Arrow batch as ``ROW_SCHEMA`` (plus ``label_<task>`` columns), bad rows marked."""
     if text_col not in table.column_names:
         raise _missing_column(shard, table, text_col, "text_column")
     texts = table.column(text_col)
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise CorpusError(f"{shard.uri}: column {text_col!r} (corpus.text_column) holds {texts.type}, not text")
-    # ids
-    if cfg.id_column:
-        if cfg.id_column not in table.column_names:
-            raise _missing_column(shard, table, cfg.id_column, "id_column")
-        ids = pc.cast(table.column(cfg.id_column), pa.string())
-        if ids.null_count:
-            row = pc.index(pc.is_null(ids), True).as_py()
-            raise CorpusError(f"{shard.uri}: row {row0 + row} has a null id in column {cfg.id_column!r}")
-        ids = ids.to_pylist()
-        for i, row_id in enumerate(ids):
-            first = seen_ids.setdefault(row_id, row0 + i)
-            if first != row0 + i:
-                raise CorpusError(f"{shard.uri}: rows {first} and {row0 + i} have the same id {row_id!r} in column "
-                                  f"{cfg.id_column!r} (corpus.id_column); ids must be unique")
-    else:
-        ids = [f"{shard.name}:{row0 + i}" for i in range(n)]
-    # texts
-    text_list = texts.to_pylist()
-    reasons: list[str | None] = [None] * n
-    for i, text in enumerate(text_list):
-        if text is None:
-            reasons[i] = "null text"
-        elif not text.strip():
-            reasons[i] = "empty text"
-        elif len(text) > cfg.max_text_chars:
-            reasons[i] = f"a text of {len(text):,} characters (over corpus.max_text_chars={cfg.max_text_chars:,})"
-        elif cfg.normalize:
-            text_list[i] = normalize_post(text)
+    ids = _row_ids(table, shard, cfg, row0, seen_ids)
+    text_list, reasons = _texts(texts.to_pylist(), cfg)
+    bad_column = [text_col] * table.num_rows
     # gold labels: the first task's in `label`, the other tasks' in `label_<task>`
-    bad_column = [text_col] * n
     golds = {"label": (cfg.label_column, "label_column", label_to_index)}
     golds.update({task_label_column(task): (cfg.task_label_columns.get(task), f"task_label_columns.{task}", index)
                   for task, index in task_labels.items()})
-    gold_idx: dict[str, list[int | None]] = {}
-    for out, (column, field_name, to_index) in golds.items():
-        gold_idx[out] = [None] * n
-        # text files have no columns; the files of corpus.unlabeled_path keep their gold hidden
-        if not column or shard.format == "text" or not shard.gold:
-            continue
-        if column not in table.column_names and not cfg.partial_labels:
-            raise _missing_column(shard, table, column, field_name)
-        raw_labels = table.column(column).to_pylist() if column in table.column_names else []
-        for i, raw in enumerate(raw_labels):
-            if raw is None or raw == "" or to_index is None:
-                continue
-            name = _label_name(raw, cfg)
-            if name is None or name not in to_index:
-                if not reasons[i]:
-                    reasons[i], bad_column[i] = f"gold label {raw!r} not in {list(to_index)}", column
-            else:
-                gold_idx[out][i] = to_index[name]
+    gold_idx = {out: _gold_indices(table, shard, cfg, spec, reasons, bad_column) for out, spec in golds.items()}
     if cfg.bad_rows == "error":
         for i, reason in enumerate(reasons):
             if reason:
@@ -322,6 +279,63 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
     for out, values in gold_idx.items():
         rows = rows.append_column(pa.field(out, pa.int32()), pa.array(values, pa.int32()))
     return rows
+
+
+def _row_ids(table: pa.Table, shard: Shard, cfg: CorpusConfig, row0: int, seen_ids: dict[str, int]) -> list[str]:
+    """corpus.id_column's ids, checked non-null and unique in the shard; else '<file>:<row>'."""
+    if not cfg.id_column:
+        return [f"{shard.name}:{row0 + i}" for i in range(table.num_rows)]
+    if cfg.id_column not in table.column_names:
+        raise _missing_column(shard, table, cfg.id_column, "id_column")
+    ids = pc.cast(table.column(cfg.id_column), pa.string())
+    if ids.null_count:
+        row = pc.index(pc.is_null(ids), True).as_py()
+        raise CorpusError(f"{shard.uri}: row {row0 + row} has a null id in column {cfg.id_column!r}")
+    ids = ids.to_pylist()
+    for i, row_id in enumerate(ids):
+        first = seen_ids.setdefault(row_id, row0 + i)
+        if first != row0 + i:
+            raise CorpusError(f"{shard.uri}: rows {first} and {row0 + i} have the same id {row_id!r} in column "
+                              f"{cfg.id_column!r} (corpus.id_column); ids must be unique")
+    return ids
+
+
+def _texts(text_list: list, cfg: CorpusConfig) -> tuple[list, list[str | None]]:
+    """The texts (normalised if asked) and why each bad one is bad (None for good ones)."""
+    reasons: list[str | None] = [None] * len(text_list)
+    for i, text in enumerate(text_list):
+        if text is None:
+            reasons[i] = "null text"
+        elif not text.strip():
+            reasons[i] = "empty text"
+        elif len(text) > cfg.max_text_chars:
+            reasons[i] = f"a text of {len(text):,} characters (over corpus.max_text_chars={cfg.max_text_chars:,})"
+        elif cfg.normalize:
+            text_list[i] = normalize_post(text)
+    return text_list, reasons
+
+
+def _gold_indices(table: pa.Table, shard: Shard, cfg: CorpusConfig, spec: tuple, reasons: list,
+                  bad_column: list) -> list[int | None]:
+    """One gold column's label indices; an unknown label marks its row bad (in ``reasons``, ``bad_column``)."""
+    column, field_name, to_index = spec
+    gold: list[int | None] = [None] * table.num_rows
+    # text files have no columns; the files of corpus.unlabeled_path keep their gold hidden
+    if not column or shard.format == "text" or not shard.gold:
+        return gold
+    if column not in table.column_names and not cfg.partial_labels:
+        raise _missing_column(shard, table, column, field_name)
+    raw_labels = table.column(column).to_pylist() if column in table.column_names else []
+    for i, raw in enumerate(raw_labels):
+        if raw is None or raw == "" or to_index is None:
+            continue
+        name = _label_name(raw, cfg)
+        if name is None or name not in to_index:
+            if not reasons[i]:
+                reasons[i], bad_column[i] = f"gold label {raw!r} not in {list(to_index)}", column
+        else:
+            gold[i] = to_index[name]
+    return gold
 
 
 def _label_name(raw, cfg: CorpusConfig) -> str | None:

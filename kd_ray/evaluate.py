@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig
 from kd_ray.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
 from kd_ray.metrics import agreement, classification_metrics
-from kd_ray.multitask import TASKS_FILE, TaskSlice, read_layout
 
 SINGLE_TASK = "task"  # the one task of `kd-ray evaluate` (its name appears nowhere in the report)
 
@@ -32,12 +30,11 @@ def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[lis
     missing = [t for t in others if t not in test.task_label_columns]
     if missing:
         raise KdRayUserError(f"test.task_label_columns needs the gold column of tasks {missing}")
-    corpus = test.as_corpus()
     to_index = {task: {n: i for i, n in enumerate(labels)} for task, labels in tasks.items()}
     columns = {first: "label", **{t: task_label_column(t) for t in others}}
     texts, gold = [], {t: [] for t in tasks}
-    for shard in list_shards(corpus):
-        for table in read_shard(shard, corpus, to_index[first], {t: to_index[t] for t in others} or None):
+    for shard in list_shards(test):
+        for table in read_shard(shard, test, to_index[first], {t: to_index[t] for t in others} or None):
             texts += table.column("text").to_pylist()
             for task, column in columns.items():
                 gold[task] += [-100 if g is None else g for g in table.column(column).to_pylist()]
@@ -55,39 +52,13 @@ def folder_size_mb(model: str) -> float | None:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
 
 
-@dataclass
-class Scored:
-    """A model under evaluation: its weights, tokenizer and which slice of its output is which task."""
+def _load(path: str, what: str, task: str | None, args: EvalArgs):
+    """A model of ``task`` (a multi-task folder: of its tasks), checked first so that errors name ``what``."""
+    from kd_ray.multitask import MultiTaskClassifier
+    from kd_ray.teacher import describe_model
 
-    path: str
-    model: object
-    tokenizer: object
-    layout: list[TaskSlice]
-
-    @classmethod
-    def load(cls, path: str, what: str, task: str | None) -> Scored:
-        """A multi-task folder reads its layout; a single-task model is task ``task``."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from kd_ray.teacher import describe_model
-
-        info = describe_model(path, what=what, hash_weights=False)  # checks it, reads its labels
-        layout = (read_layout(path) if (Path(path) / TASKS_FILE).is_file() or task is None
-                  else [TaskSlice(name=task, labels=tuple(info.labels))])
-        return cls(path, AutoModelForSequenceClassification.from_pretrained(path).eval(),
-                   AutoTokenizer.from_pretrained(path), layout)
-
-    def task(self, name: str, what: str) -> TaskSlice:
-        spec = next((t for t in self.layout if t.name == name), None)
-        if spec is None:
-            raise KdRayUserError(f"{what} {self.path} has tasks {[t.name for t in self.layout]}, not {name!r}")
-        return spec
-
-    def logits(self, texts: list[str], args: EvalArgs) -> np.ndarray:
-        from kd_ray.inference import predict_logits
-
-        return predict_logits(self.model, self.tokenizer, texts, max_length=args.max_length,
-                              batch_size=args.batch_size, device="cpu")
+    describe_model(path, what=what, hash_weights=False)
+    return MultiTaskClassifier.from_pretrained(path, task=task, max_length=args.max_length)
 
 
 def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: EvalSetConfig, args: EvalArgs) -> dict:
@@ -97,26 +68,26 @@ def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: Ev
 
     torch.set_num_threads(args.threads)
     single = next(iter(teachers)) if len(teachers) == 1 else None
-    refs = {task: Scored.load(path, f"teacher of task {task!r}" if not single else "teacher", task)
+    refs = {task: _load(path, "teacher" if single else f"teacher of task {task!r}", task, args)
             for task, path in teachers.items()}
-    models = {name: Scored.load(path, name, single) for name, path in students.items()}
-    tasks = {task: list(ref.layout[0].labels) for task, ref in refs.items()}
-    for name, scored in models.items():
+    models = {name: _load(path, name, single, args) for name, path in students.items()}
+    tasks = {task: ref.layout[0].labels for task, ref in refs.items()}
+    for name, model in models.items():
         for task, labels in tasks.items():
-            if list(scored.task(task, name).labels) != labels:
-                raise KdRayUserError(f"{name} {scored.path} predicts {list(scored.task(task, name).labels)} for task "
-                                     f"{task!r}, but its teacher predicts {labels}")
-    texts, gold = read_eval_set(test, tasks)
-    teacher_logits = {task: ref.logits(texts, args) for task, ref in refs.items()}
-    student_logits = {name: scored.logits(texts, args) for name, scored in models.items()}
+            if model.task(task).labels != labels:
+                raise KdRayUserError(f"{name} {model.path} predicts {list(model.task(task).labels)} for task "
+                                     f"{task!r}, but its teacher predicts {list(labels)}")
+    texts, gold = read_eval_set(test, {task: list(labels) for task, labels in tasks.items()})
+    teacher_logits = {task: ref.logits(texts, args.batch_size) for task, ref in refs.items()}
+    student_logits = {name: model.logits(texts, args.batch_size) for name, model in models.items()}
     report: dict = {"tasks": {}, "test": {"path": test.path, "rows": len(texts)}, "eval": args.model_dump()}
     for task, labels in tasks.items():
         rows = gold[task] >= 0
-        entry = {"rows": int(rows.sum()), "labels": labels,
-                 "teacher": classification_metrics(teacher_logits[task][rows], gold[task][rows], labels)}
-        for name, scored in models.items():
-            logits = scored.task(task, name).of(student_logits[name])[rows]
-            m = classification_metrics(logits, gold[task][rows], labels)
+        entry = {"rows": int(rows.sum()), "labels": list(labels),
+                 "teacher": classification_metrics(teacher_logits[task][rows], gold[task][rows], list(labels))}
+        for name, model in models.items():
+            logits = model.task(task).of(student_logits[name])[rows]
+            m = classification_metrics(logits, gold[task][rows], list(labels))
             m["agreement"] = agreement(logits, teacher_logits[task][rows])
             m["retention"] = {k: m[k] / entry["teacher"][k] if entry["teacher"][k] else None
                               for k in ("macro_recall", "macro_f1", "accuracy")}
@@ -126,13 +97,13 @@ def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: Ev
     return report
 
 
-def _speed(refs: dict[str, Scored], models: dict[str, Scored], texts: list[str], args: EvalArgs) -> dict:
+def _speed(refs: dict, models: dict, texts: list[str], args: EvalArgs) -> dict:
     """rows/s, parameters and size of the teachers together and of each student; speed-up and compression."""
     from kd_ray.students import count_parameters
 
     timing_texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
-    runs = {"teachers": lambda: [ref.logits(timing_texts, args) for ref in refs.values()],
-            **{name: (lambda s=s: s.logits(timing_texts, args)) for name, s in models.items()}}
+    runs = {"teachers": lambda: [ref.logits(timing_texts, args.batch_size) for ref in refs.values()],
+            **{name: (lambda m=m: m.logits(timing_texts, args.batch_size)) for name, m in models.items()}}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.timing_repeats):  # alternate, so that machine noise hits all of them alike
         for name, run in runs.items():
@@ -167,19 +138,22 @@ def metrics_report(report: dict) -> dict:
     return out
 
 
+SUMMARY_HEADER = ["task", "model", "rows", "macro_recall", "macro_f1", "accuracy", "agree", "kept"]
+
+
+def summary_rows(report: dict) -> list[list]:
+    """Per task and model: test rows, quality, agreement with the teacher, share of its macro-recall kept."""
+    return [[task if len(report["tasks"]) > 1 else "", name, entry["rows"], m["macro_recall"], m["macro_f1"],
+             m["accuracy"], m.get("agreement", 1.0), f"{m['retention']['macro_recall']:.1%}" if "retention" in m else ""]
+            for task, entry in report["tasks"].items() for name, m in entry.items() if isinstance(m, dict)]
+
+
 def summary_table(report: dict) -> str:
-    """Per task and model: test rows, quality, agreement with the teacher, share of its macro-recall kept;
-    then each model's rows/s."""
-    head = f"{'task':<12}{'model':<16}{'rows':>6}{'macro_recall':>13}{'macro_f1':>10}{'accuracy':>10}{'agree':>7}{'kept':>8}"
-    lines = [head]
-    for task, entry in report["tasks"].items():
-        shown = task if len(report["tasks"]) > 1 else ""
-        for name, m in ((n, m) for n, m in entry.items() if isinstance(m, dict)):
-            kept = f"{m['retention']['macro_recall']:.1%}" if "retention" in m else ""
-            lines.append(f"{shown:<12}{name:<16}{entry['rows']:>6}{m['macro_recall']:>13.4f}{m['macro_f1']:>10.4f}"
-                         f"{m['accuracy']:>10.4f}{m.get('agreement', 1.0):>7.3f}{kept:>8}")
+    """``summary_rows`` as text, then each model's rows/s."""
+    lines = ["{:<12}{:<16}{:>6}{:>13}{:>10}{:>10}{:>7}{:>8}".format(*SUMMARY_HEADER)]
+    lines += ["{:<12}{:<16}{:>6}{:>13.4f}{:>10.4f}{:>10.4f}{:>7.3f}{:>8}".format(*row) for row in summary_rows(report)]
+    whom = "the teacher" if len(report["tasks"]) == 1 else "the teachers"
     for name, value in report["rows_per_s"].items():
-        whom = "the teacher" if len(report["tasks"]) == 1 else "the teachers"
         speed = f" ({report['speedup'][name]:.2f}x {whom})" if name in report["speedup"] else ""
         lines.append(f"rows/s {name}: {value:.1f}{speed}, {report['params'][name]:,} parameters")
     return "\n".join(lines)

@@ -309,31 +309,9 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         print(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
               f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
               f"only the other rows are labeled", flush=True)
-    label_names = metadata["label_names"]
-    label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     init_ray(cfg.ray)
-    c = cfg.compute
-    # One file is one read task; its rows are cut into blocks so that every actor gets work.
-    task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
-    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
-                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None,
-                        task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
-                        mask_token=metadata.get("augment", {}).get("mask_token"))
-    ds = ds.map_batches(
-        TeacherLabeler,
-        fn_constructor_kwargs={"teachers": [TeacherInfo.model_validate(t) for t in metadata["teachers"]], "batch_size": c.batch_size, "num_gpus": c.num_gpus,
-                               "threads": c.threads_per_actor, "precision": c.precision,
-                               "logits_dtype": cfg.output.logits_dtype},
-        batch_size=c.block_rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
-        num_cpus=c.num_cpus,
-        num_gpus=c.num_gpus or None,
-        # A dead actor is replaced and its block redone: Ray Data's default for actor pools
-        # (max_restarts=-1, max_task_retries=-1; setting them here is deprecated since Ray 2.60).
-    )
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+    labeled_dataset(cfg, metadata, kept).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
     results = getattr(sink, "results", [])
     fs, root = filesystem(cfg.output.path)
     kept_rows = kept.rows + kept.rejected if kept else 0
@@ -351,6 +329,39 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         kept_rows=kept_rows,
     )
     _remove_temporary_files(fs, root)
+    _commit(cfg, metadata, summary)
+    return summary
+
+
+def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Committed | None) -> ray.data.Dataset:
+    """The corpus read into blocks (one read task per file) and run through the teacher actors."""
+    c = cfg.compute
+    label_names = metadata["label_names"]
+    label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
+    # One file is one read task; its rows are cut into blocks so that every actor gets work.
+    task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
+                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None,
+                        task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
+                        mask_token=metadata.get("augment", {}).get("mask_token"))
+    return ds.map_batches(
+        TeacherLabeler,
+        fn_constructor_kwargs={"teachers": [TeacherInfo.model_validate(t) for t in metadata["teachers"]],
+                               "batch_size": c.batch_size, "num_gpus": c.num_gpus, "threads": c.threads_per_actor,
+                               "precision": c.precision, "logits_dtype": cfg.output.logits_dtype},
+        batch_size=c.block_rows,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus or None,
+        # A dead actor is replaced and its block redone: Ray Data's default for actor pools
+        # (max_restarts=-1, max_task_retries=-1; setting them here is deprecated since Ray 2.60).
+    )
+
+
+def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary) -> None:
+    """Validate the folder and write its manifest (the run's completion marker), or mark it failed."""
+    fs, root = filesystem(cfg.output.path)
     if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
         raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")
@@ -366,7 +377,6 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                 "rows_per_s": summary.rows_per_s}
     _write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.delete_file(f"{root}/{RUN_STATE}")
-    return summary
 
 
 def _fail(fs: pafs.FileSystem, root: str, message: str) -> None:

@@ -51,14 +51,11 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
         )
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(
-            f"student batch size {student_logits.shape[0]} != teacher batch size "
-            f"{teacher_logits.shape[0]}"
+            f"student batch size {student_logits.shape[0]} != teacher batch size " f"{teacher_logits.shape[0]}"
         )
 
 
-def gold_cross_entropy(
-    student_logits: Tensor, gold_labels: Tensor | None, *, ignore_index: int = -100
-) -> Tensor:
+def gold_cross_entropy(student_logits: Tensor, gold_labels: Tensor | None, *, ignore_index: int = -100) -> Tensor:
     """Cross-entropy averaged over rows whose gold label is not ``ignore_index``.
 
     Args:
@@ -72,9 +69,7 @@ def gold_cross_entropy(
     if gold_labels is None:
         return logits.sum() * 0.0
     if gold_labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"gold_labels must be (batch,) = ({logits.shape[0]},), got {tuple(gold_labels.shape)}"
-        )
+        raise ValueError(f"gold_labels must be (batch,) = ({logits.shape[0]},), got {tuple(gold_labels.shape)}")
     # sum / count rather than reduction="mean": the mean is 0/0 = NaN on an all-unlabelled batch.
     summed = F.cross_entropy(logits, gold_labels, ignore_index=ignore_index, reduction="sum")
     num_labelled = (gold_labels != ignore_index).sum().clamp(min=1)
@@ -156,9 +151,7 @@ def hard_label_loss(
     return alpha * pseudo + (1 - alpha) * ce
 
 
-def combine_teacher_logits(
-    teacher_logits: Sequence[Tensor], weights: Sequence[float] | None = None
-) -> Tensor:
+def combine_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """Weighted average of several teachers' logits for the same task.
 
     Logits are averaged rather than probabilities so the result is what a single teacher
@@ -183,9 +176,7 @@ def combine_teacher_logits(
                 "combined teachers must share one label set"
             )
         if logits.shape[0] != first_shape[0]:
-            raise ValueError(
-                f"teacher {i} batch size {logits.shape[0]} != teacher 0 batch size {first_shape[0]}"
-            )
+            raise ValueError(f"teacher {i} batch size {logits.shape[0]} != teacher 0 batch size {first_shape[0]}")
     if weights is None:
         weights = [1.0] * len(teacher_logits)
     if len(weights) != len(teacher_logits):
@@ -200,11 +191,7 @@ def combine_teacher_logits(
     return torch.einsum("t,tbc->bc", w, stacked)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "kl": distill_loss,
-    "mse": mse_loss,
-    "hard": hard_label_loss,
-}
+LOSSES: dict[str, Callable[..., Tensor]] = {"kl": distill_loss, "mse": mse_loss, "hard": hard_label_loss}
 
 
 def compute_loss(
@@ -220,16 +207,13 @@ def compute_loss(
     """Dispatch to ``LOSSES[kind]``. ``temperature`` is used only by ``"kl"``."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss kind {kind!r}; allowed: {sorted(LOSSES)}")
-    if kind == "kl":
-        return distill_loss(
-            student_logits, teacher_logits, gold_labels,
-            temperature=temperature, alpha=alpha, ignore_index=ignore_index,
-        )
-    return LOSSES[kind](student_logits, teacher_logits, gold_labels, alpha=alpha, ignore_index=ignore_index)
+    extra = {"temperature": temperature} if kind == "kl" else {}
+    return LOSSES[kind](student_logits, teacher_logits, gold_labels, alpha=alpha, ignore_index=ignore_index, **extra)
 
 
-def multitask_loss(logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None],
-                   gold: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def multitask_loss(
+    logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None], gold: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``sum_k w_k * L_k``: each task's loss on its slice of the student's joint output.
 
     Args:
@@ -248,8 +232,12 @@ def multitask_loss(logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Te
     parts = {}
     for task in tasks:
         teacher = teacher_logits.get(task.name)
-        parts[task.name] = (gold_cross_entropy(task.of(logits), gold[task.name]) if teacher is None else
-                            compute_loss(task.kind, task.of(logits), teacher, gold[task.name],
-                                         temperature=task.temperature, alpha=task.alpha))
+        parts[task.name] = (
+            gold_cross_entropy(task.of(logits), gold[task.name])
+            if teacher is None
+            else compute_loss(
+                task.kind, task.of(logits), teacher, gold[task.name], temperature=task.temperature, alpha=task.alpha
+            )
+        )
         total = total + task.weight * parts[task.name]
     return total, parts

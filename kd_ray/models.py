@@ -49,7 +49,7 @@ def build_model(plan: TrainPlan):
     first = plan.tasks[0]
     net, tokenizer = build_student(plan.student, first.teacher_model, list(first.labels))
     if plan.labels != list(first.labels):  # one head per task: the cut teacher's head becomes the first's
-        net = with_joint_head(net, plan.labels, keep=len(first.labels))
+        net = with_head(net, plan.labels, rows=range(len(first.labels)))
     return net, tokenizer
 
 
@@ -91,20 +91,21 @@ def _cut_student(student: StudentConfig, source: str, labels: list[str]):
     return net
 
 
-def with_joint_head(model, labels: list[str], *, keep: int):
-    """``model`` with its output layer widened to ``labels``; its first ``keep`` rows are kept."""
+def with_head(model, labels: list[str], *, rows: range):
+    """``model`` with an output layer for ``labels`` whose first rows are its present layer's ``rows``, the
+    others freshly initialised: widened to several tasks' heads, or cut to one task's."""
     import torch
     from torch import nn
 
     from kd_ray.multitask import output_layer
 
     head = output_layer(model, model.config.num_labels)
-    wide = nn.Linear(head.in_features, len(labels), dtype=head.weight.dtype)
-    model._init_weights(wide)
+    new = nn.Linear(head.in_features, len(labels), dtype=head.weight.dtype)
+    model._init_weights(new)
     with torch.no_grad():
-        wide.weight[:keep] = head.weight[:keep]
-        wide.bias[:keep] = head.bias[:keep]
-    head.weight, head.bias, head.out_features = wide.weight, wide.bias, len(labels)
+        new.weight[:len(rows)] = head.weight[rows.start:rows.stop]
+        new.bias[:len(rows)] = head.bias[rows.start:rows.stop]
+    head.weight, head.bias, head.out_features = new.weight, new.bias, len(labels)
     model.config.update(label_maps(labels))
     model.num_labels = len(labels)
     return model

@@ -96,21 +96,14 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kd_ray.models import label_maps
+    from kd_ray.models import with_head
 
     layout = {t.name: t for t in read_layout(folder)}
     if task not in layout:
         raise ModelError(f"{folder} has tasks {sorted(layout)}, not {task!r}")
     spec = layout[task]
     joint = AutoModelForSequenceClassification.from_pretrained(folder)
-    head = output_layer(joint, joint.config.num_labels)
-    with torch.no_grad():
-        weight, bias = head.weight[spec.start:spec.stop].clone(), head.bias[spec.start:spec.stop].clone()
-        head.out_features = len(spec.labels)
-        head.weight = nn.Parameter(weight)
-        head.bias = nn.Parameter(bias)
-    joint.config.update(label_maps(list(spec.labels)))
-    joint.num_labels = len(spec.labels)
+    with_head(joint, list(spec.labels), rows=range(spec.start, spec.stop))
     out = Path(output)
     joint.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder).save_pretrained(out)
@@ -118,23 +111,34 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
 
 
 class MultiTaskClassifier:
-    """A saved multi-task student, ready to predict every task from one forward pass per batch."""
+    """A saved multi-task student, ready to predict every task from one forward pass per batch; or, with
+    ``task``, any single-task classifier folder as a model of that one task."""
 
-    def __init__(self, model, tokenizer, layout: list[TaskSlice], *, max_length: int = 128, device: str = "cpu"):
+    def __init__(self, model, tokenizer, layout: list[TaskSlice], *, max_length: int = 128, device: str = "cpu",
+                 path: str | Path | None = None):
         self.model, self.tokenizer, self.layout = model.eval().to(device), tokenizer, layout
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.path = max_length, device, path
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **kwargs) -> MultiTaskClassifier:
+    def from_pretrained(cls, folder: str | Path, *, task: str | None = None, **kwargs) -> MultiTaskClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        layout = read_layout(folder)
-        return cls(AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                   layout, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        if task is None or (Path(folder) / TASKS_FILE).is_file():
+            layout = read_layout(folder)
+        else:
+            layout = [TaskSlice(name=task, labels=tuple(model.config.id2label[i] for i in range(model.num_labels)))]
+        return cls(model, AutoTokenizer.from_pretrained(folder), layout, path=folder, **kwargs)
 
     @property
     def tasks(self) -> dict[str, list[str]]:
         return {t.name: list(t.labels) for t in self.layout}
+
+    def task(self, name: str) -> TaskSlice:
+        spec = next((t for t in self.layout if t.name == name), None)
+        if spec is None:
+            raise ModelError(f"{self.path} has tasks {sorted(self.tasks)}, not {name!r}")
+        return spec
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n, total) joint logits, rows in the order of ``texts`` (batches sorted by length)."""

@@ -155,8 +155,8 @@ def _task_plans(cfg: DistillConfig, info: SoftLabelInfo, requested: dict[str, Ta
 
 def _task_teachers(cfg: DistillConfig, task: str, by_task: dict[str, dict[str, TeacherInfo]],
                    weights: dict[str, float] | None) -> list[TeacherInfo]:
-    """The teachers task ``task`` learns from (all of the task's when ``weights`` is None); they must
-    predict the same labels."""
+    """The teachers task ``task`` learns from (all of the task's when ``weights`` is None). They predict the
+    same labels: `kd-ray label` refuses teachers of one task that do not."""
     if task not in by_task:
         raise SoftLabelError(f"tasks.{task}: the soft labels at {cfg.soft_labels} have no label column for task "
                              f"{task!r}; their teachers label tasks {sorted(by_task)}")
@@ -165,12 +165,7 @@ def _task_teachers(cfg: DistillConfig, task: str, by_task: dict[str, dict[str, T
     if wrong:
         raise SoftLabelError(f"tasks.{task}.teachers names {wrong}, which are not teachers of task {task!r} in "
                              f"{cfg.soft_labels}; its teachers are {sorted(named)}")
-    first, *others = [named[name] for name in weights] if weights else list(named.values())
-    for other in others:
-        if other.labels != first.labels:
-            raise SoftLabelError(f"tasks.{task}: teachers {first.name!r} and {other.name!r} predict different "
-                                 f"labels ({first.labels} vs {other.labels}); one head cannot learn from both")
-    return [first, *others]
+    return [named[name] for name in weights] if weights else list(named.values())
 
 
 def _check_student(student: StudentConfig, tasks: list[TaskPlan]) -> None:

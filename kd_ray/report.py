@@ -355,7 +355,7 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
         page.note("No landscape: none of the searched parameters is a number.")
     else:
         page.figure("tuning_landscape", plot_landscape(trials, summary, *axes),
-                    "Each point is a trial at the last epoch it reached; triangles were stopped early.")
+                    "Each point is a trial at its kept epoch (train.keep), as in trials.csv; triangles were stopped early.")
     page.figure("trial_curves", plot_trial_curves(epochs, trials, summary, searched),
                 "Validation metric after every epoch of every trial.")
     epoch_cols = sorted(c for c in trials.columns if c.startswith(f"{metric}_epoch"))
@@ -367,15 +367,10 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
 
 def _multitask_section(page: _Page, m: dict) -> None:
     """A multi-task run: per task, teacher vs students on the rows with that task's gold; then speed."""
-    kept = ", ".join(f"{task} {entry['student']['retention']['macro_recall']:.1%}" for task, entry in m["tasks"].items())
-    page.raw(f"<p class='headline'>One student with a head per task keeps <b>{html.escape(kept)}</b> of its "
-             f"teachers' macro-recall and runs at <b>{m['speedup']['student']:.2f}x</b> the rows/s of the "
-             f"{len(m['tasks'])} teachers run one after another.</p>")
-    rows = [[task, name, entry["rows"], e["macro_recall"], e["macro_f1"], e["accuracy"], e.get("agreement", 1.0),
-             f"{e['retention']['macro_recall']:.1%}" if "retention" in e else ""]
-            for task, entry in m["tasks"].items() for name, e in entry.items()
-            if isinstance(e, dict) and "macro_recall" in e]
-    page.raw(_table(["task", "model", "test rows", "macro-recall", "macro-F1", "accuracy", "agreement", "kept"], rows))
+    from kd_ray.evaluate import SUMMARY_HEADER, headline, summary_rows
+
+    page.raw(f"<p class='headline'>One student with a head per task: {html.escape(headline(m))}.</p>")
+    page.raw(_table(SUMMARY_HEADER, summary_rows(m)))
     page.raw(_table(["model", "rows/s", "parameters"],
                     [[name, value, m["params"][name]] for name, value in m["rows_per_s"].items()]))
 

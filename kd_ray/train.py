@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kd_ray.config import DistillConfig, EvalSetConfig, FinetuneConfig, RayConfig, TrainArgs
+from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
 from kd_ray.corpus import task_label_column
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.plan import TrainPlan, distill_plan, finetune_plan
@@ -429,18 +429,21 @@ def _gold_rows(batch: pa.Table, columns: list[str]) -> pa.Table:
     return batch.filter(functools.reduce(pc.or_, [batch.column(c).is_valid() for c in columns]))
 
 
-def validation_dataset(validation: EvalSetConfig, plan: TrainPlan):
-    """The validation set, with a gold column per task beyond the first (validation.task_label_columns)."""
+def validation_dataset(cfg: FinetuneConfig | DistillConfig, plan: TrainPlan) -> dict:
+    """{"validation": the validation set, with a gold column per task beyond the first}, or {} without one."""
     from kd_ray.ray_data import corpus_dataset
 
+    validation = cfg.validation
+    if validation is None:
+        return {}
     first, *others = plan.tasks
     missing = [t.name for t in others if t.name not in validation.task_label_columns]
     if missing:
         raise KdRayUserError(f"validation.task_label_columns needs the gold column of tasks {missing} (the first "
                              f"task, {first.name!r}, reads validation.label_column)")
-    return corpus_dataset(validation.as_corpus(), {n: i for i, n in enumerate(first.labels)},
-                          num_cpus=DATA_TASK_CPUS,
-                          task_labels={t.name: {n: i for i, n in enumerate(t.labels)} for t in others} or None)
+    return {"validation": corpus_dataset(validation, {n: i for i, n in enumerate(first.labels)}, num_cpus=DATA_TASK_CPUS,
+                                         task_labels={t.name: {n: i for i, n in enumerate(t.labels)}
+                                                      for t in others} or None)}
 
 
 def run_finetune(cfg: FinetuneConfig):
@@ -453,11 +456,7 @@ def run_finetune(cfg: FinetuneConfig):
         raise KdRayUserError(f"data.path {cfg.data.path} has no rows with a gold label in column "
                              f"{cfg.data.label_column!r}; finetune needs labeled rows")
     plan = finetune_plan(cfg, rows)
-    return fit(plan, {"train": train_ds, **_validation(cfg, plan)}, cfg.output, cfg.storage_path, cfg.ray)
-
-
-def _validation(cfg: FinetuneConfig | DistillConfig, plan: TrainPlan) -> dict:
-    return {"validation": validation_dataset(cfg.validation, plan)} if cfg.validation else {}
+    return fit(plan, {"train": train_ds, **validation_dataset(cfg, plan)}, cfg.output, cfg.storage_path, cfg.ray)
 
 
 def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
@@ -469,7 +468,7 @@ def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     if plan.gold_only:
         train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": plan.gold_columns}, batch_format="pyarrow",
                                         num_cpus=DATA_TASK_CPUS)
-    return {"train": train_ds, **_validation(cfg, plan)}
+    return {"train": train_ds, **validation_dataset(cfg, plan)}
 
 
 def run_distill(cfg: DistillConfig):
@@ -477,22 +476,17 @@ def run_distill(cfg: DistillConfig):
     return fit(plan, distill_datasets(cfg, plan, info), cfg.output, cfg.storage_path, cfg.ray)
 
 
-def _print_result(stage: str, output: str) -> None:
-    info = read_run_info(output)
-    epoch = info.get("exported_epoch") or len(info["history"])
-    kept = info["history"][epoch - 1] if info["history"] else {}
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in kept.items() if isinstance(v, float))
-    print(f"kd-ray {stage}: {len(info['history'])} epochs, exported epoch {epoch}: {shown} -> {output}", flush=True)
+def _main(stage: str, run):
+    """A stage's entry point: train, then print the exported epoch's metrics."""
+    def main(cfg: FinetuneConfig | DistillConfig) -> None:
+        run(cfg)
+        info = read_run_info(cfg.output)
+        epoch = info.get("exported_epoch") or len(info["history"])
+        kept = info["history"][epoch - 1] if info["history"] else {}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in kept.items() if isinstance(v, float))
+        print(f"kd-ray {stage}: {len(info['history'])} epochs, exported epoch {epoch}: {shown} -> {cfg.output}",
+              flush=True)
+    return main
 
 
-def finetune_main(cfg: FinetuneConfig) -> None:
-    run_finetune(cfg)
-    _print_result("finetune", cfg.output)
-
-
-def distill_main(cfg: DistillConfig) -> None:
-    run_distill(cfg)
-    _print_result("distill", cfg.output)
-
-
-ENTRY_POINTS = {"finetune": finetune_main, "distill": distill_main}
+ENTRY_POINTS = {"finetune": _main("finetune", run_finetune), "distill": _main("distill", run_distill)}

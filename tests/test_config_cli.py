@@ -198,3 +198,36 @@ def test_every_shipped_yaml_opens_with_the_command_that_runs_it(path):
 def test_label_demo_config_is_shipped():
     cfg = load_config(LabelConfig, CONFIG_DIR / "label-demo.yaml")
     assert cfg.teachers and cfg.corpus.path and cfg.output.path
+
+
+def test_help_imports_only_the_config_models():
+    """`kd-ray --help` and `kd-ray <stage> --help` load kd_ray.config, not Ray, torch or a stage module."""
+    code = ("import sys, contextlib, io\n"
+            "from kd_ray.cli import main\n"
+            "for argv in (['--help'], ['run', '--help'], ['distill', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'transformers', 'pyarrow')"
+            " or m in ('kd_ray.train', 'kd_ray.pipeline', 'kd_ray.label')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.py")), ids=lambda p: p.name)
+def test_every_flag_a_job_docstring_suggests_is_one_its_stage_accepts(job, capsys):
+    """The `--field value` examples in jobs/*.py docstrings parse with that job's stage."""
+    import ast
+    import re
+
+    doc = ast.get_docstring(ast.parse(job.read_text())) or ""
+    stage = re.search(r'main\(\["([a-z]+)"', job.read_text())
+    if stage is None:
+        pytest.skip(f"{job.name} is not a stage entry point")
+    flags = re.findall(r"`(--[a-z_.0-9]+) [^`]+`", doc)
+    assert flags, f"{job.name}: its docstring shows no example override"
+    with pytest.raises(SystemExit):
+        main([stage.group(1), "--help"])
+    accepted = set(re.findall(r"(--[a-z_.0-9]+)", capsys.readouterr().out))
+    for flag in flags:
+        assert flag in accepted, f"{job.name} suggests {flag}, not a flag of `kd-ray {stage.group(1)}`"

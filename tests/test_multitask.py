@@ -366,3 +366,22 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
                                    np.array(alone.column(f"{t.name}_logits").to_pylist()), atol=1e-6)
     mixed = TeacherLabeler([teachers[0], teachers[1].model_copy(update={"max_length": 32})], batch_size=8)
     assert len(set(mixed.encoding_keys)) == 2
+
+
+def test_a_single_task_student_of_another_tasks_teacher_is_refused_naming_both_tasks(two_task_labels, tmp_path):
+    """`loss.teachers` naming the reason teacher while the gold column 'label' holds sentiment: with alpha < 1
+    the reason head would learn from sentiment class indices, so it is refused before training."""
+    from kd_ray.config import DistillConfig, load_config
+    from kd_ray.errors import SoftLabelError
+    from kd_ray.train import run_distill
+
+    root, _, _ = two_task_labels
+    base = {"soft_labels": str(root / "labels"), "output": str(tmp_path / "student"),
+            "loss.teachers": {"reason": 1.0}, "student.num_layers": 1, "student.ffn_size": None,
+            "train.epochs": 1, "train.max_length": 32}
+    with pytest.raises(SoftLabelError, match="teacher 'reason' of task 'reason', but the gold column 'label' .* "
+                                             "holds task 'sentiment'"):
+        run_distill(load_config(DistillConfig, overrides={**base, "loss.alpha": 0.7}))
+    assert not (tmp_path / "student").exists()
+    with pytest.raises(SoftLabelError, match="one head learns one task"):
+        run_distill(load_config(DistillConfig, overrides={**base, "loss.teachers": {"reason": 1.0, "sentiment": 1.0}}))

@@ -43,3 +43,14 @@ def test_report_of_searches_over_dotted_and_non_numeric_parameters(tmp_path, spa
     assert "trial_curves.png" in pngs
     assert ("No landscape: none of the searched parameters is a number." in page) != landscape
     assert "loss.kind = mse" in page and "Best of 3 trials" in page
+
+
+def test_the_landscape_is_titled_by_the_epoch_whose_score_trials_csv_holds(tmp_path):
+    """trials.csv holds each trial's kept epoch's score (train.keep), not its last epoch's: the plot says so."""
+    from kd_ray.report import plot_landscape
+
+    _tune_folder(tmp_path / "tune", {"temperature": [1.0, 2.0, 4.0], "alpha": [0.1, 0.5, 0.9]})
+    trials = pd.read_csv(tmp_path / "tune" / "trials.csv")
+    summary = json.loads((tmp_path / "tune" / "tune_summary.json").read_text())
+    title = plot_landscape(trials, summary, "temperature", "alpha").axes[0].get_title()
+    assert "kept epoch" in title and "last epoch" not in title

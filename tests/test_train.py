@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,6 +74,39 @@ def test_distill_stopped_after_first_epoch_resumes_from_checkpoint(tmp_path, sof
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # epochs 2 and 3 ran in the second run, which started from the epoch-1 checkpoint
     assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]
+
+
+def test_every_worker_checkpoints_its_own_random_state_and_a_resume_restores_it(tmp_path, soft_labels, monkeypatch):
+    import torch
+
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.num_workers": 2, "train.epochs": 2,
+                                                             "train.num_cpus_per_worker": 0.25})
+    with failing_after_epoch(1, monkeypatch):
+        run_distill(cfg)
+    (checkpoint,) = (tmp_path / "ray_train").glob("*/checkpoint_*")
+    states = [torch.load(checkpoint / f"rng_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(set(s) == {"python", "numpy", "torch", "cuda"} for s in states)
+    run_distill(cfg)
+    assert [h["resumed_from_epoch"] for h in read_run_info(str(tmp_path / "student"))["history"]] == [0, 1]
+    assert not list((tmp_path / "student").glob("rng_state_*"))  # training state stays out of the model folder
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_on_resume_naming_the_key(tmp_path, soft_labels, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 2})
+    with failing_after_epoch(1, monkeypatch):
+        run_distill(cfg)
+    (checkpoint,) = (tmp_path / "ray_train").glob("*/checkpoint_*")
+    weights = load_file(checkpoint / "model.safetensors")
+    key = next(k for k in weights if k.endswith("classifier.weight"))
+    save_file({k: v for k, v in weights.items() if k != key}, checkpoint / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(Exception) as err:
+        run_distill(cfg)
+    error = unwrap_user_error(err.value)
+    assert isinstance(error, ModelError) and key in str(error) and "missing keys" in str(error), err.value
+    assert not (tmp_path / "student").exists()
 
 
 def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_two_workers(tmp_path, soft_labels):
