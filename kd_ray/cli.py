@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import types
 import typing
 from typing import Any, Callable
 
@@ -39,31 +38,9 @@ STAGES: dict[str, tuple[str, str | None, str]] = {
 }
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _section_of(annotation: Any) -> type[BaseModel] | None:
-    annotation = _unwrap_optional(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def _list_section_of(annotation: Any) -> type[BaseModel] | None:
-    annotation = _unwrap_optional(annotation)
-    if typing.get_origin(annotation) is list:
-        return _section_of(typing.get_args(annotation)[0])
-    return None
-
-
 def _field_help(field) -> str:
     parts = [field.description or ""]
-    annotation = _unwrap_optional(field.annotation)
+    annotation = config.unwrap_optional(field.annotation)
     if typing.get_origin(annotation) is typing.Literal:
         parts.append("one of " + ", ".join(map(str, typing.get_args(annotation))))
     bounds = []
@@ -81,8 +58,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: 
     group = parser.add_argument_group(prefix.rstrip(".") or "options", model.__doc__ if prefix else None)
     for name, field in model.model_fields.items():
         dotted = prefix + name
-        section = _section_of(field.annotation)
-        list_section = _list_section_of(field.annotation)
+        section = config.section_in(field.annotation)
+        list_section = config.section_in(field.annotation, list)
         if section is not None:
             _add_flags(parser, section, dotted + ".")
         elif list_section is not None:

@@ -9,6 +9,7 @@ every problem at once, naming the field as both its YAML key and its CLI flag.
 from __future__ import annotations
 
 import copy
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -506,18 +507,31 @@ class TuneConfig(Section):
         return self
 
 
+def unwrap_optional(annotation: Any) -> Any:
+    """``X`` for ``X | None``; any other annotation as it is."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 else annotation
+
+
+def section_in(annotation: Any, container: type | None = None) -> type[BaseModel] | None:
+    """The config section a field holds: itself (optional or not), or with ``container`` (list, dict) the
+    section its items are; None for a leaf."""
+    annotation = unwrap_optional(annotation)
+    if container is not None:
+        args = typing.get_args(annotation) if typing.get_origin(annotation) is container else ()
+        return section_in(args[-1]) if args else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _is_scalar_field(model: type[BaseModel], dotted: str) -> bool:
     """True when ``dotted`` names a leaf (not a section) of ``model``."""
     head, _, rest = dotted.partition(".")
     field = model.model_fields.get(head)
     if field is None:
         return False
-    annotation = field.annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    section = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    section = section_in(field.annotation)
     # a dict of sections (DistillConfig.tasks): the next name is a key, then a field of the section
-    keyed = next((typing.get_args(a)[1] for a in args if typing.get_origin(a) is dict
-                  and isinstance(typing.get_args(a)[1], type) and issubclass(typing.get_args(a)[1], BaseModel)), None)
+    keyed = section_in(field.annotation, dict)
     if keyed is not None:
         _, _, after_key = rest.partition(".")
         return bool(after_key) and _is_scalar_field(keyed, after_key)
