@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kd_ray.errors import ModelError
+from kd_ray.multitask import label_maps, with_head
 from kd_ray.students import cut_student_from_teacher, ffn_neurons, student_from_config
 
 if TYPE_CHECKING:
     from kd_ray.config import StudentConfig
     from kd_ray.plan import TrainPlan
-
-
-def label_maps(labels: list[str]) -> dict[str, Any]:
-    """``from_pretrained`` / ``config.update`` keyword arguments for a classifier with ``labels`` as outputs."""
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)}}
 
 
 def _check_path(model: str, what: str) -> None:
@@ -89,23 +84,3 @@ def _cut_student(student: StudentConfig, source: str, labels: list[str]):
     except ValueError as e:
         raise ModelError(f"cannot cut a student from {source}: {e}") from e
     return net
-
-
-def with_head(model, labels: list[str], *, rows: range):
-    """``model`` with an output layer for ``labels`` whose first rows are its present layer's ``rows``, the
-    others freshly initialised: widened to several tasks' heads, or cut to one task's."""
-    import torch
-    from torch import nn
-
-    from kd_ray.multitask import output_layer
-
-    head = output_layer(model, model.config.num_labels)
-    new = nn.Linear(head.in_features, len(labels), dtype=head.weight.dtype)
-    model._init_weights(new)
-    with torch.no_grad():
-        new.weight[:len(rows)] = head.weight[rows.start:rows.stop]
-        new.bias[:len(rows)] = head.bias[rows.start:rows.stop]
-    head.weight, head.bias, head.out_features = new.weight, new.bias, len(labels)
-    model.config.update(label_maps(labels))
-    model.num_labels = len(labels)
-    return model

@@ -63,6 +63,12 @@ def task_layout(tasks: dict[str, list[str]]) -> list[TaskSlice]:
     return layout
 
 
+def label_maps(labels: list[str]) -> dict[str, Any]:
+    """``from_pretrained`` / ``config.update`` keyword arguments for a classifier with ``labels`` as outputs."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
 def joint_labels(layout: list[TaskSlice]) -> list[str]:
     """Names of the joint output: 'task:label'."""
     return [f"{t.name}{SEPARATOR}{label}" for t in layout for label in t.labels]
@@ -88,6 +94,21 @@ def output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
     return heads[-1]
 
 
+def with_head(model, labels: list[str], *, rows: range):
+    """``model`` with an output layer for ``labels`` whose first rows are its present layer's ``rows``, the
+    others freshly initialised: widened to several tasks' heads, or cut to one task's."""
+    head = output_layer(model, model.config.num_labels)
+    new = nn.Linear(head.in_features, len(labels), dtype=head.weight.dtype)
+    model._init_weights(new)
+    with torch.no_grad():
+        new.weight[:len(rows)] = head.weight[rows.start:rows.stop]
+        new.bias[:len(rows)] = head.bias[rows.start:rows.stop]
+    head.weight, head.bias, head.out_features = new.weight, new.bias, len(labels)
+    model.config.update(label_maps(labels))
+    model.num_labels = len(labels)
+    return model
+
+
 def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
     """Write task ``task`` of a multi-task model as a standard sequence-classification folder.
 
@@ -95,8 +116,6 @@ def export_task(folder: str | Path, task: str, output: str | Path) -> Path:
     the multi-task model predicts for that task (the price: one encoder per exported task).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from kd_ray.models import with_head
 
     layout = {t.name: t for t in read_layout(folder)}
     if task not in layout:

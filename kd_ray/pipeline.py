@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, FinetuneConfig, LabelConfig,
                            LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TeacherConfig, TuneConfig)
+from kd_ray.evaluate import SINGLE_TASK
 
-SINGLE_TASK = "task"  # kd_ray.evaluate's name for the one task of a run without `tasks:`
-
-
-@dataclass
-class TaskTeacher:
-    """One task's teacher in a run: where it is (or will be fine-tuned to) and what it predicts."""
+class TaskTeacher(NamedTuple):
+    """One task's teacher in a run: what it predicts, the task's gold column in data.train, how it is
+    made, and where it is (or will be fine-tuned to)."""
 
     task: str
     labels: list[str]
-    label_column: str | None  # the task's gold column in data.train
+    label_column: str | None
     teacher: PipelineTeacherConfig
     path: str
 

@@ -256,15 +256,9 @@ def test_student_tasks_the_soft_labels_cannot_feed_are_refused_before_training(t
     assert not (tmp_path / "student").exists()
 
 
-def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per_task(tmp_path, tiny_teacher,
-                                                                                     ray_session):
-    """`kd-ray run` with tasks: both teachers fine-tuned (the reason teacher on its labeled rows
-    only), one labeling pass, a student with two heads and its alpha=0 twin, scored per task."""
+def _multitask_run_config(tmp_path, tiny_teacher) -> dict:
+    """A two-task `kd-ray run` config over an airline-like corpus split into train/transfer/validation/test."""
     import pyarrow.parquet as pq
-    import yaml
-
-    from kd_ray.cli import main as cli_main
-    from kd_ray.soft_labels import read_soft_label_info
 
     corpus = _airline_like_corpus(tmp_path / "data", n=240)
     frame = pq.read_table(corpus).to_pandas()
@@ -286,6 +280,19 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
         "student": {"num_layers": 1, "ffn_size": None}, "distill": fast,
         "eval": {"max_length": 32, "timing_rows": 40, "timing_repeats": 1},
     }
+    return config, frame
+
+
+def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per_task(tmp_path, tiny_teacher,
+                                                                                     ray_session):
+    """`kd-ray run` with tasks: both teachers fine-tuned (the reason teacher on its labeled rows
+    only), one labeling pass, a student with two heads and its alpha=0 twin, scored per task."""
+    import yaml
+
+    from kd_ray.cli import main as cli_main
+    from kd_ray.soft_labels import read_soft_label_info
+
+    config, frame = _multitask_run_config(tmp_path, tiny_teacher)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
     run = tmp_path / "run"
@@ -300,6 +307,30 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
             assert 0 <= metrics["tasks"][task][name]["macro_recall"] <= 1
     assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0"}
     assert MultiTaskClassifier.from_pretrained(run / "student").tasks["reason"] == REASONS
+    assert (run / "report.html").is_file()
+
+
+def test_multitask_run_with_a_tune_section_searches_a_tasks_alpha_and_evaluates_the_best_student(tmp_path,
+                                                                                                tiny_teacher,
+                                                                                                ray_session):
+    import pandas as pd
+    import yaml
+
+    from kd_ray.cli import main as cli_main
+
+    config, _ = _multitask_run_config(tmp_path, tiny_teacher)
+    config.update(baseline_without_distillation=False, tune={
+        "space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]}},
+        "num_samples": 1, "scheduler": "fifo"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    run = tmp_path / "run"
+    assert sorted(pd.read_csv(run / "tune" / "trials.csv")["tasks.reason.alpha"]) == [0.3, 0.9]
+    assert not (run / "student").exists()  # the search's best student is the run's
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["rows_per_s"]) == {"teachers", "student"} and 0 <= metrics["tasks"]["reason"]["student"][
+        "macro_recall"] <= 1
+    assert MultiTaskClassifier.from_pretrained(run / "tune" / "student").tasks["reason"] == REASONS
 
 
 @pytest.mark.parametrize("space, message", [

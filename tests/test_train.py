@@ -83,7 +83,7 @@ def test_every_worker_checkpoints_its_own_random_state_and_a_resume_restores_it(
                                                              "train.num_cpus_per_worker": 0.25})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
-    (checkpoint,) = (tmp_path / "ray_train").glob("*/checkpoint_*")
+    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
     states = [torch.load(checkpoint / f"rng_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(set(s) == {"python", "numpy", "torch", "cuda"} for s in states)
     run_distill(cfg)
@@ -97,7 +97,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_on_resume_naming_the_key(tmp_p
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 2})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
-    (checkpoint,) = (tmp_path / "ray_train").glob("*/checkpoint_*")
+    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
     weights = load_file(checkpoint / "model.safetensors")
     key = next(k for k in weights if k.endswith("classifier.weight"))
     save_file({k: v for k, v in weights.items() if k != key}, checkpoint / "model.safetensors",
