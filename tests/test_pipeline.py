@@ -27,9 +27,8 @@ def _csv(path: Path, n: int, seed: int, with_labels: bool = True) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_teacher, ray_session):
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline_config(root: Path, tiny_teacher: Path) -> dict:
+    """A small `kd-ray run` config: its data written under ``root``, its output ``root/run``."""
     data = root / "data"
     data.mkdir()
     files = {name: _csv(data / f"{name}.csv", n, seed, name != "transfer")
@@ -45,9 +44,15 @@ def pipeline_run(tmp_path_factory, tiny_teacher, ray_session):
         "distill": {"epochs": 2, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
         "eval": {"max_length": 32, "timing_rows": 50, "timing_repeats": 1},
     }
+    return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_teacher, ray_session):
     import yaml
 
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "run.yaml").write_text(yaml.safe_dump(pipeline_config(root, tiny_teacher)))
     assert cli_main(["run", "--config", str(root / "run.yaml")]) == 0
     return root
 
