@@ -38,8 +38,8 @@ def main() -> None:
             # same total batch per step: each of n workers takes batch/n
             train = base.train.model_copy(update={
                 "num_workers": workers, "seed": seed, "epochs": args.epochs or base.train.epochs, "batch_size": base.train.batch_size // workers,
-                "threads_per_worker": max(1, base.train.threads_per_worker // workers),
-                "num_cpus_per_worker": base.train.num_cpus_per_worker / workers})
+                "threads_per_worker": max(1, (base.train.threads_per_worker or 2) // workers),
+                "num_cpus_per_worker": (base.train.num_cpus_per_worker or 1.5) / workers})
             out = Path(args.work_dir) / f"w{workers}-s{seed}"
             cfg = base.model_copy(update={"train": train, "output": str(out)})
             run_distill(cfg)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 import typing
 from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel
 
-from kd_ray import __version__
-from kd_ray import config
+from kd_ray import __version__, config, console
 from kd_ray.config import ConfigError, load_config
 from kd_ray.errors import unwrap_user_error
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module_name)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML config for this stage.")
         p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
+        p.add_argument("--verbose", action="store_true", help="Show Ray's and the libraries' output on the console "
+                       f"instead of only in the log file (also: {console.VERBOSE_ENV}=1).")
         if config_name is not None:
             _add_flags(p, getattr(config, config_name))
     return parser
@@ -123,31 +125,49 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     entry: Callable = importlib.import_module(args._module).ENTRY_POINTS[args.command]
     config_name = STAGES[args.command][1]
-    config_model = getattr(config, config_name) if config_name else None
+    if config_name is None:  # commands that take positional paths, e.g. validate
+        return entry(extra)
     try:
-        if config_model is None:  # commands that take positional paths, e.g. validate
-            return entry(extra)
-        overrides = {
-            k: _parse_value(v)
-            for k, v in vars(args).items()
-            if k not in {"command", "config", "print_config", "_module"}
-        }
+        overrides = {k: _parse_value(v) for k, v in vars(args).items()
+                     if k not in {"command", "config", "print_config", "verbose", "_module"}}
         overrides.update(_parse_extra(extra))
-        cfg = load_config(config_model, args.config, overrides)
-        if args.print_config:
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-            return 0
-        entry(cfg)
-        return 0
+        cfg = load_config(getattr(config, config_name), args.config, overrides)
     except ConfigError as e:
         print(f"kd-ray {args.command}: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.verbose or console.verbose():
+        return _run(entry, cfg, args.command, log=None)
+    log = console.log_path(getattr(cfg.output, "path", cfg.output), args.command)
+    with console.quiet(log):
+        console.say(f"kd-ray {args.command}: Ray's and the libraries' output goes to {log} (--verbose shows it)")
+        code = _run(entry, cfg, args.command, log)
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # Ray's log forwarding ends before the console is given back
+        return code
+
+
+def _run(entry: Callable, cfg, command: str, log) -> int:
+    """Run a stage. A failure prints kd-ray's one-line error, and where the whole log is when quiet."""
+    try:
+        entry(cfg)
+        return 0
     except Exception as e:  # Ray wraps errors raised in its workers; show the user's cause plainly
         user_error = unwrap_user_error(e)
-        if user_error is None:
+        if user_error is None and log is None:
             raise
-        print(f"kd-ray {args.command}: error: {user_error}", file=sys.stderr)
+        if user_error is None:
+            traceback.print_exc()  # into the log
+            lines = str(e).strip().splitlines()
+            console.say(f"kd-ray {command}: failed: {type(e).__name__}: {lines[-1] if lines else ''}", err=True)
+        else:
+            console.say(f"kd-ray {command}: error: {user_error}", err=True)
+        if log is not None:
+            console.say(f"kd-ray {command}: the full log (Ray's and the workers' output too): {log}", err=True)
         return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -236,9 +236,11 @@ class TrainArgs(Section):
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision (GPU).")
-    threads_per_worker: int = Field(1, ge=1, le=128, description="torch threads per worker on CPU.")
-    num_cpus_per_worker: float = Field(0.75, gt=0, le=128, description="CPUs Ray reserves per worker. Under 1 so "
-        "that workers on every core still leave room for the Ray Data tasks that stream their data.")
+    threads_per_worker: int | None = Field(None, ge=1, le=128, description="torch threads per worker on CPU (null: "
+        "the CPUs Ray reserves for the worker, rounded).")
+    num_cpus_per_worker: float | None = Field(None, gt=0, le=128, description="CPUs Ray reserves per worker (null: "
+        "the smallest node's CPUs less 0.5, shared by the workers a node holds: 1.5 for 1 worker on 2 cores, 0.75 "
+        "each for 2). Half a CPU stays free for the Ray Data tasks that stream the workers' data.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
     keep: Literal["last", "best", "auto"] = Field("last", description="Which epoch's model becomes the output: "
         "'last'; 'best': the epoch with the highest validation macro-recall (needs validation data; a student "
@@ -556,7 +558,8 @@ def _has_parent(tree: dict, dotted: str) -> bool:
 class EvalArgs(Section):
     batch_size: int = Field(64, ge=1, le=8192, description="Texts per forward pass when scoring and timing.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text for every model compared.")
-    threads: int = Field(2, ge=1, le=256, description="torch threads for the CPU throughput measurement.")
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads for scoring and the CPU throughput "
+        "measurement (null: every core this process may use).")
     timing_rows: int = Field(1000, ge=10, description="Test rows timed per model for throughput (rows/s).")
     timing_repeats: int = Field(3, ge=1, le=50, description="Timed passes per model, alternating; the median is kept.")
 

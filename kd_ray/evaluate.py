@@ -9,6 +9,7 @@ test rows with that task's gold label; a single-task report is the one task's en
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig
+from kd_ray.console import say
 from kd_ray.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
 from kd_ray.metrics import agreement, classification_metrics
@@ -66,7 +68,8 @@ def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: Ev
     rows/s of the teachers (run one after another) against each student's, timed alternately."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     single = next(iter(teachers)) if len(teachers) == 1 else None
     refs = {task: _load(path, "teacher" if single else f"teacher of task {task!r}", task, args)
             for task, path in teachers.items()}
@@ -80,7 +83,7 @@ def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: Ev
     texts, gold = read_eval_set(test, {task: list(labels) for task, labels in tasks.items()})
     teacher_logits = {task: ref.logits(texts, args.batch_size) for task, ref in refs.items()}
     student_logits = {name: model.logits(texts, args.batch_size) for name, model in models.items()}
-    report: dict = {"tasks": {}, "test": {"path": test.path, "rows": len(texts)}, "eval": args.model_dump()}
+    report: dict = {"tasks": {}, "test": {"path": test.path, "rows": len(texts)}, "eval": {**args.model_dump(), "threads": threads}}
     for task, labels in tasks.items():
         rows = gold[task] >= 0
         entry = {"rows": int(rows.sum()), "labels": list(labels),
@@ -180,8 +183,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 def main(cfg: EvaluateConfig) -> dict:
     report = run_evaluate(cfg)
-    print(summary_table(report))
-    print(f"kd-ray evaluate: {headline(report)} -> {Path(cfg.output) / 'metrics.json'}", flush=True)
+    say(summary_table(report))
+    say(f"kd-ray evaluate: {headline(report)} -> {Path(cfg.output) / 'metrics.json'}")
     return report
 
 

@@ -34,6 +34,7 @@ from ray.data import Datasink
 from kd_ray import __version__
 from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
+from kd_ray.console import say
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.ray_data import corpus_dataset
 from kd_ray.storage import filesystem
@@ -184,6 +185,8 @@ class SoftLabelDatasink(Datasink):
             fs.move(rejected_tmp, f"{root}/{REJECTED_DIR}/{name}")
         if rows:
             fs.move(tmp, f"{root}/{name}")
+            print(f"kd-ray label: wrote {name} ({rows:,} rows{f', {n_rejected:,} set aside' if n_rejected else ''})",
+                  flush=True)  # a write task's progress line: Ray forwards it to the driver
         else:
             fs.delete_file(tmp)
         return {"rows": rows, "rejected": n_rejected, "truncated": truncated, "already_labeled": already}
@@ -306,9 +309,9 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                             0.0, skipped_existing=True)
     kept = committed_rows(cfg.output.path) if resume else None
     if kept is not None:
-        print(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
+        say(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
               f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
-              f"only the other rows are labeled", flush=True)
+              f"only the other rows are labeled")
     init_ray(cfg.ray)
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
     labeled_dataset(cfg, metadata, kept).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
@@ -389,7 +392,7 @@ def _fail(fs: pafs.FileSystem, root: str, message: str) -> None:
 
 def main(cfg: LabelConfig) -> LabelSummary:
     summary = run_label(cfg)
-    print(summary.line(), flush=True)
+    say(summary.line())
     return summary
 
 

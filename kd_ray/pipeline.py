@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, FinetuneConfig, LabelConfig,
                            LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TeacherConfig, TuneConfig)
+from kd_ray.console import say
 from kd_ray.evaluate import SINGLE_TASK
 
 class TaskTeacher(NamedTuple):
@@ -112,11 +113,12 @@ def stage_configs(cfg: PipelineConfig) -> dict:
 
 
 def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
-    """Run one stage, print and record its seconds."""
+    """Run one stage, print when it starts and ends, record its seconds."""
+    say(f"kd-ray run: stage {name} started")
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     timings[name] = round(time.perf_counter() - start, 1)
-    print(f"kd-ray run: stage {name} done in {timings[name]} s", flush=True)
+    say(f"kd-ray run: stage {name} done in {timings[name]} s")
     return result
 
 
@@ -138,7 +140,7 @@ def _finetune_teachers(stages: dict, timings: dict) -> None:
     for task, ft in stages["finetune"].items():
         name = "finetune" if task == SINGLE_TASK else f"finetune_{task}"
         if up_to_date(ft.output, finetune_plan(ft, rows=0)):
-            print(f"kd-ray run: teacher {ft.output} is up to date; skipping {name}", flush=True)
+            say(f"kd-ray run: teacher {ft.output} is up to date; skipping {name}")
         else:
             _timed(timings, name, run_finetune, ft)
 
@@ -155,7 +157,7 @@ def _train_students(stages: dict, timings: dict) -> None:
         if name not in stages or (name == "distill" and "tune" in stages):
             continue
         if up_to_date(stages[name].output, distill_plan(stages[name])[0]):
-            print(f"kd-ray run: {stages[name].output} is up to date; skipping {name}", flush=True)
+            say(f"kd-ray run: {stages[name].output} is up to date; skipping {name}")
         else:
             _timed(timings, name, run_distill, stages[name])
 
@@ -164,7 +166,7 @@ def _label(cfg: LabelConfig):
     from kd_ray.label import run_label
 
     summary = run_label(cfg)
-    print(summary.line(), flush=True)
+    say(summary.line())
     return summary
 
 
@@ -195,10 +197,9 @@ def main(cfg: PipelineConfig) -> dict:
     from kd_ray.evaluate import headline, summary_table
 
     report = run_pipeline(cfg)
-    print(summary_table(report))
-    print(f"kd-ray run: {headline(report)}. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})",
-          flush=True)
-    print(f"kd-ray run: report: {report['report_html']} (plots as PNG in {Path(cfg.output) / 'report'})", flush=True)
+    say(summary_table(report))
+    say(f"kd-ray run: {headline(report)}. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})")
+    say(f"kd-ray run: report: {report['report_html']} (plots as PNG in {Path(cfg.output) / 'report'})")
     return report
 
 

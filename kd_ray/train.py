@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
+from kd_ray.console import say
 from kd_ray.corpus import task_label_column
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.plan import TrainPlan, distill_plan, finetune_plan
@@ -133,8 +134,9 @@ def build(plan: TrainPlan):
 
     from kd_ray.models import build_model
 
-    if not plan.train.use_gpu:
-        torch.set_num_threads(plan.train.threads_per_worker)
+    if not plan.train.use_gpu:  # null: the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(plan.train.threads_per_worker or max(1, math.floor(cpus + 0.5)))
     accelerator = Accelerator(cpu=not plan.train.use_gpu, mixed_precision=plan.train.mixed_precision)
     set_seed(plan.train.seed)
     model, tokenizer = build_model(plan)
@@ -219,9 +221,9 @@ def train_epoch(run: Run, shard) -> dict[str, Any]:
         run.scheduler.step()
         run.optimizer.zero_grad()
         rows, loss_sum, steps = rows + batch.num_rows, loss_sum + loss.item(), steps + 1
-        if run.rank == 0 and steps % LOG_EVERY_STEPS == 0:
-            print(f"epoch {run.epoch + 1}/{plan.epochs} step {steps}/{_steps_per_epoch(plan)} loss "
-                  f"{loss_sum / steps:.4f} {rows * plan.train.num_workers / (time.perf_counter() - started):.1f} "
+        if run.rank == 0 and steps % LOG_EVERY_STEPS == 0:  # a progress line: Ray forwards it to the driver
+            print(f"kd-ray {plan.mode}: epoch {run.epoch + 1}/{plan.epochs} step {steps}/{_steps_per_epoch(plan)} "
+                  f"loss {loss_sum / steps:.4f} {rows * plan.train.num_workers / (time.perf_counter() - started):.1f} "
                   f"samples/s", flush=True)
     seconds = time.perf_counter() - started
     return {"epoch": run.epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
@@ -322,6 +324,10 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics[KEEP_SCORE] = metrics["val_macro_recall"] if run.narrowed else -1.0
         run.epoch += 1
         run.history.append(metrics)
+        if run.rank == 0:
+            print(f"kd-ray {plan.mode}: epoch {run.epoch}/{plan.epochs} done: " + ", ".join(
+                f"{k} {metrics[k]:.4g}" for k in ("train_loss", "val_macro_recall", "samples_per_s") if k in metrics),
+                flush=True)
         save_checkpoint(run, metrics)
         if os.environ.get(FAIL_AFTER_EPOCH) == str(run.epoch):
             raise RuntimeError(f"{FAIL_AFTER_EPOCH}={run.epoch}: stopping after epoch {run.epoch}, as a crash would")
@@ -353,7 +359,7 @@ def build_trainer(plan: TrainPlan, datasets: dict, name: str, storage_path: str,
         train_loop_per_worker,
         train_loop_config=plan.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                               resources_per_worker={"CPU": args.num_cpus_per_worker}),
+                                               resources_per_worker={"CPU": worker_cpus(args)}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
@@ -365,6 +371,18 @@ def build_trainer(plan: TrainPlan, datasets: dict, name: str, storage_path: str,
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def worker_cpus(args: TrainArgs) -> float:
+    """train.num_cpus_per_worker, or (null) the smallest node's CPUs less 0.5 (the data tasks' share) over the
+    workers a node holds when they are spread evenly."""
+    import ray
+
+    if args.num_cpus_per_worker is not None:
+        return args.num_cpus_per_worker
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    per_node = math.ceil(args.num_workers / len(nodes))
+    return max(0.25, round((min(nodes) - 0.5) / per_node, 2))
 
 
 def fit(plan: TrainPlan, datasets: dict, output: str, storage_path: str | None, ray_cfg: RayConfig):
@@ -484,8 +502,7 @@ def _main(stage: str, run):
         epoch = info.get("exported_epoch") or len(info["history"])
         kept = info["history"][epoch - 1] if info["history"] else {}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in kept.items() if isinstance(v, float))
-        print(f"kd-ray {stage}: {len(info['history'])} epochs, exported epoch {epoch}: {shown} -> {cfg.output}",
-              flush=True)
+        say(f"kd-ray {stage}: {len(info['history'])} epochs, exported epoch {epoch}: {shown} -> {cfg.output}")
     return main
 
 

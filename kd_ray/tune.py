@@ -30,6 +30,7 @@ from kd_ray.config import (
     _set_dotted,
     dump_config,
 )
+from kd_ray.console import say
 from kd_ray.errors import KdRayUserError, unwrap_user_error
 from kd_ray.storage import absolute_if_local
 from kd_ray.train import KEEP_SCORE, keep_rank
@@ -86,6 +87,8 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str, starts_log: st
     trial = trial_name(ray.tune.get_context().get_trial_id())
     with open(starts_log, "a") as log:  # one short line: appends do not interleave
         log.write(json.dumps({"trial": trial, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    print(f"kd-ray tune: {trial} started: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in values.items()), flush=True)
     # The run name is a hash of the plan: a trial restarted after a crash resumes its own Train run.
     trainer = build_trainer(plan, distill_datasets(cfg, plan, info), run_name("trial", plan), storage_path,
                             callbacks=[TuneReportCallback()])
@@ -159,12 +162,12 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
     experiment, spec = out / EXPERIMENT, _spec(cfg)
     if tune.Tuner.can_restore(str(experiment)):
         if _saved_spec(out / SPEC_FILE) == spec:
-            print(f"kd-ray tune: resuming the search in {experiment}: finished trials are kept", flush=True)
+            say(f"kd-ray tune: resuming the search in {experiment}: finished trials are kept")
             return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
         if not cfg.overwrite:
             raise KdRayUserError(f"{out} holds a search with another config ({out / SPEC_FILE}); choose another "
                                  f"output, or set overwrite: true (flag --overwrite true) to start over there")
-        print(f"kd-ray tune: overwrite: deleting the earlier search in {out}", flush=True)
+        say(f"kd-ray tune: overwrite: deleting the earlier search in {out}")
         for old in (experiment, out / "ray_train"):
             shutil.rmtree(old, ignore_errors=True)
         (out / STARTS_FILE).unlink(missing_ok=True)
@@ -268,8 +271,8 @@ def run_tune(cfg: TuneConfig) -> dict:
                                      starts_log=str(out / STARTS_FILE))
     trainable = tune.with_resources(trainable, {"CPU": cfg.search.trial_cpus})
     tuner = _tuner(cfg, out, trainable)
-    print(f"kd-ray tune: searching {sorted(cfg.search.space)} for the best {cfg.search.metric}. If this run is "
-          f"interrupted, run the same command again: it resumes from {out / EXPERIMENT}", flush=True)
+    say(f"kd-ray tune: searching {sorted(cfg.search.space)} for the best {cfg.search.metric}. If this run is "
+          f"interrupted, run the same command again: it resumes from {out / EXPERIMENT}")
     grid = tuner.fit()
 
     table, epochs_table = trials_tables(grid, cfg)
@@ -313,10 +316,10 @@ def main(cfg: TuneConfig) -> dict:
     table = pd.read_csv(Path(cfg.output) / "trials.csv")
     shown = [c for c in table.columns if c not in ("error",)]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        print(table[shown].to_string(index=False))
-    print(f"kd-ray tune: best {summary['metric']} {summary['best_value']:.4f} with {summary['best_values']} "
+        say(table[shown].to_string(index=False))
+    say(f"kd-ray tune: best {summary['metric']} {summary['best_value']:.4f} with {summary['best_values']} "
           f"({summary['trials']} trials, {summary['stopped_early']} stopped early by ASHA, {summary['errors']} failed). "
-          f"Student: {summary['student']}; config: {Path(cfg.output) / 'best_config.yaml'}", flush=True)
+          f"Student: {summary['student']}; config: {Path(cfg.output) / 'best_config.yaml'}")
     return summary
 
 
