@@ -27,7 +27,7 @@ def render(results: dict) -> str:
         lines.append(f"| {label} | {m['macro_recall']:.3f}{kept} | {m['accuracy']:.3f} | {m['params'] / 1e6:.1f} M | "
                      f"{m['rows_per_s']:.0f}{speed} |")
     stages = sum(run["timings_s"].values())
-    lines.append(f"\n{run['test']['rows']} test posts; stages {stages / 60:.0f} min {stages % 60:.0f} s "
+    lines.append(f"\n{run['test']['rows']} test posts; stages {int(stages // 60)} min {stages % 60:.0f} s "
                  f"({', '.join(f'{k} {v:.0f} s' for k, v in run['timings_s'].items())}), measured {results['date']}.")
     return "\n".join(lines)
 
