@@ -33,6 +33,8 @@ STAGES: dict[str, tuple[str, str | None, str]] = {
     "evaluate": ("kd_ray.evaluate", "EvaluateConfig",
                  "Compare teacher and student on a held-out labeled set; write metrics.json."),
     "run": ("kd_ray.pipeline", "PipelineConfig", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
+    "export": ("kd_ray.export", "ExportConfig",
+               "Export a trained model to ONNX (and int8) with its tokenizer and labels; check it against PyTorch."),
     "report": ("kd_ray.report", None, "Write an HTML page with plots (and the plots as PNG) for a run folder."),
     "validate": ("kd_ray.soft_labels", None, "Check a soft-label folder: schema, metadata, ids, finite logits."),
 }
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     entry: Callable = importlib.import_module(args._module).ENTRY_POINTS[args.command]
     config_name = STAGES[args.command][1]
     if config_name is None:  # commands that take positional paths, e.g. validate
-        return entry(extra)
+        return _run(lambda: entry(extra), args.command, log=None)
     try:
         overrides = {k: _parse_value(v) for k, v in vars(args).items()
                      if k not in {"command", "config", "print_config", "verbose", "_module"}}
@@ -139,21 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     if args.verbose or console.verbose():
-        return _run(entry, cfg, args.command, log=None)
+        return _run(lambda: entry(cfg), args.command, log=None)
     log = console.log_path(getattr(cfg.output, "path", cfg.output), args.command)
     with console.quiet(log):
         console.say(f"kd-ray {args.command}: Ray's and the libraries' output goes to {log} (--verbose shows it)")
-        code = _run(entry, cfg, args.command, log)
+        code = _run(lambda: entry(cfg), args.command, log)
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()  # Ray's log forwarding ends before the console is given back
         return code
 
 
-def _run(entry: Callable, cfg, command: str, log) -> int:
-    """Run a stage. A failure prints kd-ray's one-line error, and where the whole log is when quiet."""
+def _run(call: Callable[[], int | None], command: str, log) -> int:
+    """Run a stage; its exit code. A failure prints kd-ray's one-line error, and where the whole log is when quiet."""
     try:
-        entry(cfg)
-        return 0
+        code = call()
+        return code if isinstance(code, int) else 0  # a stage's main returns its report
     except Exception as e:  # Ray wraps errors raised in its workers; show the user's cause plainly
         user_error = unwrap_user_error(e)
         if user_error is None and log is None:

@@ -576,6 +576,25 @@ class EvaluateConfig(Section):
     output: str = Field(description="Folder for metrics.json.")
 
 
+class ExportConfig(Section):
+    """`kd-ray export`: a model folder to ONNX (and dynamic int8), with its tokenizer and labels, checked
+    against the PyTorch model on held-out texts."""
+
+    model: str = Field(description="Model folder to export: a kd-ray student (multi-task too) or any sequence "
+        "classifier folder.")
+    output: str = Field(description="Folder for model.onnx, model.int8.onnx, the tokenizer, config.json (the labels) "
+        "and export.json (the parity check).")
+    parity: CorpusConfig = Field(description="Held-out texts the ONNX files are compared with the PyTorch model on "
+        "(e.g. the test split; gold labels are not read).")
+    parity_rows: int = Field(1000, ge=1, description="Texts of `parity` compared, the first ones.")
+    quantize: bool = Field(True, description="Also write model.int8.onnx: onnxruntime's dynamic 8-bit quantization "
+        "of the linear layers' weights (uint8, a scale per output channel; activations quantized at run time).")
+    min_agreement: float = Field(0.99, ge=0, le=1, description="Fail the export when a file predicts PyTorch's "
+        "class on a smaller share of the parity texts than this.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text in the parity check.")
+    opset: int = Field(17, ge=14, le=23, description="ONNX opset of the exported graph.")
+
+
 class PipelineTeacherConfig(Section):
     model: str | None = Field(None, description="A ready teacher classifier (folder or hub id); null: fine-tune "
                               "`base_model` on data.train first.")
@@ -646,6 +665,8 @@ class PipelineConfig(Section):
     tune: SearchConfig | None = Field(None, description="Search T, alpha and learning rate with Ray Tune instead of "
         "one distillation with `loss` and `distill`, which become the search's first trial; the best trial's student "
         "is the run's student.")
+    export: bool = Field(False, description="Also export the student to ONNX (fp32 and int8) into "
+        "student_onnx/, checked on data.test (`kd-ray export`); the evaluation scores the int8 file as student_int8.")
     baseline_without_distillation: bool = Field(True, description="Also train the same student with alpha=0 on the "
         "labeled rows only, and report it.")
     eval: EvalArgs = Field(default_factory=EvalArgs)

@@ -48,10 +48,10 @@ def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[lis
 
 
 def folder_size_mb(model: str) -> float | None:
-    folder = Path(model)
-    if not folder.is_dir():
-        return None
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
+    """Size of a model's weights: a folder's safetensors, or an exported .onnx file; None for a hub id."""
+    path = Path(model)
+    files = list(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    return sum(p.stat().st_size for p in files) / 1e6 if files else None
 
 
 def _load(path: str, what: str, task: str | None, args: EvalArgs):
@@ -59,7 +59,8 @@ def _load(path: str, what: str, task: str | None, args: EvalArgs):
     from kd_ray.multitask import MultiTaskClassifier
     from kd_ray.teacher import describe_model
 
-    describe_model(path, what=what, hash_weights=False)
+    if not path.endswith(".onnx"):  # an exported file (kd-ray export) has no PyTorch weights to check
+        describe_model(path, what=what, hash_weights=False)
     return MultiTaskClassifier.from_pretrained(path, task=task, max_length=args.max_length)
 
 

@@ -139,15 +139,22 @@ class MultiTaskClassifier:
         self.max_length, self.device, self.path = max_length, device, path
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, task: str | None = None, **kwargs) -> MultiTaskClassifier:
+    def from_pretrained(cls, path: str | Path, *, task: str | None = None, **kwargs) -> MultiTaskClassifier:
+        """A model folder, or a file ``kd-ray export`` wrote (``.onnx``, run by ONNX Runtime)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        if str(path).endswith(".onnx"):
+            from kd_ray.export import OnnxModel
+
+            model, folder = OnnxModel(path), Path(path).parent
+        else:
+            model, folder = AutoModelForSequenceClassification.from_pretrained(path), path
         if task is None or (Path(folder) / TASKS_FILE).is_file():
             layout = read_layout(folder)
         else:
-            layout = [TaskSlice(name=task, labels=tuple(model.config.id2label[i] for i in range(model.num_labels)))]
-        return cls(model, AutoTokenizer.from_pretrained(folder), layout, path=folder, **kwargs)
+            labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+            layout = [TaskSlice(name=task, labels=labels)]
+        return cls(model, AutoTokenizer.from_pretrained(folder), layout, path=path, **kwargs)
 
     @property
     def tasks(self) -> dict[str, list[str]]:

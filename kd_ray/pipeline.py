@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, FinetuneConfig, LabelConfig,
+from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, ExportConfig, FinetuneConfig, LabelConfig,
                            LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TeacherConfig, TuneConfig)
 from kd_ray.console import say
 from kd_ray.evaluate import SINGLE_TASK
@@ -107,6 +107,10 @@ def stage_configs(cfg: PipelineConfig) -> dict:
             "tasks": {t: tc.model_copy(update={"alpha": 0.0}) for t, tc in distill.tasks.items()}
             if distill.tasks else None})
         students["student_alpha0"] = str(out / "student_alpha0")
+    if cfg.export:  # the served student, in the same evaluation
+        stages["export"] = ExportConfig(model=students["student"], output=str(out / "student_onnx"),
+                                        parity=cfg.data.test, max_length=cfg.eval.max_length)
+        students["student_int8"] = str(out / "student_onnx" / "model.int8.onnx")
     stages["evaluate"] = {"teachers": {t.task: t.path for t in teachers}, "students": students,
                           "test": _eval_set(cfg, cfg.data.test), "args": cfg.eval}
     return stages
@@ -184,6 +188,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     _finetune_teachers(stages, timings)
     summary = _timed(timings, "label", _label, stages["label"])
     _train_students(stages, timings)
+    if "export" in stages:
+        from kd_ray.export import run_export
+
+        _timed(timings, "export", run_export, stages["export"])
     report = _timed(timings, "evaluate", evaluate_models, **stages["evaluate"])
     metrics = {**metrics_report(report), "timings_s": timings,
                "labeling": {"rows": summary.rows, "rows_per_s": summary.rows_per_s, "files": summary.files,
