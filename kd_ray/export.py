@@ -57,7 +57,7 @@ class OnnxModel:
 
         for init in onnx.load(str(self.file)).graph.initializer:
             if init.data_type != onnx.TensorProto.INT64 and not init.name.endswith(("_scale", "_zero_point")):
-                yield torch.from_numpy(np.asarray(numpy_helper.to_array(init)))
+                yield torch.from_numpy(np.array(numpy_helper.to_array(init)))
 
     def eval(self):
         return self

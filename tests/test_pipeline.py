@@ -122,6 +122,23 @@ def test_run_ends_with_a_report_that_says_it_has_no_tuning(pipeline_run):
     assert f"{metrics['retention']['macro_recall']:.1%}" in page
 
 
+def test_run_with_export_checks_the_onnx_student_and_scores_its_int8_file(pipeline_run, capsys):
+    """The trained stages are kept; the export runs, and the evaluation has the int8 file as a row."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra: pip install -e '.[export]'")
+    import yaml
+
+    config = yaml.safe_load((pipeline_run / "run.yaml").read_text())
+    (pipeline_run / "export.yaml").write_text(yaml.safe_dump({**config, "export": True}))
+    assert cli_main(["run", "--config", str(pipeline_run / "export.yaml")]) == 0
+    out = capsys.readouterr().out
+    run = pipeline_run / "run"
+    assert "skipping distill" in out and "stage export done" in out
+    parity = json.loads((run / "student_onnx" / "export.json").read_text())["parity"]
+    assert parity["fp32"]["argmax_agreement"] == 1.0 and parity["rows"] == 80
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student_int8"]["size_mb"] < metrics["student"]["size_mb"] and metrics["student_int8"]["rows_per_s"] > 0
+
+
 def test_run_with_a_tune_section_evaluates_the_best_trial(pipeline_run, capsys):
     """Last in this module: it turns the shared run into a tuned one."""
     import yaml
