@@ -1,0 +1,66 @@
+"""The README's result tables, rendered from the committed results files.
+
+    python benchmarks/readme_tables.py     # print them; paste each under README "Results"
+
+- the demo table from benchmarks/results/demo.json (a `make demo` run's metrics);
+- the airline quality table from benchmarks/results/quality-airline-keep.json (benchmarks/quality.py).
+
+tests/test_readme.py checks that the README holds exactly these tables, so a rerun that changes a
+figure also changes the README, or the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = {"teacher": "teacher (MiniLM-L6, fine-tuned)", "student": "student, 2 layers, distilled",
+        "student_alpha0": "same student, alpha = 0"}
+
+
+def render_demo(results: dict) -> str:
+    run = results["runs"][results["readme"]]
+    teacher = run["teacher"]
+    lines = ["| model | macro-recall | accuracy | parameters | CPU rows/s |", "|---|---|---|---|---|"]
+    for name, label in ROWS.items():
+        m = run[name]
+        kept = f" ({m['macro_recall'] / teacher['macro_recall']:.1%})" if name != "teacher" else ""
+        speed = f" ({m['rows_per_s'] / teacher['rows_per_s']:.2f}x)" if name == "student" else ""
+        lines.append(f"| {label} | {m['macro_recall']:.3f}{kept} | {m['accuracy']:.3f} | {m['params'] / 1e6:.1f} M | "
+                     f"{m['rows_per_s']:.0f}{speed} |")
+    stages = sum(run["timings_s"].values())
+    lines.append(f"\n{run['test']['rows']} test posts; stages {int(stages // 60)} min {stages % 60:.0f} s "
+                 f"({', '.join(f'{k} {v:.0f} s' for k, v in run['timings_s'].items())}), measured {results['date']}.")
+    return "\n".join(lines)
+
+
+QUALITY_ROWS = {"tfidf_lr": "TF-IDF + logistic regression", "teacher": "teacher: MiniLM-L6 fine-tuned on the labeled set",
+                "student_alpha0": "default student, labeled set only (alpha = 0)",
+                "student_kd": "default student distilled, default T / alpha",
+                "student_tuned": "**default student distilled, T / alpha / lr from `kd-ray tune`**",
+                "student_hard": "default student, teacher's argmax only"}
+
+
+def render_quality(results: dict) -> str:
+    """Test macro-recall, mean +- half the spread over seeds; kept and speed-up against the teacher's means."""
+    table, lines = results["table"], ["| model | macro-recall | kept | CPU rows/s |", "|---|---|---|---|"]
+    teacher = table["teacher"]
+    for name, label in QUALITY_ROWS.items():
+        recall, speed = table[name]["macro_recall"], table[name]["rows_per_s"]["mean"]
+        bold = "**" if label.startswith("**") else ""
+        score = f"{recall['mean']:.3f}" + (f" ± {recall['spread'] / 2:.3f}" if recall.get("values") else "")
+        kept = f"{bold}{recall['mean'] / teacher['macro_recall']['mean']:.1%}{bold}".replace("%", " %") \
+            if name.startswith("student") else ""
+        ratio = f" ({bold}{speed / teacher['rows_per_s']['mean']:.2f}x{bold})" if name.startswith("student") else ""
+        lines.append(f"| {label} | {bold}{score}{bold} | {kept} | {speed:,.0f}{ratio} |")
+    return "\n".join(lines)
+
+
+def tables() -> list[str]:
+    return [render_demo(json.loads((RESULTS / "demo.json").read_text())),
+            render_quality(json.loads((RESULTS / "quality-airline-keep.json").read_text()))]
+
+
+if __name__ == "__main__":
+    print("\n\n".join(tables()))
