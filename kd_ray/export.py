@@ -31,13 +31,13 @@ class OnnxModel:
     """An exported ``.onnx`` file behind the calls kd-ray makes of a PyTorch classifier: ``model(**batch).logits``
     (a torch tensor), ``config.num_labels``, ``parameters()``, ``eval()`` and ``to()``."""
 
-    def __init__(self, file: str | Path, threads: int | None = None):
+    def __init__(self, file: str | Path):
         import onnxruntime as ort
+        import torch
         from transformers import AutoConfig
 
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = torch.get_num_threads()  # as many as a PyTorch model here: a fair timing
         self.file = Path(file)
         self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
