@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from label_scale import tiny_teacher  # benchmarks/ is on sys.path when a script there runs
 
 WORDS = ("the flight was late again and my bag is lost great crew thanks for the upgrade worst service ever "
          "seat food delayed gate agent helpful rude customer phone hold hours cancelled refund miles boarding "
@@ -45,23 +46,6 @@ def write_corpus(folder: Path, rows: int, file_rows: int) -> None:
         texts = [" ".join(flat[e - k:e]) for e, k in zip(ends, sizes)]
         pq.write_table(pa.table({"id": [f"p{start + i}" for i in range(n)], "text": texts}),
                        folder / f"posts-{f:04d}.parquet")
-
-
-def tiny_teacher(folder: Path, tokenizer_dir: str) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    if (folder / "config.json").exists():
-        return folder
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, num_labels=3,
-                        id2label={0: "negative", 1: "neutral", 2: "positive"},
-                        label2id={"negative": 0, "neutral": 1, "positive": 2})
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def role(proc: psutil.Process) -> str | None:
@@ -143,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    teacher = tiny_teacher(work / "tiny-teacher", args.tokenizer)
+    teacher = tiny_teacher(work / "tiny-teacher", args.tokenizer, hidden=64, layers=2)
     results = [run(size, args, work, teacher) for size in args.sizes]
     keys = sorted({k for r in results for k in r["peak_rss_mb"]})
     print(f"{'rows':>10}{'rows/s':>9}" + "".join(f"{k:>20}" for k in keys) + "   (peak RSS, MiB)")

@@ -65,6 +65,10 @@ class CorpusConfig(Section):
         "bad rows (see bad_rows). Teachers read only max_length tokens, so a megabyte-long 'post' is almost surely "
         "broken input.")
     limit: int | None = Field(None, ge=1, description="Read at most this many rows per file (for quick trials).")
+    split_bytes: int | None = Field(64 << 20, ge=1 << 10, description="Files over this size are read by several "
+        "parallel tasks, each streaming its part: JSON Lines, CSV/TSV and text files as line-aligned byte ranges, "
+        "Parquet files as runs of row groups. null: one task per file. Compressed files, a CSV whose quoted fields "
+        "hold newlines, and corpus.limit read each file whole.")
 
 
 class TeacherConfig(Section):
@@ -85,6 +89,13 @@ class LabelComputeConfig(Section):
         "with 1 the pipeline deadlocks.")
     threads_per_actor: int = Field(1, ge=1, le=64, description="torch threads per actor on CPU.")
     batch_size: int = Field(64, ge=1, le=8192, description="Texts per forward pass.")
+    batch_tokens: int | None = Field(None, ge=64, description="Also at most this many padded tokens per forward "
+        "pass (rows x the batch's longest row): batches of short posts grow, batches of long ones shrink, so a GPU "
+        "gets even work without running out of memory. null: batch_size rows.")
+    tokenize: Literal["auto", "stage", "actor"] = Field("auto", description="Where texts are tokenized: 'stage', "
+        "Ray Data tasks of their own on the CPUs the teacher actors leave (the GPU runs batch N while batch N+1 is "
+        "tokenized); 'actor', inside each teacher actor; 'auto', 'stage' when num_gpus > 0, else 'actor'.")
+    tokenize_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per tokenize task.")
     block_rows: int = Field(2048, ge=1, le=1_000_000, description="Rows each actor receives at a time; they are "
         "sorted by length and cut into batches, so larger blocks waste less compute on padding.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference precision: 'auto' is "

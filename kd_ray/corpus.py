@@ -1,7 +1,9 @@
 """Reading corpora: find the input shards, then read one shard into checked, normalised rows.
 
 Ray-free: ``list_shards`` runs on the driver, ``read_shard`` inside whatever runs it
-(a Ray Data task in ``kd_ray.label``). Every row leaves here with a stable id, its
+(a Ray Data task in ``kd_ray.label``). A file over ``corpus.split_bytes`` is several shards:
+line-aligned byte ranges (a range owns the records that start in it), or runs of Parquet row
+groups; each is streamed in bounded memory. Every row leaves here with a stable id, its
 (optionally normalised) text, its gold label as an index into the teacher's label
 order (or null), and ``reject_reason`` (null for good rows).
 """
@@ -9,10 +11,10 @@ order (or null), and ``reject_reason`` (null for good rows).
 from __future__ import annotations
 
 import fnmatch
-import io
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -36,8 +38,12 @@ EXTENSIONS = {
     ".txt": "text",
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
-READ_ROWS = 65_536  # rows per Arrow batch while reading a file
+LINE_FORMATS = ("jsonl", "csv", "tsv", "text")  # one record per line (a CSV's quoted field may hold newlines)
+READ_ROWS = 65_536  # rows per Arrow batch while reading a Parquet file or dataset
+CHUNK_BYTES = 8 << 20  # bytes of whole records parsed at a time from a line file
+SNIFF_BYTES = 1 << 20  # bytes of a big CSV checked for quoted newlines before it is split
 ALREADY_LABELED = "already labeled"  # reject_reason of rows an interrupted run committed (kd_ray.label)
+SHARD_COLUMN = "shard"  # while labeling: the key of the shard a row was read from (kd_ray.label)
 ROW_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -57,7 +63,10 @@ def task_label_column(task: str) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of reading: a whole file, or a row range of a Hugging Face dataset."""
+    """One unit of reading: a whole file, a part of a big file, or a row range of a Hugging Face dataset.
+
+    ``start``/``stop`` count rows for format "hf", row groups for Parquet and bytes for the line
+    formats (a byte range owns the records that start inside it); ``stop=None`` reads to the end."""
 
     uri: str  # file path or URI; the dataset path / hub name for format "hf"
     name: str  # stable name used in derived ids
@@ -65,6 +74,16 @@ class Shard:
     start: int = 0
     stop: int | None = None
     gold: bool = True  # False: a file of corpus.unlabeled_path, read without its gold labels
+
+    @property
+    def key(self) -> str:
+        """Names the shard among a run's shards: a resumed run finds each shard's committed rows by it."""
+        return self.name if self.stop is None else f"{self.name}[{self.start}:{self.stop}]"
+
+    @property
+    def by_bytes(self) -> bool:
+        """Rows are records of a line file, placed by byte offset (else by row number)."""
+        return self.format in LINE_FORMATS
 
 
 def _file_format(name: str, configured: str) -> str | None:
@@ -125,12 +144,49 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
             skipped.append(info.path)
             continue
         uri = info.path if "://" not in cfg.path else f"{cfg.path.split('://')[0]}://{info.path}"
-        shards.append(Shard(uri=uri, name=rel, format=fmt))
+        shards += _split(Shard(uri=uri, name=rel, format=fmt), info.size, cfg)
     if not shards:
         hint = f" (found only {skipped[:3]}; set corpus.format)" if skipped else ""
         raise CorpusError(f"corpus.path {cfg.path!r} matches no readable corpus files{hint}; "
                           f"allowed extensions: {sorted(EXTENSIONS)}")
     return shards
+
+
+def _split(shard: Shard, size: int | None, cfg: CorpusConfig) -> list[Shard]:
+    """A file over corpus.split_bytes as several shards (byte ranges, or runs of Parquet row groups)."""
+    if not cfg.split_bytes or cfg.limit is not None or size is None or size <= cfg.split_bytes:
+        return [shard]
+    if shard.uri.lower().endswith(COMPRESSIONS):
+        return [shard]  # a compressed stream cannot be entered in the middle
+    if shard.format == "parquet":
+        return _row_group_runs(shard, cfg.split_bytes)
+    if shard.format in ("csv", "tsv") and _has_quoted_newlines(shard):
+        return [shard]
+    bounds = [*range(0, size, cfg.split_bytes), size]
+    return [replace(shard, start=a, stop=b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _row_group_runs(shard: Shard, split_bytes: int) -> list[Shard]:
+    fs, path = filesystem(shard.uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    runs, start, size = [], 0, 0
+    for i in range(meta.num_row_groups):
+        size += meta.row_group(i).total_byte_size
+        if size >= split_bytes or i == meta.num_row_groups - 1:
+            runs.append(replace(shard, start=start, stop=i + 1))
+            start, size = i + 1, 0
+    return runs if len(runs) > 1 else [shard]
+
+
+def _has_quoted_newlines(shard: Shard) -> bool:
+    """Whether the first SNIFF_BYTES of a CSV hold a quoted field that spans lines: then the file
+    is read whole (a byte range cannot know whether it starts inside quotes)."""
+    fs, path = filesystem(shard.uri)
+    with fs.open_input_file(path) as f:
+        head = f.read(SNIFF_BYTES)
+    head = head[:head.rfind(b"\n") + 1]
+    return len(_record_ends(head, quoted=True)) != head.count(b"\n")
 
 
 def _distinct_names(shards: list[Shard]) -> list[Shard]:
@@ -166,56 +222,173 @@ def _load_hf(path: str, split: str):
 # ---------------------------------------------------------------------------- reading
 
 
-def _read_tables(shard: Shard, cfg: CorpusConfig) -> Iterator[pa.Table]:
-    """Raw Arrow tables of a shard, in row order."""
+def _read_tables(shard: Shard, cfg: CorpusConfig) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """Raw Arrow tables of a shard, in order, each with its rows' positions: row numbers, or
+    byte offsets in a line file (what derived ids and error messages name)."""
+    if shard.by_bytes:
+        yield from _line_tables(shard, cfg)
+        return
     if shard.format == "hf":
         dataset = _load_hf(shard.uri, cfg.split).with_format("arrow")
         for start in range(shard.start, shard.stop, READ_ROWS):
-            yield dataset[start:min(start + READ_ROWS, shard.stop)]
+            table = dataset[start:min(start + READ_ROWS, shard.stop)]
+            yield table, np.arange(start, start + table.num_rows)
         return
+    if shard.format != "parquet":
+        raise CorpusError(f"{shard.uri}: unknown corpus.format {shard.format!r}")
     fs, path = filesystem(shard.uri)
     try:
-        if shard.format == "parquet":
-            with fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_ROWS):
-                    yield pa.Table.from_batches([batch])
-        elif shard.format in ("csv", "tsv"):
-            with fs.open_input_stream(path, compression="detect") as f:
-                reader = pacsv.open_csv(
-                    f,
-                    read_options=pacsv.ReadOptions(block_size=1 << 22),
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if shard.format == "tsv" else ",",
-                                                     newlines_in_values=True),
-                    convert_options=pacsv.ConvertOptions(column_types=_string_columns(cfg)),
-                )
-                for batch in reader:
-                    yield pa.Table.from_batches([batch])
-        elif shard.format == "jsonl":
-            with fs.open_input_stream(path, compression="detect") as f:
-                yield pajson.read_json(f)
-        elif shard.format == "text":
-            yield _read_text_lines(fs, path, shard.name)
-        else:
-            raise CorpusError(f"{shard.uri}: unknown corpus.format {shard.format!r}")
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            groups = range(shard.start, shard.stop or pf.metadata.num_row_groups)
+            row = sum(pf.metadata.row_group(i).num_rows for i in range(shard.start))
+            for batch in pf.iter_batches(batch_size=READ_ROWS, row_groups=groups):
+                yield pa.Table.from_batches([batch]), np.arange(row, row + batch.num_rows)
+                row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{shard.uri}: cannot read as parquet: {e}") from e
+
+
+def _line_tables(shard: Shard, cfg: CorpusConfig) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """A line file's byte range, streamed CHUNK_BYTES of whole records at a time."""
+    fs, path = filesystem(shard.uri)
+    quoted = shard.format in ("csv", "tsv")
+    header, start = _csv_header(fs, path, shard) if quoted else (None, shard.start)
+    stop = shard.stop if shard.stop is not None else float("inf")
+    try:
+        with _open_at(fs, path, start) as f:
+            for offset, chunk, starts in _record_chunks(f, start, stop, quoted=quoted, split=shard.stop is not None,
+                                                        uri=shard.uri):
+                table, starts = _parse_chunk(chunk, offset, starts, shard, header, cfg)
+                yield table, offset + starts
+    except OSError as e:
         raise CorpusError(f"{shard.uri}: cannot read as {shard.format}: {e}") from e
+
+
+def _open_at(fs: pafs.FileSystem, path: str, start: int):
+    if start == 0:
+        return fs.open_input_stream(path, compression="detect")
+    f = fs.open_input_file(path)
+    f.seek(start - 1)  # from the byte before: a range starting right after a newline starts with a record
+    return f
+
+
+def _csv_header(fs: pafs.FileSystem, path: str, shard: Shard) -> tuple[list[str], int]:
+    """A CSV's column names, and where the range's reading starts (after the header for the first range)."""
+    with _open_at(fs, path, 0) as f:
+        first = next(_record_chunks(f, 0, float("inf"), quoted=True, split=False, uri=shard.uri), (0, b"", [0]))
+    chunk, starts = first[1], first[2]
+    end = starts[1] if len(starts) > 1 else len(chunk)
+    try:
+        names = pacsv.read_csv(pa.BufferReader(chunk[:end]), parse_options=_csv_parse(shard.format)).column_names
+    except pa.ArrowInvalid as e:
+        raise CorpusError(f"{shard.uri}: cannot read the CSV header: {e}") from e
+    return names, max(shard.start, int(end))
+
+
+def _csv_parse(fmt: str) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+
+
+def _record_ends(buf: bytes, *, quoted: bool) -> np.ndarray:
+    """Positions of the newlines that end a record: every newline, or in a CSV those outside quotes
+    (an even count of quote characters before them; an escaped quote is doubled, so it keeps the count even)."""
+    raw = np.frombuffer(buf, np.uint8)
+    newlines = np.flatnonzero(raw == 10)
+    if not quoted:
+        return newlines
+    return newlines[np.searchsorted(np.flatnonzero(raw == 34), newlines) % 2 == 0]
+
+
+def _record_chunks(f, start: int, stop: float, *, quoted: bool, split: bool,
+                   uri: str) -> Iterator[tuple[int, bytes, np.ndarray]]:
+    """(offset, bytes, record starts within them) for the whole records that start in [start, stop)."""
+    pos, buf = start, b""
+    if start > 0:  # the record running into the range belongs to the range before it
+        pos -= 1
+        while True:
+            data = f.read(CHUNK_BYTES)
+            if not data:
+                return
+            cut = data.find(b"\n")
+            if cut >= 0:
+                pos, buf = pos + cut + 1, data[cut + 1:]
+                break
+            pos += len(data)
+    eof = False
+    while pos < stop and (buf or not eof):
+        data = b"" if eof else f.read(CHUNK_BYTES)
+        eof, buf = not data, buf + data
+        ends = _record_ends(buf, quoted=quoted)
+        if split and quoted and len(ends) != buf.count(b"\n"):
+            first = int(np.setdiff1d(np.flatnonzero(np.frombuffer(buf, np.uint8) == 10), ends)[0])
+            raise CorpusError(f"{uri}: a quoted field spans lines near byte {pos + first}, so this file cannot be read "
+                              f"in byte ranges; set corpus.split_bytes: null to read such files whole")
+        cut = len(buf) if eof else (int(ends[-1]) + 1 if len(ends) else 0)
+        if cut == 0:
+            continue
+        starts = np.concatenate([[0], ends[ends + 1 < cut] + 1])
+        inside = starts < stop - pos
+        if not inside.all():
+            cut, starts, eof = int(starts[~inside][0]), starts[inside], True
+        if len(starts) and cut:
+            yield pos, buf[:cut], starts
+        pos, buf = pos + cut, buf[cut:]
+        if eof and not inside.all():
+            return
+
+
+def _parse_chunk(chunk: bytes, offset: int, starts: np.ndarray, shard: Shard, header: list[str] | None,
+                 cfg: CorpusConfig) -> tuple[pa.Table, np.ndarray]:
+    """Whole records -> (table, starts of the records that became rows). JSON Lines skips blank
+    lines and CSV empty ones, as pyarrow's readers do."""
+    where, fmt = f"{shard.uri}: bytes {offset}-{offset + len(chunk)}", shard.format
+    try:
+        if fmt == "text":
+            return pa.table({"text": _text_lines(chunk, starts, offset, shard.uri)}), starts
+        block = pa.BufferReader(chunk)
+        if fmt == "jsonl":
+            table = pajson.read_json(block, read_options=pajson.ReadOptions(use_threads=False,
+                                                                              block_size=len(chunk) + 1))
+            starts = _non_blank(chunk, starts, b" \t\r\n")
+        else:
+            table = pacsv.read_csv(block, read_options=pacsv.ReadOptions(column_names=header, use_threads=False,
+                                                                            block_size=len(chunk) + 1),
+                                   parse_options=_csv_parse(fmt),
+                                   convert_options=pacsv.ConvertOptions(column_types=_string_columns(cfg)))
+            starts = _non_blank(chunk, starts, b"\r\n")
+    except pa.ArrowInvalid as e:
+        raise CorpusError(f"{where}: cannot read as {fmt}: {e}") from e
+    if table.num_rows != len(starts):
+        raise CorpusError(f"{where}: {len(starts)} records gave {table.num_rows} {fmt} rows")
+    return table, starts
+
+
+def _non_blank(chunk: bytes, starts: np.ndarray, blank: bytes) -> np.ndarray:
+    """The starts of records holding a byte other than those in ``blank``."""
+    raw = np.frombuffer(chunk, np.uint8)
+    filled = np.flatnonzero(~np.isin(raw, np.frombuffer(blank, np.uint8)))
+    return starts[np.unique(np.searchsorted(starts, filled, side="right") - 1)]
+
+
+def _text_lines(chunk: bytes, starts: np.ndarray, offset: int, uri: str) -> pa.Array:
+    ends = np.append(starts[1:], len(chunk))
+    lines = pa.array([chunk[a:b].rstrip(b"\r\n") for a, b in zip(starts.tolist(), ends.tolist())], pa.binary())
+    try:
+        return lines.cast(pa.string())
+    except pa.ArrowInvalid:
+        for a, line in zip(starts.tolist(), lines.to_pylist()):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{uri}: the line at byte {offset + a} is not valid UTF-8 ({e.reason} at byte "
+                                  f"{e.start} of the line)") from None
+        raise
 
 
 def _string_columns(cfg: CorpusConfig) -> dict[str, pa.DataType]:
     # ids and texts stay strings even when they look like numbers
     return {c: pa.string() for c in (cfg.text_column, cfg.id_column) if c}
-
-
-def _read_text_lines(fs: pafs.FileSystem, path: str, name: str) -> pa.Table:
-    with fs.open_input_stream(path, compression="detect") as f:
-        raw = f.read()
-    texts = []
-    for line_no, line in enumerate(io.BytesIO(raw), start=1):
-        try:
-            texts.append(line.decode("utf-8").rstrip("\r\n"))
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: line {line_no} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    return pa.table({"text": pa.array(texts, pa.string())})
 
 
 def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] | None,
@@ -226,16 +399,14 @@ def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] |
     task_labels: task -> its label_to_index, for the gold columns in cfg.task_label_columns.
     """
     text_col = "text" if shard.format == "text" else cfg.text_column
-    row0 = shard.start
     emitted = 0
-    seen_ids: dict[str, int] = {}  # id -> first row, to name both rows of a duplicate
-    for table in _read_tables(shard, cfg):
+    seen_ids: dict[str, int] = {}  # id -> position of its first row, to name both rows of a duplicate
+    for table, positions in _read_tables(shard, cfg):
         if cfg.limit is not None:
-            table = table.slice(0, max(0, cfg.limit - emitted))
+            table, positions = table.slice(0, max(0, cfg.limit - emitted)), positions[:max(0, cfg.limit - emitted)]
         if table.num_rows == 0:
             continue
-        yield _check_rows(table, shard, cfg, text_col, row0, label_to_index, seen_ids, task_labels or {})
-        row0 += table.num_rows
+        yield _check_rows(table, shard, cfg, text_col, positions, label_to_index, seen_ids, task_labels or {})
         emitted += table.num_rows
         if cfg.limit is not None and emitted >= cfg.limit:
             return
@@ -247,17 +418,23 @@ def _missing_column(shard: Shard, table: pa.Table, column: str, field_name: str)
     )
 
 
-def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str, row0: int,
+def _where(shard: Shard, position: int) -> str:
+    return f"the row at byte {position}" if shard.by_bytes else f"row {position}"
+
+
+def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str, positions: np.ndarray,
                 label_to_index: dict[str, int] | None, seen_ids: dict[str, int],
                 task_labels: dict[str, dict[str, int]]) -> pa.Table:
     """The rows of one Arrow batch as ``ROW_SCHEMA`` (plus ``label_<task>`` columns), bad rows marked."""
     if text_col not in table.column_names:
         raise _missing_column(shard, table, text_col, "text_column")
     texts = table.column(text_col)
+    if pa.types.is_null(texts.type):
+        texts = texts.cast(pa.string())
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise CorpusError(f"{shard.uri}: column {text_col!r} (corpus.text_column) holds {texts.type}, not text")
-    ids = _row_ids(table, shard, cfg, row0, seen_ids)
-    text_list, reasons = _texts(texts.to_pylist(), cfg)
+    ids = _row_ids(table, shard, cfg, positions, seen_ids)
+    texts, reasons = _texts(texts, cfg)
     bad_column = [text_col] * table.num_rows
     # gold labels: the first task's in `label`, the other tasks' in `label_<task>`
     golds = {"label": (cfg.label_column, "label_column", label_to_index)}
@@ -268,51 +445,58 @@ def _check_rows(table: pa.Table, shard: Shard, cfg: CorpusConfig, text_col: str,
         for i, reason in enumerate(reasons):
             if reason:
                 raise CorpusError(
-                    f"{shard.uri}: row {row0 + i} (id {ids[i]!r}) has {reason} in column {bad_column[i]!r}; fix the "
-                    f"row or set corpus.bad_rows=skip to set such rows aside under _rejected/"
+                    f"{shard.uri}: {_where(shard, positions[i])} (id {ids[i].as_py()!r}) has {reason} in column "
+                    f"{bad_column[i]!r}; fix the row or set corpus.bad_rows=skip to set such rows aside under _rejected/"
                 )
-    rows = pa.table(
-        [pa.array(ids, pa.string()), pa.array(text_list, pa.string()),
-         pa.array(gold_idx.pop("label"), pa.int32()), pa.array(reasons, pa.string())],
-        schema=ROW_SCHEMA,
-    )
+    rows = pa.table([ids, texts, pa.array(gold_idx.pop("label"), pa.int32()), pa.array(reasons, pa.string())],
+                    schema=ROW_SCHEMA)
     for out, values in gold_idx.items():
         rows = rows.append_column(pa.field(out, pa.int32()), pa.array(values, pa.int32()))
     return rows
 
 
-def _row_ids(table: pa.Table, shard: Shard, cfg: CorpusConfig, row0: int, seen_ids: dict[str, int]) -> list[str]:
-    """corpus.id_column's ids, checked non-null and unique in the shard; else '<file>:<row>'."""
+def _row_ids(table: pa.Table, shard: Shard, cfg: CorpusConfig, positions: np.ndarray,
+             seen_ids: dict[str, int]) -> pa.Array:
+    """corpus.id_column's ids, checked non-null and unique in the shard; else derived from each row's
+    place in its file: '<file>:<row>' (Parquet, datasets) or '<file>@<byte offset>' (line files)."""
     if not cfg.id_column:
-        return [f"{shard.name}:{row0 + i}" for i in range(table.num_rows)]
+        prefix = f"{shard.name}@" if shard.by_bytes else f"{shard.name}:"
+        return pc.binary_join_element_wise(prefix, pa.array(positions).cast(pa.string()), "")
     if cfg.id_column not in table.column_names:
         raise _missing_column(shard, table, cfg.id_column, "id_column")
-    ids = pc.cast(table.column(cfg.id_column), pa.string())
+    ids = pc.cast(table.column(cfg.id_column), pa.string()).combine_chunks()
     if ids.null_count:
         row = pc.index(pc.is_null(ids), True).as_py()
-        raise CorpusError(f"{shard.uri}: row {row0 + row} has a null id in column {cfg.id_column!r}")
-    ids = ids.to_pylist()
-    for i, row_id in enumerate(ids):
-        first = seen_ids.setdefault(row_id, row0 + i)
-        if first != row0 + i:
-            raise CorpusError(f"{shard.uri}: rows {first} and {row0 + i} have the same id {row_id!r} in column "
+        raise CorpusError(f"{shard.uri}: {_where(shard, positions[row])} has a null id in column {cfg.id_column!r}")
+    for position, row_id in zip(positions.tolist(), ids.to_pylist()):
+        first = seen_ids.setdefault(row_id, position)
+        if first != position:
+            what = "the rows at bytes" if shard.by_bytes else "rows"
+            raise CorpusError(f"{shard.uri}: {what} {first} and {position} have the same id {row_id!r} in column "
                               f"{cfg.id_column!r} (corpus.id_column); ids must be unique")
     return ids
 
 
-def _texts(text_list: list, cfg: CorpusConfig) -> tuple[list, list[str | None]]:
+def _texts(texts: pa.ChunkedArray, cfg: CorpusConfig) -> tuple[pa.Array, list[str | None]]:
     """The texts (normalised if asked) and why each bad one is bad (None for good ones)."""
-    reasons: list[str | None] = [None] * len(text_list)
-    for i, text in enumerate(text_list):
-        if text is None:
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    lengths = pc.utf8_length(texts)
+    reasons: list[str | None] = [None] * len(texts)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)
+    too_long = pc.greater(lengths, cfg.max_text_chars)
+    bad = pc.or_kleene(pc.or_kleene(pc.is_null(texts), blank), too_long)
+    for i in np.flatnonzero(bad.to_numpy(zero_copy_only=False)):
+        if not texts[i].is_valid:
             reasons[i] = "null text"
-        elif not text.strip():
+        elif blank[i].as_py():
             reasons[i] = "empty text"
-        elif len(text) > cfg.max_text_chars:
-            reasons[i] = f"a text of {len(text):,} characters (over corpus.max_text_chars={cfg.max_text_chars:,})"
-        elif cfg.normalize:
-            text_list[i] = normalize_post(text)
-    return text_list, reasons
+        else:
+            reasons[i] = (f"a text of {lengths[i].as_py():,} characters (over corpus.max_text_chars="
+                          f"{cfg.max_text_chars:,})")
+    if cfg.normalize:
+        texts = pa.array([normalize_post(t) if t is not None and r is None else t
+                          for t, r in zip(texts.to_pylist(), reasons)], pa.string())
+    return texts, reasons
 
 
 def _gold_indices(table: pa.Table, shard: Shard, cfg: CorpusConfig, spec: tuple, reasons: list,

@@ -10,31 +10,75 @@ from contextlib import nullcontext
 from typing import Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 
-def padded_batches(enc, tokenizer, groups: list[np.ndarray], *, pin_memory: bool = False) -> Iterator[dict]:
-    """Tensors for each group of rows of one tokenizer call, padded to the group's longest row
-    on the tokenizer's side, one group at a time (on a GPU the next is padded while the last
-    runs). Padding with numpy is far cheaper than ``tokenizer.pad`` on dicts."""
+def encoder(tokenizer, max_length: int):
+    """A fast tokenizer's Rust backend set to truncate at ``max_length`` on the tokenizer's side and not
+    to pad; None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
+    return backend
+
+
+def encode(tokenizer, texts: list[str], max_length: int, backend=None) -> tuple[pa.ListArray, np.ndarray]:
+    """Token ids of ``texts`` as list<int32> (special tokens added, at most ``max_length``) and a bool
+    array of the texts that were cut. ``backend`` (from ``encoder``) skips transformers' Python
+    lists of masks: the same ids at about twice the rows/s (BENCHMARKS.md)."""
+    if backend is not None:
+        encodings = backend.encode_batch_fast(texts)
+        ids = [e.ids for e in encodings]
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), bool, len(encodings))
+    else:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        truncated = np.array([len(i) >= max_length for i in ids], dtype=bool)
+    return pa.array(ids, pa.list_(pa.int32())), truncated
+
+
+def padded_batches(ids: pa.ListArray, tokenizer, groups: list[np.ndarray], *,
+                   pin_memory: bool = False) -> Iterator[dict]:
+    """Model inputs for each group of rows of ``ids``, padded to the group's longest row on the
+    tokenizer's side, one group at a time (on a GPU the next is padded while the last runs)."""
     import torch
 
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    offsets = ids.offsets.to_numpy()[:len(ids) + 1].astype(np.int64)
+    values = ids.values.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
     pad_left = tokenizer.padding_side == "left"
+    token_types = "token_type_ids" in tokenizer.model_input_names
     for idx in groups:
-        width = max(len(enc["input_ids"][i]) for i in idx)
-        batch = {}
-        for key in keys:
-            array = np.full((len(idx), width), pad_values[key], dtype=np.int64)
-            for row, i in enumerate(idx):
-                values = enc[key][i]
-                if pad_left:
-                    array[row, width - len(values):] = values
-                else:
-                    array[row, :len(values)] = values
-            tensor = torch.from_numpy(array)
-            batch[key] = tensor.pin_memory() if pin_memory else tensor
-        yield batch
+        width = int(lengths[idx].max())
+        column = np.arange(width)[None, :]
+        shift = (width - lengths[idx])[:, None] if pad_left else 0
+        mask = (column >= shift) if pad_left else (column < lengths[idx][:, None])
+        input_ids = np.full((len(idx), width), tokenizer.pad_token_id or 0, dtype=np.int64)
+        input_ids[mask] = values[(offsets[idx][:, None] + column - shift)[mask]]
+        batch = {"input_ids": input_ids, "attention_mask": mask.astype(np.int64)}
+        if token_types:
+            batch["token_type_ids"] = np.zeros_like(input_ids)
+        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        yield {k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch
+
+
+def length_groups(lengths: np.ndarray, batch_size: int, batch_tokens: int | None = None) -> list[np.ndarray]:
+    """Row indices in batches of alike lengths, longest first (a batch too big for memory fails at
+    once): at most ``batch_size`` rows and, if given, ``batch_tokens`` padded tokens each."""
+    order = np.argsort(-lengths, kind="stable")
+    if not batch_tokens:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    groups, start = [], 0
+    while start < len(order):
+        rows = max(1, min(batch_size, batch_tokens // max(1, int(lengths[order[start]]))))
+        groups.append(order[start:start + rows])
+        start += rows
+    return groups
 
 
 def sorted_logits(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int, *, device: str = "cpu",

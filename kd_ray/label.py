@@ -1,18 +1,24 @@
 """`kd-ray label`: shard a corpus over teacher actors with Ray Data; write soft labels as Parquet.
 
-read shards (tasks) -> blocks of ``block_rows`` (streaming repartition) -> TeacherLabeler
-(actor pool) -> SoftLabelDatasink (part files written under a temporary name, then renamed)
--> validation -> ``_manifest.json``. The manifest is written last: a folder without one
-is an unfinished run.
+read shards (tasks: a file, or a byte range / row-group run of a big one) -> blocks of
+``block_rows`` -> tokenize (tasks of their own, ``compute.tokenize``; or inside the actors) ->
+TeacherLabeler (actor pool: sort, pad, run the model) -> SoftLabelDatasink (part files written
+under a temporary name, then renamed) -> checks -> ``_manifest.json``. The manifest is written
+last: a folder without one is an unfinished run.
+
+Each part file stores its rows as one row group per corpus shard and lists the shards, with its
+counts (rows, truncated, non-finite logits, gold label ranges), in its footer. So the driver
+never holds anything that grows with the corpus: resuming and checking read footers, and each
+shard's read task (resuming) or check task (duplicates) reads only that shard's row groups.
 
 Resuming: ``_run.json`` holds the config hash while a run writes. Rerunning the same config
 into a folder that has it but no manifest keeps every committed part file (a part file is
-either complete or absent: it appears by rename), reads their ids, and labels only the
-other rows; the rows the interruption caught in flight (at most the blocks being labeled
-and the part files being written) are labeled again. Part files are the checkpoint: there is
-no second record to fall out of step with them. (Ray Data's own ``CheckpointConfig`` keeps a
-separate id log and, for a custom datasink like this one, commits it after the write: at
-least once, not exactly once.)
+either complete or absent: it appears by rename), and labels only the rows that its shard's
+row groups do not hold; the rows the interruption caught in flight (at most the blocks being
+labeled and the part files being written) are labeled again. Part files are the checkpoint:
+there is no second record to fall out of step with them. (Ray Data's own ``CheckpointConfig``
+keeps a separate id log and, for a custom datasink like this one, commits it after the write:
+at least once, not exactly once.)
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -36,12 +42,12 @@ from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
 from kd_ray.console import say
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.ray_data import corpus_dataset
+from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, task_label_column
+from kd_ray.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
+from kd_ray.soft_labels import (MANIFEST, METADATA_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION, TeacherInfo, parquet_writer,
+                                read_soft_label_info, soft_label_schema)
 from kd_ray.storage import filesystem
-from kd_ray.corpus import ALREADY_LABELED
-from kd_ray.soft_labels import (MANIFEST, REJECTED_DIR, SCHEMA_VERSION, TeacherInfo, parquet_writer,
-                                soft_label_schema, validate_soft_labels)
-from kd_ray.teacher import TeacherLabeler, teacher_metadata
+from kd_ray.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
 RUN_STATE = "_run.json"  # config hash of the run writing into the folder; replaced by _manifest.json at the end
@@ -132,6 +138,33 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     return metadata
 
 
+PART_KEY = b"kd_ray_part"  # a part file's footer entry: the shard of each row group, and the file's counts
+
+
+def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Schema, stats: dict[str, Any]) -> None:
+    """Write ``table`` (with its ``shard`` column) as one row group per corpus shard; the footer lists
+    the shards in row-group order beside ``stats``, so that resuming and checking read footers only."""
+    shards = pc.unique(table.column(SHARD_COLUMN)).to_pylist()
+    with fs.open_output_stream(path) as f, parquet_writer(f, schema) as writer:
+        for key in shards:
+            rows = table.filter(pc.equal(table.column(SHARD_COLUMN), key))
+            writer.write_table(rows.select(schema.names).cast(schema), row_group_size=rows.num_rows)
+        writer.add_key_value_metadata({PART_KEY: json.dumps({**stats, "shards": shards})})
+
+
+def part_stats(table: pa.Table, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What the final check needs of a part file's rows: counts, non-finite logits, gold label ranges."""
+    teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
+    gold = ["label", *(task_label_column(task) for task in metadata.get("task_labels") or {})]
+    return {
+        "rows": table.num_rows,
+        "truncated": pc.sum(table.column("truncated")).as_py() or 0,
+        "nonfinite": {t.column: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(t.column))))).as_py()
+                                    or 0) for t in teachers},
+        "gold": {c: [pc.min(table.column(c)).as_py(), pc.max(table.column(c)).as_py()] for c in gold},
+    }
+
+
 class SoftLabelDatasink(Datasink):
     """Writes each write task's rows as one Parquet file, committed by renaming a temporary file.
 
@@ -155,41 +188,27 @@ class SoftLabelDatasink(Datasink):
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
         fs, root = filesystem(self.output)
-        schema = soft_label_schema(self.metadata)
-        tmp = f"{root}/.tmp-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
+        table = pa.concat_tables(list(blocks))
         digest = hashlib.blake2b(self.metadata["config_hash"].encode(), digest_size=8)  # same rows, same config
-        rows = truncated = already = 0
-        rejected: list[pa.Table] = []
-        with fs.open_output_stream(tmp) as f, parquet_writer(f, schema) as writer:
-            for block in blocks:
-                digest.update("\n".join(block.column("id").to_pylist()).encode())
-                reasons = block.column("reject_reason")
-                done = pc.fill_null(pc.equal(reasons, ALREADY_LABELED), False)
-                already += pc.sum(done).as_py() or 0
-                bad = pc.and_(reasons.is_valid(), pc.invert(done))
-                if pc.any(bad).as_py():
-                    rejected.append(block.filter(bad).select(["id", "text", "reject_reason"]))
-                block = block.filter(reasons.is_null())
-                if block.num_rows:
-                    writer.write_table(block.select(schema.names).cast(schema))
-                    rows += block.num_rows
-                    truncated += pc.sum(block.column("truncated")).as_py() or 0
+        digest.update("\n".join(table.column("id").to_pylist()).encode())
+        reasons = table.column("reject_reason")
+        done = pc.fill_null(pc.equal(reasons, ALREADY_LABELED), False)
+        rejected = table.filter(pc.and_(reasons.is_valid(), pc.invert(done)))
+        table = table.filter(reasons.is_null())
         name = f"part-{ctx.task_idx:05d}-{digest.hexdigest()}.parquet"
-        n_rejected = 0
-        if rejected:
-            table = pa.concat_tables(rejected)
-            n_rejected = table.num_rows
+        if rejected.num_rows:
             fs.create_dir(f"{root}/{REJECTED_DIR}", recursive=True)
-            rejected_tmp = f"{root}/{REJECTED_DIR}/.tmp-{name}"
-            pq.write_table(table, rejected_tmp, filesystem=fs)
-            fs.move(rejected_tmp, f"{root}/{REJECTED_DIR}/{name}")
-        if rows:
+            tmp = f"{root}/{REJECTED_DIR}/.tmp-{name}"
+            _write_part(fs, tmp, rejected, REJECTED_SCHEMA, {"rows": rejected.num_rows})
+            fs.move(tmp, f"{root}/{REJECTED_DIR}/{name}")
+        if table.num_rows:
+            tmp = f"{root}/.tmp-{name}"
+            _write_part(fs, tmp, table, soft_label_schema(self.metadata), part_stats(table, self.metadata))
             fs.move(tmp, f"{root}/{name}")
-            print(f"kd-ray label: wrote {name} ({rows:,} rows{f', {n_rejected:,} set aside' if n_rejected else ''})",
+            print(f"kd-ray label: wrote {name} ({table.num_rows:,} rows"
+                  f"{f', {rejected.num_rows:,} set aside' if rejected.num_rows else ''})",
                   flush=True)  # a write task's progress line: Ray forwards it to the driver
-        else:
-            fs.delete_file(tmp)
-        return {"rows": rows, "rejected": n_rejected, "truncated": truncated, "already_labeled": already}
+        return {"rows": table.num_rows, "rejected": rejected.num_rows, "already_labeled": pc.sum(done).as_py() or 0}
 
     def on_write_complete(self, write_result) -> None:
         self.results = write_result.write_returns
@@ -208,6 +227,18 @@ def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
         f.write(json.dumps(value, indent=2).encode())
 
 
+def _written_schema_version(fs: pafs.FileSystem, root: str) -> int:
+    """The soft-label schema version of a folder's committed part files (this version if it has none)."""
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+            try:
+                meta = pq.read_schema(info.path, filesystem=fs).metadata or {}
+            except (pa.ArrowInvalid, OSError):
+                return SCHEMA_VERSION  # not a part file of any version; the caller names the folder's state
+            return json.loads(meta.get(METADATA_KEY, b"{}")).get("schema_version", SCHEMA_VERSION)
+    return SCHEMA_VERSION
+
+
 def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | None, bool]:
     """(manifest, resume): the manifest if this exact labeling already finished; resume=True
     if an interrupted run of this exact config left committed files to keep. Refuses to mix
@@ -221,6 +252,13 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | N
         if manifest and manifest.get("config_hash") == metadata["config_hash"]:
             return manifest, False  # this exact labeling is done
         run = None if manifest else _read_json(fs, f"{root}/{RUN_STATE}")
+        old = _written_schema_version(fs, root) if run is not None else SCHEMA_VERSION
+        if old != SCHEMA_VERSION and not cfg.output.overwrite:
+            raise KdRayUserError(
+                f"output.path {cfg.output.path} holds an unfinished run of kd-ray with soft-label schema version "
+                f"{old}, whose ids of JSON Lines, CSV and text rows were '<file>:<row>'; this kd-ray writes version "
+                f"{SCHEMA_VERSION} ('<file>@<byte offset>') and cannot resume it. Set output.overwrite=true to label "
+                f"it again, or choose another output.path")
         same = run is not None and run.get("config_hash") == metadata["config_hash"]
         if same and not run.get("failed") and not cfg.output.overwrite:
             return None, True
@@ -244,14 +282,15 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | N
 
 
 @dataclass
-class Committed:
-    """What an interrupted run left: ids of its committed rows (labeled or rejected) and counts."""
+class Parts:
+    """What a folder's committed part files hold, from their footers alone (no row is read)."""
 
-    ids: pa.Array
-    rows: int
-    files: int
-    rejected: int
-    truncated: int
+    shards: dict[str, list[list]]  # shard key -> [[part file, [row groups]], ...], labeled and rejected files
+    rows: int = 0
+    files: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    problems: list[str] = field(default_factory=list)  # non-finite logits, gold labels out of range
 
 
 def _remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
@@ -262,30 +301,38 @@ def _remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
                 fs.delete_file(info.path)
 
 
-def committed_rows(output: str) -> Committed:
-    """Read the ids of committed part files and rejected files; delete uncommitted temporary files
-    (their rows are labeled again)."""
+def read_parts(output: str, metadata: dict[str, Any]) -> Parts:
+    """Merge the footers of the committed part and rejected files; delete uncommitted temporary files
+    (their rows are labeled again). Memory grows with the files, not with the rows."""
     fs, root = filesystem(output)
     _remove_temporary_files(fs, root)
-    ids, rows, files, rejected, truncated = [], 0, 0, 0, 0
+    parts = Parts(shards={})
+    gold_sizes = {"label": len(metadata.get("label_names") or []),
+                  **{task_label_column(t): len(n) for t, n in (metadata.get("task_labels") or {}).items()}}
     for folder in (root, f"{root}/{REJECTED_DIR}"):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
             if not (info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
                 continue
-            columns = ["id", "truncated"] if folder == root else ["id"]
             try:
-                table = pq.read_table(info.path, columns=columns, filesystem=fs)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise SoftLabelError(f"{info.path} cannot be read ({e}); it was committed by an earlier run of this "
-                                     f"config, so something else changed it. Delete it to relabel its rows") from None
-            ids.append(table.column("id").combine_chunks())
-            if folder == root:
-                rows, files = rows + table.num_rows, files + 1
-                truncated += pc.sum(table.column("truncated")).as_py() or 0
-            else:
-                rejected += table.num_rows
-    all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
-    return Committed(all_ids, rows, files, rejected, truncated)
+                stats = json.loads(pq.read_metadata(info.path, filesystem=fs).metadata[PART_KEY])
+            except (pa.ArrowInvalid, OSError, KeyError) as e:
+                raise SoftLabelError(f"{info.path} is not a part file this run wrote ({e!r}); something else changed "
+                                     f"the folder. Delete the file to relabel its rows") from None
+            for group, key in enumerate(stats["shards"]):
+                files = parts.shards.setdefault(key, [])
+                if not files or files[-1][0] != info.path:
+                    files.append([info.path, []])
+                files[-1][1].append(group)
+            if folder != root:
+                parts.rejected += stats["rows"]
+                continue
+            parts.rows, parts.files, parts.truncated = (parts.rows + stats["rows"], parts.files + 1,
+                                                        parts.truncated + stats["truncated"])
+            parts.problems += [f"{info.path}: {n} NaN/Inf values in {column}"
+                               for column, n in stats["nonfinite"].items() if n]
+            parts.problems += [f"{info.path}: gold label index outside 0..{gold_sizes[c] - 1} in column {c!r}"
+                               for c, (lo, hi) in stats["gold"].items() if hi is not None and (lo < 0 or hi >= gold_sizes[c])]
+    return parts
 
 
 def actor_count(cfg: LabelConfig) -> int:
@@ -307,51 +354,51 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     if done is not None:
         return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"], done["truncated"],
                             0.0, skipped_existing=True)
-    kept = committed_rows(cfg.output.path) if resume else None
+    kept = read_parts(cfg.output.path, metadata) if resume else None
     if kept is not None:
         say(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
-              f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
-              f"only the other rows are labeled")
+            f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
+            f"only the other rows are labeled")
     init_ray(cfg.ray)
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
     labeled_dataset(cfg, metadata, kept).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
     results = getattr(sink, "results", [])
-    fs, root = filesystem(cfg.output.path)
+    parts = read_parts(cfg.output.path, metadata)  # this run's files and the kept ones, from their footers
     kept_rows = kept.rows + kept.rejected if kept else 0
-    seen_again = sum(r["already_labeled"] for r in results)
-    if kept and seen_again != len(kept.ids):
-        _fail(fs, root, f"the corpus gave {seen_again} rows whose ids the interrupted run committed, which "
-              f"committed {len(kept.ids)}: the corpus changed since, or its ids are not unique")
-    summary = LabelSummary(
-        output=cfg.output.path,
-        rows=sum(r["rows"] for r in results) + (kept.rows if kept else 0),
-        files=sum(1 for r in results if r["rows"]) + (kept.files if kept else 0),
-        rejected=sum(r["rejected"] for r in results) + (kept.rejected if kept else 0),
-        truncated=sum(r["truncated"] for r in results) + (kept.truncated if kept else 0),
-        seconds=time.perf_counter() - start,
-        kept_rows=kept_rows,
-    )
-    _remove_temporary_files(fs, root)
-    _commit(cfg, metadata, summary)
+    written = sum(r["rows"] + r["rejected"] for r in results)
+    if kept and sum(r["already_labeled"] for r in results) != kept_rows:
+        _fail(cfg.output.path, f"the corpus gave {sum(r['already_labeled'] for r in results)} rows whose ids the "
+              f"interrupted run committed, which committed {kept_rows}: the corpus changed since, or its ids are not "
+              f"unique")
+    if parts.rows + parts.rejected != kept_rows + written:
+        parts.problems.append(f"the part files hold {parts.rows + parts.rejected} rows (labeled and rejected), the "
+                              f"write tasks wrote {written} and {kept_rows} were kept")
+    summary = LabelSummary(output=cfg.output.path, rows=parts.rows, files=parts.files, rejected=parts.rejected,
+                           truncated=parts.truncated, seconds=time.perf_counter() - start, kept_rows=kept_rows)
+    _commit(cfg, metadata, summary, parts)
     return summary
 
 
-def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Committed | None) -> ray.data.Dataset:
-    """The corpus read into blocks (one read task per file) and run through the teacher actors."""
+def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | None) -> ray.data.Dataset:
+    """The corpus read into blocks (one read task per file or part of a big file) and run through
+    the teacher actors."""
     c = cfg.compute
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
-    # One file is one read task; its rows are cut into blocks so that every actor gets work.
     task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
-    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows,
-                        done_ids=ray.put(kept.ids) if kept is not None and len(kept.ids) else None,
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows, committed=kept.shards if kept else {},
                         task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
                         mask_token=metadata.get("augment", {}).get("mask_token"))
+    teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
+    if c.tokenize == "stage" or (c.tokenize == "auto" and c.num_gpus > 0):
+        ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": teachers}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=c.tokenize_cpus)
     return ds.map_batches(
         TeacherLabeler,
-        fn_constructor_kwargs={"teachers": [TeacherInfo.model_validate(t) for t in metadata["teachers"]],
-                               "batch_size": c.batch_size, "num_gpus": c.num_gpus, "threads": c.threads_per_actor,
-                               "precision": c.precision, "logits_dtype": cfg.output.logits_dtype},
+        fn_constructor_kwargs={"teachers": teachers, "batch_size": c.batch_size,
+                               "batch_tokens": c.batch_tokens, "num_gpus": c.num_gpus,
+                               "threads": c.threads_per_actor, "precision": c.precision,
+                               "logits_dtype": cfg.output.logits_dtype},
         batch_size=c.block_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
@@ -362,18 +409,48 @@ def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Committed 
     )
 
 
-def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary) -> None:
-    """Validate the folder and write its manifest (the run's completion marker), or mark it failed."""
+@ray.remote(num_cpus=WRITE_TASK_CPUS)
+def _shard_duplicates(groups: str) -> list[str]:
+    """Ids that one shard's rows hold more than once (a write retried or resumed wrongly), from its row groups."""
+    ids = committed_ids(groups)
+    if ids is None or pc.count_distinct(ids).as_py() == len(ids):
+        return []
+    counts = pc.value_counts(ids)
+    return [f"id {v!r} appears more than once ({n} rows)" for v, n in zip(counts.field("values").to_pylist(),
+                                                                         counts.field("counts").to_pylist()) if n > 1][:5]
+
+
+def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
+    """Duplicates, found without gathering ids: one task per shard checks its own rows. Derived ids of
+    different shards differ by construction (file name, then byte range or row); ids from
+    corpus.id_column are also compared across shards, hash-partitioned by Ray Data."""
+    problems = [p for found in ray.get([_shard_duplicates.remote(json.dumps(g)) for g in parts.shards.values()])
+                for p in found]
+    if id_column and not problems:
+        files = sorted({file for groups in parts.shards.values() for file, _ in groups})
+        counts = parquet_files_dataset(files, ["id"], num_cpus=WRITE_TASK_CPUS).groupby("id").count()
+        repeated = counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow")
+        problems += [f"id {r['id']!r} appears more than once ({r['count()']} rows)" for r in repeated.take(5)]
+    return problems
+
+
+def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, parts: Parts) -> None:
+    """Check the folder from its footers and per-shard tasks, and write its manifest (the run's
+    completion marker), or mark it failed."""
     fs, root = filesystem(cfg.output.path)
-    if summary.rows == 0:  # before validation, whose "no part files" would hide the reason
+    if summary.rows == 0:  # before the checks, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
         raise CorpusError(f"corpus {cfg.corpus.path} gave no rows to label ({summary.rejected} rejected{where})")
     try:
-        validate_soft_labels(cfg.output.path, require_manifest=False)
+        read_soft_label_info(cfg.output.path)  # every file's schema and metadata
     except SoftLabelError as e:
+        parts.problems.append(str(e))
+    duplicates = _duplicate_ids(parts, cfg.corpus.id_column)
+    if parts.problems or duplicates:
         hint = (f"\nids come from corpus.id_column={cfg.corpus.id_column!r}: each must be unique across all files"
-                if cfg.corpus.id_column and "more than once" in str(e) else "")
-        _fail(fs, root, f"{e}{hint}")
+                if cfg.corpus.id_column and duplicates else "")
+        _fail(cfg.output.path, f"soft labels at {cfg.output.path} failed validation:\n  "
+              + "\n  ".join((parts.problems + duplicates)[:20]) + hint)
     files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
                    if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     manifest = {**asdict(summary), "files": files, "config_hash": metadata["config_hash"],
@@ -382,8 +459,9 @@ def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary) -
     fs.delete_file(f"{root}/{RUN_STATE}")
 
 
-def _fail(fs: pafs.FileSystem, root: str, message: str) -> None:
+def _fail(output: str, message: str) -> None:
     """Mark the run as failed, so that a rerun does not resume it, and raise."""
+    fs, root = filesystem(output)
     state = _read_json(fs, f"{root}/{RUN_STATE}") or {}
     _write_json(fs, f"{root}/{RUN_STATE}", {**state, "failed": message.splitlines()[0][:300]})
     raise SoftLabelError(f"{message}\nno {MANIFEST} was written: this output is incomplete; fix the input and "

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
 from kd_ray.augment import augment_table
 from kd_ray.config import AugmentConfig, CorpusConfig
-from kd_ray.corpus import ALREADY_LABELED, Shard, list_shards, read_shard
+from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, list_shards, read_shard
 from kd_ray.storage import filesystem
 
 
@@ -26,35 +28,54 @@ def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
     return table.set_column(1, "text", texts).set_column(3, "reject_reason", reasons)
 
 
-def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, done_ids: list,
+def committed_ids(committed: str | None) -> pa.Array | None:
+    """Ids of the rows an interrupted run committed from one shard: only that shard's row groups of
+    the part files that hold some (``[[file, [row group, ...]], ...]`` as JSON) are read."""
+    ids = []
+    for file, groups in json.loads(committed) if committed else []:
+        fs, path = filesystem(file)
+        with fs.open_input_file(path) as f:
+            ids += pq.ParquetFile(f).read_row_groups(groups, columns=["id"]).column("id").chunks
+    return pa.chunked_array(ids, pa.string()).combine_chunks() if ids else None
+
+
+def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, tag_shards: bool,
                      task_labels: dict | None, augment: AugmentConfig | None, mask_token: str | None):
-    done = ray.get(done_ids[0]) if done_ids else None
     for row in batch.to_pylist():
-        for table in read_shard(Shard(**row), corpus_cfg, label_to_index, task_labels):
+        done = committed_ids(row.pop("committed", None))
+        shard = Shard(**row)
+        for table in read_shard(shard, corpus_cfg, label_to_index, task_labels):
             if augment is not None:
-                table = augment_table(table, augment, mask_token, source=row["uri"])
-            yield table if done is None else _mark_already_labeled(table, done)
+                table = augment_table(table, augment, mask_token, source=shard.uri)
+            if done is not None:
+                table = _mark_already_labeled(table, done)
+            if tag_shards:
+                table = table.append_column(SHARD_COLUMN, pa.array([shard.key] * table.num_rows, pa.string()))
+            yield table
 
 
 def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, block_rows: int | None = None,
-                   num_cpus: float | None = None, done_ids: ray.ObjectRef | None = None,
+                   num_cpus: float | None = None, committed: dict[str, list] | None = None,
                    task_labels: dict[str, dict[str, int]] | None = None, augment: AugmentConfig | None = None,
                    mask_token: str | None = None) -> ray.data.Dataset:
     """Rows ``id, text, label, reject_reason`` (and ``label_<task>`` per task_labels; see
-    kd_ray.corpus), one read task per shard.
+    kd_ray.corpus), one read task per shard (a file, or a part of a big one).
 
     block_rows: cut each shard's rows into blocks of at most this many rows, so that a
     single big file still spreads over many downstream actors.
-    done_ids: an Arrow string array (in the object store) of ids labeled by an earlier,
-    interrupted run; their rows come out marked ALREADY_LABELED, without text.
+    committed: for labeling: each row also carries its shard's key (column ``shard``), and the
+    rows an earlier, interrupted run committed (shard key -> ``[[part file, [row groups]], ...]``)
+    come out marked ALREADY_LABELED, without text. Only a shard's own read task reads its ids.
     augment: add perturbed copies of every accepted row after it (kd_ray.augment).
     """
     shards = list_shards(cfg)
-    ds = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
+    items = [{**asdict(s), **({"committed": json.dumps(committed.get(s.key, []))} if committed is not None else {})}
+             for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(shards))
     ds = ds.map_batches(_read_shards_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                         fn_kwargs={"corpus_cfg": cfg, "label_to_index": label_to_index,
-                                   "done_ids": [done_ids] if done_ids is not None else [],
-                                   "task_labels": task_labels, "augment": augment, "mask_token": mask_token})
+                                   "tag_shards": committed is not None, "task_labels": task_labels,
+                                   "augment": augment, "mask_token": mask_token})
     if block_rows:
         # Ray fuses this into the read task when both ask for the same resources.
         ds = ds.repartition(target_num_rows_per_block=block_rows)
@@ -62,8 +83,6 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
 
 
 def _read_parquet_udf(batch: pa.Table, columns: list[str], rows_per_block: int):
-    import pyarrow.parquet as pq
-
     for path in batch.column("path").to_pylist():
         fs, local = filesystem(path)
         with fs.open_input_file(local) as f:

@@ -17,12 +17,17 @@ column              type                            meaning
 ``truncated``       bool                            the text was longer than a teacher's max_length
 ==================  ==============================  ===============================================
 
-and a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
+Without ``corpus.id_column`` a row's id is derived from its place: ``<file>:<row>`` in a Parquet file
+or dataset, ``<file>@<byte offset of its line>`` in a JSON Lines, CSV/TSV or text file (schema
+version 2; version 1 numbered those rows too, which a byte range read by its own task cannot know).
+
+Each part file has a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
 ``kd_ray_version``, ``teachers`` (per teacher: ``name``, ``task``, ``model``,
 ``weights_sha256``, ``id2label``, ``max_length``), ``label_task`` and ``label_names``
 (the gold labels' task and names, in ``id2label`` order), ``task_labels`` (task -> label names
 of each ``label_<task>`` column), ``normalize``,
-``logits_dtype``, ``corpus`` and ``config_hash``.
+``logits_dtype``, ``corpus`` and ``config_hash``; and, in its footer, ``kd_ray_part``: the corpus
+shard of each row group and the file's counts (see kd_ray.label).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from kd_ray.corpus import task_label_column
 from kd_ray.errors import SoftLabelError
 from kd_ray.storage import filesystem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a line file's derived row ids are '<file>@<byte offset>' (1: '<file>:<row>')
+READABLE_VERSIONS = (1, 2)  # the columns are the same: soft labels of either version train a student
 METADATA_KEY = b"kd_ray"
 MANIFEST = "_manifest.json"
 REJECTED_DIR = "_rejected"
@@ -97,6 +103,10 @@ def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
         fields.append(pa.field(logits_column(t["name"]), pa.list_(value_type, len(t["id2label"])), nullable=False))
     fields.append(pa.field("truncated", pa.bool_(), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+REJECTED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string()),
+                             pa.field("reject_reason", pa.string(), nullable=False)])  # files under _rejected/
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
@@ -173,10 +183,9 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
     first_meta, total = None, 0
     for file in files:
         meta, rows, schema = _file_metadata(fs, file)
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise SoftLabelError(
-                f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray reads {SCHEMA_VERSION}"
-            )
+        if meta.get("schema_version") not in READABLE_VERSIONS:
+            raise SoftLabelError(f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray "
+                                 f"reads versions {list(READABLE_VERSIONS)}")
         if first_meta is None:
             first_meta = meta
         elif meta["teachers"] != first_meta["teachers"] or meta.get("config_hash") != first_meta.get("config_hash"):

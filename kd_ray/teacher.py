@@ -7,16 +7,19 @@ hands it to Ray Data as an actor class.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kd_ray.errors import ModelError
-from kd_ray.inference import padded_batches, sorted_logits
+from kd_ray.inference import encode, encoder, length_groups, padded_batches, sorted_logits
 from kd_ray.soft_labels import ModelInfo, TeacherInfo, logits_column
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
@@ -105,72 +108,124 @@ def _tokenizer_key(tokenizer, max_length: int) -> tuple:
     return (hashlib.sha256(vocab.encode()).hexdigest(), tokenizer.padding_side, tokenizer.pad_token_id, max_length)
 
 
-class TeacherLabeler:
-    """Callable: Arrow batch with ``id, text, label, reject_reason`` -> soft-label rows.
+def token_ids_column(encoding: int) -> str:
+    """Column of one encoding's token ids, from the tokenize stage to the teacher actors."""
+    return f"_token_ids_{encoding}"
 
-    Each teacher tokenizes with its own tokenizer (once per block for teachers that share one).
-    Rows are sorted by token length and cut into batches of ``batch_size`` so that little
-    compute goes to padding.
-    """
 
-    def __init__(self, teachers: list[TeacherConfig | TeacherInfo], *, batch_size: int, num_gpus: float = 0.0,
-                 threads: int = 1, precision: str = "auto", logits_dtype: str = "float32"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def truncated_column(encoding: int) -> str:
+    return f"_truncated_{encoding}"
 
-        if pick_device(num_gpus) == "cpu":
-            torch.set_num_threads(threads)
-        self.device = pick_device(num_gpus)
-        # A GPU actor is starved by tokenizing: let the Rust tokenizer use the node's cores (1.3x-1.65x
-        # rows/s on an H100, BENCHMARKS.md). CPU actors keep to their threads_per_actor.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.device == "cuda" else "false"
-        self.amp_dtype = autocast_dtype(precision, self.device)
-        self.batch_size = batch_size
-        self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
-        self.teachers = []
+
+def load_tokenizer(t: TeacherConfig | TeacherInfo):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(t.model, revision=t.revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of teacher {t.name!r} from {t.model}: {e}") from e
+
+
+class Tokenizers:
+    """Callable: Arrow batch of rows -> the same rows plus, per distinct encoding (teachers fine-tuned
+    from one base share theirs), token ids (``_token_ids_<k>``, list<int32>) and ``_truncated_<k>``.
+
+    The CPU half of labeling: Ray Data runs it as its own stage, so that a GPU actor's next block
+    is tokenized on other cores while it runs the last one; ``TeacherLabeler`` runs it itself
+    when its rows come without token ids."""
+
+    def __init__(self, teachers: list[TeacherConfig | TeacherInfo]):
+        self.encodings: list[tuple] = []  # (tokenizer, Rust backend, max_length) of each distinct encoding
+        self.of_teacher: list[int] = []  # index of each teacher's encoding
+        keys: list[tuple] = []
         for t in teachers:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(t.model, revision=t.revision)
-                model = AutoModelForSequenceClassification.from_pretrained(t.model, revision=t.revision)
-            except (OSError, ValueError) as e:
-                raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
-            model.to(self.device).eval()
-            self.teachers.append((t, tokenizer, model))
-        # Teachers fine-tuned from one base share its tokenizer: a block is tokenized once for all of them
-        self.encoding_keys = [_tokenizer_key(tok, t.max_length) for t, tok, _ in self.teachers]
-
-    @staticmethod
-    def _encode(texts: list[str], tokenizer, max_length: int):
-        enc = tokenizer(texts, truncation=True, max_length=max_length)  # one call for the whole block
-        truncated = np.array([len(e.overflowing) > 0 for e in enc.encodings], dtype=bool) if enc.encodings else (
-            np.array([len(ids) >= max_length for ids in enc["input_ids"]], dtype=bool))
-        return enc, truncated
-
-    def _logits(self, encoded, tokenizer, model) -> tuple[np.ndarray, np.ndarray]:
-        enc, truncated = encoded
-        lengths = np.array([len(ids) for ids in enc["input_ids"]])
-        order = np.argsort(-lengths, kind="stable")  # longest first: a too-big batch fails at once
-        groups = [order[start:start + self.batch_size] for start in range(0, len(lengths), self.batch_size)]
-        batches = zip(groups, padded_batches(enc, tokenizer, groups, pin_memory=self.device == "cuda"))
-        return sorted_logits(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype), truncated
+            tokenizer = load_tokenizer(t)
+            key = _tokenizer_key(tokenizer, t.max_length)
+            if key not in keys:
+                keys.append(key)
+                self.encodings.append((tokenizer, encoder(tokenizer, t.max_length), t.max_length))
+            self.of_teacher.append(keys.index(key))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
-        texts = batch.column("text").to_pylist()
-        good = [texts[i] for i in np.flatnonzero(ok)]
-        columns = {name: batch.column(name) for name in batch.column_names}  # ids, text, gold labels, reasons
-        truncated_any = np.zeros(len(texts), dtype=bool)
-        encodings: dict = {}
-        for (t, tokenizer, model), key in zip(self.teachers, self.encoding_keys):
+        good = pc.filter(batch.column("text"), pa.array(ok)).to_pylist()
+        rows = np.flatnonzero(ok)
+        for k, (tokenizer, backend, max_length) in enumerate(self.encodings):
+            ids, cut = encode(tokenizer, good, max_length, backend)
+            # rejected rows get no tokens: scatter the good rows' lists into place
+            where = np.full(len(ok), len(good), dtype=np.int64)
+            where[rows] = np.arange(len(good))
+            ids = pa.concat_arrays([ids, pa.array([[]], pa.list_(pa.int32()))]).take(pa.array(where))
+            truncated = np.zeros(len(ok), dtype=bool)
+            truncated[rows] = cut
+            batch = batch.append_column(token_ids_column(k), ids).append_column(truncated_column(k),
+                                                                                 pa.array(truncated))
+        return batch
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizers(teachers: str) -> Tokenizers:
+    return Tokenizers([TeacherInfo.model_validate(t) for t in json.loads(teachers)])
+
+
+def tokenize_batch(batch: pa.Table, teachers: list[TeacherInfo]) -> pa.Table:
+    """The tokenize stage's Ray Data function: each worker process loads the tokenizers once."""
+    return _cached_tokenizers(json.dumps([t.model_dump() for t in teachers]))(batch)
+
+
+class TeacherLabeler:
+    """Callable: Arrow batch with ``id, text, label, reject_reason`` (and token ids, if a tokenize
+    stage ran) -> soft-label rows: the same rows plus each teacher's raw logits and ``truncated``.
+
+    Rows are sorted by token length and cut into batches of ``batch_size`` rows (and at most
+    ``batch_tokens`` padded tokens) so that little compute goes to padding.
+    """
+
+    def __init__(self, teachers: list[TeacherConfig | TeacherInfo], *, batch_size: int, num_gpus: float = 0.0,
+                 threads: int = 1, precision: str = "auto", logits_dtype: str = "float32",
+                 batch_tokens: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        self.device = pick_device(num_gpus)
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        # A GPU actor that tokenizes for itself lets the Rust tokenizer use the node's cores (1.3x-1.65x rows/s
+        # on an H100, BENCHMARKS.md); CPU actors keep to their threads_per_actor.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.device == "cuda" else "false"
+        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
+        self.tokenizers = Tokenizers(teachers)
+        self.teachers = []
+        for t in teachers:
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(t.model, revision=t.revision)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
+            self.teachers.append((t, model.to(self.device).eval()))
+
+    def _logits(self, ids: pa.ListArray, tokenizer, model) -> np.ndarray:
+        lengths = np.diff(ids.offsets.to_numpy()[:len(ids) + 1])
+        groups = length_groups(lengths, self.batch_size, self.batch_tokens)
+        batches = zip(groups, padded_batches(ids, tokenizer, groups, pin_memory=self.device == "cuda"))
+        return sorted_logits(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if token_ids_column(0) not in batch.column_names:
+            batch = self.tokenizers(batch)
+        ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
+        keep = pa.array(ok)
+        columns = {n: batch.column(n) for n in batch.column_names if not n.startswith(("_token_ids_", "_truncated_"))}
+        truncated = np.zeros(len(ok), dtype=bool)
+        for (t, model), k in zip(self.teachers, self.tokenizers.of_teacher):
             width = model.config.num_labels
-            logits = np.full((len(texts), width), np.nan, dtype=np.float32)  # rejected rows keep NaN
-            if good:
-                if key not in encodings:
-                    encodings[key] = self._encode(good, tokenizer, t.max_length)
-                logits[ok], truncated = self._logits(encodings[key], tokenizer, model)
-                truncated_any[ok] |= truncated
+            logits = np.full((len(ok), width), np.nan, dtype=np.float32)  # rejected rows keep NaN
+            if ok.any():
+                ids = pc.filter(batch.column(token_ids_column(k)), keep).combine_chunks()
+                logits[ok] = self._logits(ids, self.tokenizers.encodings[k][0], model)
+            truncated |= batch.column(truncated_column(k)).to_numpy(zero_copy_only=False)
             flat = pa.array(logits.reshape(-1), pa.float32()).cast(self.logits_type)
             columns[logits_column(t.name)] = pa.FixedSizeListArray.from_arrays(flat, width)
-        columns["truncated"] = pa.array(truncated_any)
+        columns["truncated"] = pa.array(truncated)
         return pa.table(columns)
-

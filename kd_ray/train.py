@@ -87,20 +87,21 @@ def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
     batches whose order is shuffled: batches of alike lengths waste little compute on padding,
     and every row is still seen once per epoch.
     """
-    from kd_ray.inference import padded_batches
+    from kd_ray.inference import encode, encoder, padded_batches
 
     group = args.length_group if args.group_by_length else 1
     rng = np.random.default_rng(seed)
+    backend = encoder(tokenizer, args.max_length)
     for window in shard.iter_batches(batch_size=args.batch_size * group, batch_format="pyarrow",
                                      local_shuffle_buffer_size=args.shuffle_buffer or None, local_shuffle_seed=seed):
-        enc = tokenizer(window.column("text").to_pylist(), truncation=True, max_length=args.max_length)
+        ids, _ = encode(tokenizer, window.column("text").to_pylist(), args.max_length, backend)
         order = np.arange(window.num_rows)
         if group > 1:
-            order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+            order = np.argsort(np.diff(ids.offsets.to_numpy()), kind="stable")
         batches = [order[s:s + args.batch_size] for s in range(0, len(order), args.batch_size)]
         if group > 1:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        for idx, tensors in zip(batches, padded_batches(enc, tokenizer, batches)):
+        for idx, tensors in zip(batches, padded_batches(ids, tokenizer, batches)):
             yield window.take(pa.array(idx)), tensors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +23,16 @@ def read_all(label_to_index=None, **corpus) -> pa.Table:
     cfg = CorpusConfig(**corpus)
     tables = [t for shard in list_shards(cfg) for t in read_shard(shard, cfg, label_to_index)]
     return pa.concat_tables(tables)
+
+
+def line_ids(path, name: str, header: bool = False) -> list[str]:
+    """The derived ids of a line file's rows: '<name>@<byte offset of the line>' (header and blank lines skipped)."""
+    ids, offset = [], 0
+    for k, line in enumerate(path.read_bytes().splitlines(keepends=True)):
+        if line.strip() and not (header and k == 0):
+            ids.append(f"{name}@{offset}")
+        offset += len(line)
+    return ids
 
 
 def write_jsonl(path, rows: list[dict]) -> None:
@@ -75,7 +86,9 @@ def test_every_format_reads_the_same_texts_with_positional_ids(mixed_corpus):
     rows = table.to_pylist()
     for k, name in enumerate(["a.parquet", "b.jsonl", "c.csv", "d.tsv", "nested/e.txt"]):
         got = rows[5 * k:5 * k + 5]
-        assert [r["id"] for r in got] == [f"{name}:{i}" for i in range(5)]
+        expected_ids = ([f"{name}:{i}" for i in range(5)] if name.endswith(".parquet")
+                        else line_ids(root / name, name, header=name[-4:] in (".csv", ".tsv")))
+        assert [r["id"] for r in got] == expected_ids
         expected = texts if name in ("a.parquet", "b.jsonl", "c.csv") else [t.replace("\t", " ") for t in texts]
         assert [r["text"] for r in got] == expected
     assert all(r["label"] is None and r["reject_reason"] is None for r in rows)
@@ -92,7 +105,7 @@ def test_compressed_files_are_read(tmp_path):
     with gzip.open(tmp_path / "posts.txt.gz", "wt") as f:
         f.write("fine\n")
     table = read_all(path=str(tmp_path))
-    assert table.column("id").to_pylist() == ["posts.jsonl.gz:0", "posts.txt.gz:0"]
+    assert table.column("id").to_pylist() == ["posts.jsonl.gz@0", "posts.txt.gz@0"]
     assert table.column("text").to_pylist() == ["late again", "fine"]
 
 
@@ -107,7 +120,7 @@ def test_limit_reads_at_most_n_rows_per_file(mixed_corpus):
     root, _ = mixed_corpus
     table = read_all(path=str(root), limit=2)
     assert table.num_rows == 10
-    assert table.column("id").to_pylist()[:3] == ["a.parquet:0", "a.parquet:1", "b.jsonl:0"]
+    assert table.column("id").to_pylist()[:3] == ["a.parquet:0", "a.parquet:1", "b.jsonl@0"]
 
 
 def test_normalize_rewrites_mentions_links_and_whitespace_but_keeps_emojis(tmp_path):
@@ -131,7 +144,8 @@ def test_integer_gold_labels_index_into_label_names(tmp_path):
     write_csv(tmp_path / "ints.csv", [{"text": "c", "label": "1"}])
     table = read_all(TEACHER_ORDER, path=str(tmp_path), label_column="label",
                      label_names=["positive", "neutral", "negative"])
-    assert table.column("id").to_pylist() == ["ints.csv:0", "ints.jsonl:0", "ints.jsonl:1"]
+    assert table.column("id").to_pylist() == (line_ids(tmp_path / "ints.csv", "ints.csv", header=True)
+                                              + line_ids(tmp_path / "ints.jsonl", "ints.jsonl"))
     assert table.column("label").to_pylist() == [1, 2, 0]
 
 
@@ -251,15 +265,15 @@ def write_bad_corpus(tmp_path, kind: str):
 # kind -> what the message must say (besides the file name)
 BAD_INPUT = {
     "missing text column": r"has no column 'text' \(corpus.text_column\); its columns are \['body'\]",
-    "null text": r"row 1 \(id 'p.jsonl:1'\) has null text in column 'text'.*corpus.bad_rows=skip",
-    "empty text": r"row 2 \(id 'p.csv:2'\) has empty text in column 'text'",
-    "whitespace text": r"row 2 \(id 'p.csv:2'\) has empty text in column 'text'",
+    "null text": r"the row at byte 14 \(id 'p.jsonl@14'\) has null text in column 'text'.*corpus.bad_rows=skip",
+    "empty text": r"the row at byte 12 \(id 'p.csv@12'\) has empty text in column 'text'",
+    "whitespace text": r"the row at byte 12 \(id 'p.csv@12'\) has empty text in column 'text'",
     "integer texts": r"column 'text' \(corpus.text_column\) holds int64, not text",
     "mixed-type texts": r"cannot read as jsonl",
-    "invalid utf-8": r"line 2 is not valid UTF-8",
-    "unknown gold label": r"row 1 \(id 'p.jsonl:1'\) has gold label 'angry' not in \['negative', 'neutral', "
+    "invalid utf-8": r"the line at byte 5 is not valid UTF-8",
+    "unknown gold label": r"the row at byte 35 \(id 'p.jsonl@35'\) has gold label 'angry' not in \['negative', 'neutral', "
                           r"'positive'\] in column 'label'",
-    "gold index out of range": r"row 1 .*has gold label 5 not in .* in column 'label'",
+    "gold index out of range": r"the row at byte 26 .*has gold label 5 not in .* in column 'label'",
     "duplicate ids": r"rows 0 and 2 have the same id 'x1' in column 'id' \(corpus.id_column\)",
     "null id": r"row 1 has a null id in column 'id'",
     "missing id column": r"has no column 'post_id' \(corpus.id_column\)",
@@ -294,3 +308,75 @@ def test_bad_rows_skip_still_refuses_file_level_problems(tmp_path, kind):
     _, overrides = write_bad_corpus(tmp_path, kind)
     with pytest.raises(CorpusError, match=BAD_INPUT[kind]):
         read_all(TEACHER_ORDER, path=str(tmp_path), bad_rows="skip", **overrides)
+
+
+# ---------------------------------------------------------------------------- big files in parts
+
+
+def posts(n: int) -> list[str]:
+    return [f"post {i} " + "delay " * (i % 7) + ("🙂" if i % 5 == 0 else "") for i in range(n)]
+
+
+def write_big(tmp_path, fmt: str, texts: list[str]):
+    if fmt == "jsonl":
+        write_jsonl(tmp_path / "big.jsonl", [{"text": t, "label": "positive"} for t in texts])
+    elif fmt == "csv":
+        write_csv(tmp_path / "big.csv", [{"text": t, "label": "positive"} for t in texts])
+    else:
+        (tmp_path / "big.txt").write_text("".join(t + "\n" for t in texts))
+    return tmp_path / f"big.{'txt' if fmt == 'text' else fmt}"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "text"])
+def test_a_big_file_reads_in_byte_ranges_as_it_reads_whole(tmp_path, fmt):
+    path = write_big(tmp_path, fmt, posts(600))
+    labels = {"label_column": "label"} if fmt != "text" else {}
+    shards = list_shards(CorpusConfig(path=str(path), split_bytes=2048, **labels))
+    assert len(shards) >= 4 and [s.start for s in shards] == sorted(s.start for s in shards)
+    assert len({s.key for s in shards}) == len(shards)
+    whole = read_all(TEACHER_ORDER, path=str(path), split_bytes=None, **labels)
+    parts = read_all(TEACHER_ORDER, path=str(path), split_bytes=2048, **labels)
+    assert parts.to_pylist() == whole.to_pylist()  # every row once, in order, with the same ids
+    assert whole.column("text").to_pylist() == posts(600)
+    assert whole.column("id").to_pylist() == line_ids(path, path.name, header=fmt == "csv")
+
+
+def test_a_csv_with_quoted_newlines_is_read_whole_and_right(tmp_path):
+    texts = [f"line one {i}\nline two" if i % 3 == 0 else f"post {i}" for i in range(400)]
+    path = write_big(tmp_path, "csv", texts)
+    [shard] = list_shards(CorpusConfig(path=str(path), split_bytes=1024))
+    assert shard.stop is None
+    table = read_all(path=str(path), split_bytes=1024)
+    assert table.column("text").to_pylist() == texts
+
+
+def test_a_quoted_newline_past_the_sniffed_head_stops_a_split_csv_with_the_byte(tmp_path, monkeypatch):
+    import kd_ray.corpus
+
+    texts = [f"post {i}" for i in range(400)] + ["two\nlines"] + [f"post {i}" for i in range(400)]
+    path = write_big(tmp_path, "csv", texts)
+    monkeypatch.setattr(kd_ray.corpus, "SNIFF_BYTES", 512)
+    with pytest.raises(CorpusError, match=r"big.csv: a quoted field spans lines near byte \d+, so this file cannot be "
+                                          r"read in byte ranges; set corpus.split_bytes: null"):
+        read_all(path=str(path), split_bytes=1024)
+
+
+def test_a_corrupt_range_names_the_file_and_its_bytes(tmp_path):
+    path = write_big(tmp_path, "jsonl", posts(600))
+    raw = path.read_bytes()
+    broken = raw.index(b"\n", 9000) + 1
+    path.write_bytes(raw[:broken] + b'{"text": "cut off\n' + raw[broken:])
+    with pytest.raises(CorpusError, match=r"big.jsonl: bytes \d+-\d+: cannot read as jsonl") as info:
+        read_all(path=str(path), split_bytes=2048)
+    first, last = map(int, re.search(r"bytes (\d+)-(\d+)", str(info.value)).groups())
+    assert first <= broken < last <= first + 2 * 2048  # the range that holds the broken line, not the file
+
+
+def test_a_big_parquet_file_reads_in_runs_of_row_groups(tmp_path):
+    texts = posts(3000)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=200)
+    shards = list_shards(CorpusConfig(path=str(tmp_path), split_bytes=4096))
+    assert len(shards) >= 4
+    table = read_all(path=str(tmp_path), split_bytes=4096)
+    assert table.column("id").to_pylist() == [f"big.parquet:{i}" for i in range(3000)]
+    assert table.column("text").to_pylist() == texts

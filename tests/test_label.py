@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import LABELS, random_posts
-from test_corpus import BAD_INPUT, write_bad_corpus
+from test_corpus import BAD_INPUT, line_ids, write_bad_corpus
 
 import kd_ray
 from kd_ray.cli import main
@@ -35,6 +35,7 @@ ROWS_PER_FILE = 5_000
 BLOCK_ROWS = 1_000
 CORPUS_LABEL_NAMES = ["positive", "negative", "neutral"]  # integer labels in b.jsonl index this, not the teacher
 # file -> rows; sizes differ so that file and block boundaries do not line up
+SPLIT_BYTES = 16 << 10  # every file of the big run is read as at least 4 byte ranges or row-group runs
 FILES = {"a.parquet": 6_000, "b.jsonl": 5_000, "c.csv": 4_000, "sub/d.tsv": 3_000, "e.txt": 2_000}
 
 
@@ -118,7 +119,7 @@ def big_corpus(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         gold: list = [names[i] if i % 7 else None for i in rows]  # every 7th row has no gold label
         if name.endswith(".parquet"):
-            pq.write_table(pa.table({"text": [texts[i] for i in rows], "label": gold}), path)
+            pq.write_table(pa.table({"text": [texts[i] for i in rows], "label": gold}), path, row_group_size=500)
         elif name.endswith(".jsonl"):
             gold = [CORPUS_LABEL_NAMES.index(g) if g else None for g in gold]
             write_jsonl(path, [{"label": g, "text": texts[i]} for g, i in zip(gold, rows)])
@@ -131,8 +132,10 @@ def big_corpus(tmp_path_factory):
         else:
             path.write_text("".join(texts[i] + "\n" for i in rows))
             gold = [None] * n  # text files carry no gold labels
+        ids = ([f"{name}:{k}" for k in range(n)] if name.endswith(".parquet")
+               else line_ids(path, name, header=name.endswith((".csv", ".tsv"))))
         for k, i in enumerate(rows):
-            expected[f"{name}:{k}"] = (texts[i], LABELS.index(gold[k]) if gold[k] else None)
+            expected[ids[k]] = (texts[i], LABELS.index(gold[k]) if gold[k] else None)
         start += n
     return root, expected
 
@@ -144,12 +147,25 @@ def big_run(ray_session, teacher, big_corpus, tmp_path_factory):
     cfg = label_cfg(corpus, teacher, out, **{
         "corpus.label_column": "label", "corpus.label_names": CORPUS_LABEL_NAMES,
         "teachers.0.max_length": MAX_LENGTH, "compute.block_rows": BLOCK_ROWS, "compute.concurrency": None,
-        "output.rows_per_file": ROWS_PER_FILE,
+        "output.rows_per_file": ROWS_PER_FILE, "corpus.split_bytes": SPLIT_BYTES,
+        # the tokenize stage (the CPU default tokenizes in the actors, as the other runs here do)
+        "compute.tokenize": "stage", "compute.batch_tokens": 2048,
     })
     summary = run_label(cfg)
     table = read_parts(out)
     order = np.argsort(np.array(table.column("id").to_pylist()))
     return summary, out, table.take(pa.array(order))
+
+
+def test_every_file_of_the_big_run_is_read_in_several_parts(big_corpus):
+    from kd_ray.corpus import list_shards
+
+    corpus, _ = big_corpus
+    shards = list_shards(LabelConfig.model_validate(
+        {"corpus": {"path": str(corpus), "split_bytes": SPLIT_BYTES}, "teachers": [{"model": "x"}],
+         "output": {"path": "x"}}).corpus)
+    parts = {name: sum(s.name == name for s in shards) for name in FILES}
+    assert all(n >= 4 for n in parts.values()), parts
 
 
 def test_output_ids_are_the_input_ids_exactly(big_corpus, big_run):
@@ -190,6 +206,26 @@ def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
                      "reject_reason": pa.nulls(len(texts), pa.string())})
     logits = np.array(labeler(rows).column("teacher_logits").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(logits[order], reference, atol=1e-4, rtol=0)
+
+
+def test_tokenized_rows_label_as_raw_rows_do_with_batches_cut_by_tokens(teacher):
+    """The tokenize stage's output fed to the labeler gives what the labeler gives tokenizing itself;
+    batch_tokens changes the batches, not the logits; rejected rows carry no tokens and NaN logits."""
+    from kd_ray.teacher import Tokenizers, TeacherLabeler
+
+    texts = random_posts(300, seed=11, max_words=60)
+    rows = pa.table({"id": [str(i) for i in range(300)], "text": texts, "label": pa.nulls(300, pa.int32()),
+                     "reject_reason": ["empty text" if i % 50 == 0 else None for i in range(300)]})
+    teachers = [TeacherConfig(model=str(teacher), max_length=MAX_LENGTH)]
+    tokenized = Tokenizers(teachers)(rows)
+    assert tokenized.column("_token_ids_0").to_pylist()[0] == []
+    raw = TeacherLabeler(teachers, batch_size=32)(rows)
+    by_tokens = TeacherLabeler(teachers, batch_size=256, batch_tokens=512)(tokenized)
+    assert by_tokens.column_names == raw.column_names  # token columns do not reach the files
+    a, b = (np.array(t.column("teacher_logits").to_pylist(), dtype=np.float32) for t in (raw, by_tokens))
+    assert np.isnan(a[::50]).all() and np.isnan(b[::50]).all()
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+    assert by_tokens.column("truncated").to_pylist() == raw.column("truncated").to_pylist()
 
 
 def test_gold_labels_are_indices_in_the_teachers_label_order(big_corpus, big_run):
@@ -339,7 +375,8 @@ def normalized_run(ray_session, teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("normalized")
     write_jsonl(root / "corpus" / "posts.jsonl", [{"text": t} for t in RAW_POSTS])
     (root / "corpus" / "more.txt").write_text("".join(t + "\n" for t in RAW_LINES))
-    raw = {**{f"posts.jsonl:{i}": t for i, t in enumerate(RAW_POSTS)}, **{f"more.txt:{i}": t for i, t in enumerate(RAW_LINES)}}
+    raw = {**dict(zip(line_ids(root / "corpus" / "posts.jsonl", "posts.jsonl"), RAW_POSTS)),
+           **dict(zip(line_ids(root / "corpus" / "more.txt", "more.txt"), RAW_LINES))}
     overrides = {"corpus.normalize": True}
     return run_label(label_cfg(root / "corpus", teacher, root / "labels", **overrides)), root, overrides, raw
 
@@ -350,9 +387,9 @@ def test_normalized_text_is_stored_and_labeled(teacher, normalized_run):
     assert summary.rows == 30 and summary.files == 1  # two input files, one output file
     texts = by_id(table, "text")
     assert texts == {i: normalize_post(t) for i, t in raw.items()}
-    assert [texts[f"posts.jsonl:{i}"] for i in range(5)] == [
+    assert [texts[i] for i in line_ids(root / "corpus" / "posts.jsonl", "posts.jsonl")[:5]] == [
         "@user see http 😡", "thanks @user for the seat 🙂", "late again http", "@user @user @user", "fine"]
-    assert texts["more.txt:0"] == "@user lost my bag http"
+    assert texts["more.txt@0"] == "@user lost my bag http"
     ids = sorted(raw)
     logits = np.array([by_id(table, "teacher_logits")[i] for i in ids], dtype=np.float32)
     np.testing.assert_allclose(logits, direct_logits(teacher, [texts[i] for i in ids], 128), atol=1e-4, rtol=0)
@@ -538,7 +575,7 @@ def test_bad_row_in_a_worker_reaches_the_cli_with_file_row_and_column(capsys, ra
                  "--output.path", str(out), "--compute.concurrency", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kd-ray label: error: ")
-    assert f"{tmp_path}/corpus/posts.jsonl: row 2 (id 'posts.jsonl:2') has null text in column 'text'" in err
+    assert f"{tmp_path}/corpus/posts.jsonl: the row at byte 34 (id 'posts.jsonl@34') has null text in column 'text'" in err
     assert "corpus.bad_rows=skip" in err
     assert not (out / MANIFEST).exists()
 
@@ -548,7 +585,7 @@ def test_worker_errors_print_without_rays_traceback(capsys, ray_session, teacher
     assert main(["label", "--corpus.path", str(tmp_path / "corpus"), "--teachers.0.model", str(teacher),
                  "--output.path", str(tmp_path / "labels"), "--compute.concurrency", "1"]) == 1
     err = capsys.readouterr().err
-    assert err == (f"kd-ray label: error: {tmp_path}/corpus/posts.jsonl: row 1 (id 'posts.jsonl:1') has null text "
+    assert err == (f"kd-ray label: error: {tmp_path}/corpus/posts.jsonl: the row at byte 17 (id 'posts.jsonl@17') has null text "
                    f"in column 'text'; fix the row or set corpus.bad_rows=skip to set such rows aside under "
                    f"_rejected/\n")
 

@@ -389,14 +389,14 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
     teachers = [TeacherConfig(model=str(tiny_teacher), name="sentiment", max_length=16),
                 TeacherConfig(model=str(other), name="reason", max_length=16)]
     shared = TeacherLabeler(teachers, batch_size=8)
-    assert len(set(shared.encoding_keys)) == 1
+    assert shared.tokenizers.of_teacher == [0, 0]
     together = shared(block)
     for t in teachers:
         alone = TeacherLabeler([t], batch_size=8)(block)
         np.testing.assert_allclose(np.array(together.column(f"{t.name}_logits").to_pylist()),
                                    np.array(alone.column(f"{t.name}_logits").to_pylist()), atol=1e-6)
     mixed = TeacherLabeler([teachers[0], teachers[1].model_copy(update={"max_length": 32})], batch_size=8)
-    assert len(set(mixed.encoding_keys)) == 2
+    assert mixed.tokenizers.of_teacher == [0, 1]
 
 
 def test_a_single_task_student_of_another_tasks_teacher_is_refused_naming_both_tasks(two_task_labels, tmp_path):
