@@ -34,6 +34,9 @@ class RayConfig(Section):
         "the one a `ray job submit` job runs in); 'auto' joins a running cluster; or ray://host:port.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance (null: all of this "
         "machine's).")
+    dashboard: bool = Field(False, description="Start Ray's dashboard with a local instance (http://127.0.0.1:8265). "
+        "Off by default: kd-ray prints its own progress, and on a laptop the dashboard's processes take a second to "
+        "start and a share of the cores while they run. A cluster has its own.")
 
 
 class CorpusConfig(Section):

@@ -30,6 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -190,7 +191,11 @@ class SoftLabelDatasink(Datasink):
         fs, root = filesystem(self.output)
         table = pa.concat_tables(list(blocks))
         digest = hashlib.blake2b(self.metadata["config_hash"].encode(), digest_size=8)  # same rows, same config
-        digest.update("\n".join(table.column("id").to_pylist()).encode())
+        ids = table.column("id").combine_chunks()
+        if len(ids):  # the ids' bytes and lengths, in order, without making Python strings of them
+            offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
+            digest.update((offsets - offsets[0]).tobytes())
+            digest.update(ids.buffers()[2][int(offsets[0]):int(offsets[-1])])
         reasons = table.column("reject_reason")
         done = pc.fill_null(pc.equal(reasons, ALREADY_LABELED), False)
         rejected = table.filter(pc.and_(reasons.is_valid(), pc.invert(done)))

@@ -18,6 +18,8 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     kwargs = {"address": cfg.address, "log_to_driver": True}
-    if cfg.address is None and "RAY_ADDRESS" not in os.environ and cfg.num_cpus is not None:
-        kwargs["num_cpus"] = cfg.num_cpus
+    if cfg.address is None and "RAY_ADDRESS" not in os.environ:  # a local instance, started here
+        kwargs["include_dashboard"] = cfg.dashboard
+        if cfg.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.num_cpus
     ray.init(**kwargs)
