@@ -95,9 +95,9 @@ class LabelComputeConfig(Section):
     batch_tokens: int | None = Field(None, ge=64, description="Also at most this many padded tokens per forward "
         "pass (rows x the batch's longest row): batches of short posts grow, batches of long ones shrink, so a GPU "
         "gets even work without running out of memory. null: batch_size rows.")
-    tokenize: Literal["auto", "stage", "actor"] = Field("auto", description="Where texts are tokenized: 'stage', "
-        "Ray Data tasks of their own on the CPUs the teacher actors leave (the GPU runs batch N while batch N+1 is "
-        "tokenized); 'actor', inside each teacher actor; 'auto', 'stage' when num_gpus > 0, else 'actor'.")
+    tokenize: Literal["stage", "actor"] = Field("stage", description="Where texts are tokenized: 'stage', Ray Data "
+        "tasks of their own on the CPUs the teacher actors leave (a GPU runs block N while block N+1 is tokenized; "
+        "on 2 CPU cores 1.03x 'actor', BENCHMARKS.md); 'actor', inside each teacher actor.")
     tokenize_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per tokenize task.")
     block_rows: int = Field(8192, ge=1, le=1_000_000, description="Rows each actor receives at a time; they are "
         "sorted by length and cut into batches, so larger blocks waste less compute on padding, and each block "

@@ -51,6 +51,7 @@ from kd_ray.storage import filesystem
 from kd_ray.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
+READ_TASK_CPUS = 0.5  # reading is light next to tokenizing: on a small machine two parts of a big file are read at once
 RUN_STATE = "_run.json"  # config hash of the run writing into the folder; replaced by _manifest.json at the end
 
 
@@ -391,11 +392,12 @@ def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | No
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
-    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows, committed=kept.shards if kept else {},
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows, num_cpus=READ_TASK_CPUS,
+                        committed=kept.shards if kept else {},
                         task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
                         mask_token=metadata.get("augment", {}).get("mask_token"))
     teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
-    if c.tokenize == "stage" or (c.tokenize == "auto" and c.num_gpus > 0):
+    if c.tokenize == "stage":
         ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": teachers}, batch_size=None,
                             batch_format="pyarrow", num_cpus=c.tokenize_cpus)
     return ds.map_batches(

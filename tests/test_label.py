@@ -148,8 +148,8 @@ def big_run(ray_session, teacher, big_corpus, tmp_path_factory):
         "corpus.label_column": "label", "corpus.label_names": CORPUS_LABEL_NAMES,
         "teachers.0.max_length": MAX_LENGTH, "compute.block_rows": BLOCK_ROWS, "compute.concurrency": None,
         "output.rows_per_file": ROWS_PER_FILE, "corpus.split_bytes": SPLIT_BYTES,
-        # the tokenize stage (the CPU default tokenizes in the actors, as the other runs here do)
-        "compute.tokenize": "stage", "compute.batch_tokens": 2048,
+        # the actors tokenize their own blocks here (the other runs use the tokenize stage, the default)
+        "compute.tokenize": "actor", "compute.batch_tokens": 2048,
     })
     summary = run_label(cfg)
     table = read_parts(out)

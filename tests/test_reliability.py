@@ -98,6 +98,66 @@ def test_rerun_after_an_interruption_keeps_committed_files_and_labels_only_the_r
                                np.array(before.sort_by("id").column("teacher_logits").to_pylist()), atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def split_corpus(tmp_path_factory):
+    """One JSON Lines file of 4,000 posts (no ids: derived from byte offsets), read as >= 4 byte ranges."""
+    root = tmp_path_factory.mktemp("split-corpus")
+    texts = random_posts(4_000, seed=21)
+    (root / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    offsets = np.cumsum([0] + [len(json.dumps({"text": t}).encode()) + 1 for t in texts])[:-1]
+    return root, {f"big.jsonl@{o}" for o in offsets}
+
+
+SPLIT = {"corpus.split_bytes": 32 << 10, "compute.block_rows": 250, "output.rows_per_file": 600}
+
+
+def test_a_split_file_resumes_with_each_ranges_committed_rows_read_by_that_range_alone(
+        capsys, ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
+    from kd_ray.corpus import list_shards
+    from kd_ray.label import build_metadata, read_parts
+
+    root, ids = split_corpus
+    out = tmp_path / "labels"
+    cfg = label_cfg(root, teacher, out, **SPLIT)
+    shards = {s.key: s for s in list_shards(cfg.corpus)}
+    assert len(shards) >= 4
+    run_label(cfg)
+    # every row group of every part file holds the rows of the one shard its footer names
+    parts = read_parts(str(out), build_metadata(cfg))
+    assert set(parts.shards) == set(shards)
+    for key, files in parts.shards.items():
+        for file, groups in files:
+            got = pq.ParquetFile(file).read_row_groups(groups, columns=["id"]).column("id").to_pylist()
+            offsets = [int(i.split("@")[1]) for i in got]
+            assert all(shards[key].start <= o < shards[key].stop for o in offsets), key
+    kept = as_interrupted(out, drop_parts=3)
+    kept_rows = sum(pq.read_metadata(out / name).num_rows for name in kept)
+    capsys.readouterr()
+    summary = run_label(cfg)
+    assert f"holds {kept_rows} rows in {len(kept)} committed files" in capsys.readouterr().out
+    assert summary.kept_rows == kept_rows and summary.rows == 4_000
+    assert sorted(ids_of(out)) == sorted(ids)  # every line exactly once
+    assert {n: t for n, t in part_files(out).items() if n in kept} == kept  # committed files untouched
+
+
+def test_a_row_written_twice_is_found_by_its_shards_check(ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
+    """A part file copied under another name (what a retried write with other blocks would leave):
+    the per-shard check names the duplicated ids and the run is not committed."""
+    import shutil
+
+    from kd_ray.label import _duplicate_ids, build_metadata, read_parts
+
+    root, _ = split_corpus
+    out = tmp_path / "labels"
+    cfg = label_cfg(root, teacher, out, **SPLIT)
+    run_label(cfg)
+    assert _duplicate_ids(read_parts(str(out), build_metadata(cfg)), None) == []
+    first = sorted(out.glob("part-*.parquet"))[0]
+    shutil.copy(first, out / "part-99999-0000000000000000.parquet")
+    problems = _duplicate_ids(read_parts(str(out), build_metadata(cfg)), None)
+    assert problems and all("appears more than once (2 rows)" in p for p in problems)
+
+
 def test_an_unfinished_run_of_another_config_is_refused(ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, _ = corpus
     out = tmp_path / "labels"
