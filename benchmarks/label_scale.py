@@ -130,14 +130,17 @@ def sample(driver: psutil.Process, stop: threading.Event, interval: float, start
         for p in current:
             p = procs.setdefault(p.pid, p)  # the same object, so that cpu_percent() measures since the last sample
             try:
-                rss, busy = p.memory_info().rss, p.cpu_percent() > BUSY_PERCENT
+                memory, busy = p.memory_full_info(), p.cpu_percent() > BUSY_PERCENT
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            rss = memory.rss
             what = "driver" if p.pid == driver.pid else role(p, stats["titles"])
             if what == "ray_daemons":
                 daemons += rss
             elif what:
                 peaks[what] = max(peaks.get(what, 0), rss)
+                # USS: the process's own pages; RSS also counts object-store blocks it wrote or read
+                stats["peak_uss"][what] = max(stats["peak_uss"].get(what, 0), memory.uss)
             busy_reads += what == "read_task" and busy
         peaks["ray_daemons_total"] = max(peaks.get("ray_daemons_total", 0), daemons)
         if busy_reads >= 2 and stats["first_parallel_read_s"] is None:
@@ -199,7 +202,7 @@ def run_label(config: dict, work: Path, name: str, interval: float | None = None
     if fresh:  # a finished folder of the same config would be skipped, not labeled again
         shutil.rmtree(config["output"]["path"], ignore_errors=True)
     proc, log, start = spawn_label(config, work, name)
-    stats: dict = {"peak_rss": {}, "titles": {}, "first_parallel_read_s": None}
+    stats: dict = {"peak_rss": {}, "peak_uss": {}, "titles": {}, "first_parallel_read_s": None}
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), stop, interval, start, stats))
     if interval:
@@ -214,6 +217,7 @@ def run_label(config: dict, work: Path, name: str, interval: float | None = None
     result = {"wall_s": round(wall, 2), "rows": manifest["rows"], "files": len(manifest["files"]), "log": str(log)}
     if interval:
         result.update(peak_rss_mib={k: round(v / 2**20, 1) for k, v in sorted(stats["peak_rss"].items())},
+                      peak_uss_mib={k: round(v / 2**20, 1) for k, v in sorted(stats["peak_uss"].items())},
                       first_parallel_read_s=stats["first_parallel_read_s"], ray_titles=stats["titles"])
     return result
 
@@ -271,7 +275,8 @@ def bigfile(args, work: Path, teacher: Path) -> dict:
         run = run_label(config, work, f"bigfile-{args.variant}-{label}", args.interval)
         result[label] = {"rows_in_file": rows, **run}
     small, large = result["small"], result["large"]
-    peaks = {k: (small["peak_rss_mib"].get(k), large["peak_rss_mib"].get(k)) for k in ("read_task", "driver")}
+    peaks = {f"{k}_{m}": (small[f"peak_{m}_mib"].get(k), large[f"peak_{m}_mib"].get(k))
+             for k in ("read_task", "driver") for m in ("rss", "uss")}
     wall_ratio = large["wall_s"] / (args.large / args.small * small["wall_s"])  # 1: wall time linear in rows
     first = large["first_parallel_read_s"]
     result["checks"] = {**{f"{k}_peak_within_10pct": bool(s and g and g <= 1.1 * s) for k, (s, g) in peaks.items()},

@@ -97,7 +97,8 @@ class LabelComputeConfig(Section):
         "gets even work without running out of memory. null: batch_size rows.")
     tokenize: Literal["stage", "actor"] = Field("stage", description="Where texts are tokenized: 'stage', Ray Data "
         "tasks of their own on the CPUs the teacher actors leave (a GPU runs block N while block N+1 is tokenized; "
-        "on 2 CPU cores 1.03x 'actor', BENCHMARKS.md); 'actor', inside each teacher actor.")
+        "where actors and tasks ask for the same resources, as on a CPU-only machine, Ray Data fuses the two into the "
+        "actors); 'actor', inside each teacher actor.")
     tokenize_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per tokenize task.")
     block_rows: int = Field(8192, ge=1, le=1_000_000, description="Rows each actor receives at a time; they are "
         "sorted by length and cut into batches, so larger blocks waste less compute on padding, and each block "
