@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="tokens per short synthetic row")
     parser.add_argument("--long-share", type=float, default=0.1, help="share of max-length rows ('mixed')")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--block-rows", type=int, default=8192, help="kd-ray's compute.block_rows (its default)")
+    parser.add_argument("--block-rows", type=int, default=2048, help="kd-ray's compute.block_rows: 2,048 so that a corpus of tens of thousands of rows ends with little idle tail")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)

@@ -102,7 +102,9 @@ class LabelComputeConfig(Section):
     tokenize_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per tokenize task.")
     block_rows: int = Field(8192, ge=1, le=1_000_000, description="Rows each actor receives at a time; they are "
         "sorted by length and cut into batches, so larger blocks waste less compute on padding, and each block "
-        "costs a Ray task (8,192 rows: 1.2x the rows/s of 2,048 on a teacher of negligible compute, BENCHMARKS.md).")
+        "costs a Ray task (8,192 rows: 1.2x the rows/s of 2,048 on a teacher of negligible compute, BENCHMARKS.md). "
+        "A corpus of only tens of thousands of rows labels faster with 2,048: the run ends when the last actor "
+        "finishes its last block.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference precision: 'auto' is "
         "bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU.")
 
