@@ -238,12 +238,12 @@ def test_a_megabyte_text_is_a_bad_row_that_skip_sets_aside(ray_session, teacher,
 # ---------------------------------------------------------------------------- processes killed
 
 
-def alive_actors(class_prefix: str) -> list:
-    """Live actors whose class name starts with ``class_prefix``, from Ray's state API."""
+def alive_actors(class_part: str) -> list:
+    """Live actors whose class name holds ``class_part``, from Ray's state API (Ray Data names a
+    fused map's actors after every step, e.g. ``MapWorker(MapBatches(tokenize_batch)->MapBatches(...))``)."""
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name.startswith(class_prefix)]
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True) if class_part in a.class_name]
 
 
 def run_in_thread(fn, *args):
@@ -270,7 +270,7 @@ def test_a_labeling_actor_killed_mid_run_is_replaced_and_no_row_is_lost(ray_sess
     thread, box = run_in_thread(run_label, cfg)
     deadline, workers = time.time() + 120, []
     while len(workers) < 2 and thread.is_alive() and time.time() < deadline:
-        workers = alive_actors("MapWorker(MapBatches(TeacherLabeler))")
+        workers = alive_actors("MapBatches(TeacherLabeler)")
         time.sleep(0.05)
     while not part_files(out) and thread.is_alive() and time.time() < deadline:
         time.sleep(0.01)  # the actors have labeled rows and a part file is committed
