@@ -117,9 +117,22 @@ def role(proc: psutil.Process, titles: dict) -> str | None:
     return what
 
 
+def rollup(pid: int) -> dict:
+    """kB fields of /proc/<pid>/smaps_rollup: `Anonymous` is the process's own heap and stacks; `Pss_Shmem`
+    its share of shared-memory mappings, in a Ray worker the object store's blocks it wrote or read
+    (those pages also count in its RSS and, when no other process maps them, in its USS)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f) if v.strip()
+                    and v.split()[0].isdigit()}
+    except OSError:
+        return {}
+
+
 def sample(driver: psutil.Process, stop: threading.Event, interval: float, start: float, stats: dict) -> None:
-    """Every `interval` s: peak RSS by role (worker roles: the largest single process), and the first
-    time two read tasks were busy (over BUSY_PERCENT CPU since the previous sample) at once."""
+    """Every `interval` s: peak RSS, USS, anonymous memory and object-store (shared memory) pages by role
+    (worker roles: the largest single process), and the first time two read tasks were busy (over
+    BUSY_PERCENT CPU since the previous sample) at once."""
     peaks, procs = stats["peak_rss"], {}
     while not stop.is_set():
         try:
@@ -141,6 +154,9 @@ def sample(driver: psutil.Process, stop: threading.Event, interval: float, start
                 peaks[what] = max(peaks.get(what, 0), rss)
                 # USS: the process's own pages; RSS also counts object-store blocks it wrote or read
                 stats["peak_uss"][what] = max(stats["peak_uss"].get(what, 0), memory.uss)
+                smaps = rollup(p.pid)
+                for field, key in (("Anonymous", "peak_anon"), ("Pss_Shmem", "peak_shmem")):
+                    stats[key][what] = max(stats[key].get(what, 0), smaps.get(field, 0))
             busy_reads += what == "read_task" and busy
         peaks["ray_daemons_total"] = max(peaks.get("ray_daemons_total", 0), daemons)
         if busy_reads >= 2 and stats["first_parallel_read_s"] is None:
@@ -202,7 +218,7 @@ def run_label(config: dict, work: Path, name: str, interval: float | None = None
     if fresh:  # a finished folder of the same config would be skipped, not labeled again
         shutil.rmtree(config["output"]["path"], ignore_errors=True)
     proc, log, start = spawn_label(config, work, name)
-    stats: dict = {"peak_rss": {}, "peak_uss": {}, "titles": {}, "first_parallel_read_s": None}
+    stats: dict = {"peak_rss": {}, "peak_uss": {}, "peak_anon": {}, "peak_shmem": {}, "titles": {}, "first_parallel_read_s": None}
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), stop, interval, start, stats))
     if interval:
@@ -216,9 +232,9 @@ def run_label(config: dict, work: Path, name: str, interval: float | None = None
     manifest = json.loads((Path(config["output"]["path"]) / "_manifest.json").read_text())
     result = {"wall_s": round(wall, 2), "rows": manifest["rows"], "files": len(manifest["files"]), "log": str(log)}
     if interval:
-        result.update(peak_rss_mib={k: round(v / 2**20, 1) for k, v in sorted(stats["peak_rss"].items())},
-                      peak_uss_mib={k: round(v / 2**20, 1) for k, v in sorted(stats["peak_uss"].items())},
-                      first_parallel_read_s=stats["first_parallel_read_s"], ray_titles=stats["titles"])
+        result.update({f"{m}_mib": {k: round(v / 2**20, 1) for k, v in sorted(stats[m].items())}
+                       for m in ("peak_rss", "peak_uss", "peak_anon", "peak_shmem")})
+        result.update(first_parallel_read_s=stats["first_parallel_read_s"], ray_titles=stats["titles"])
     return result
 
 
@@ -276,7 +292,7 @@ def bigfile(args, work: Path, teacher: Path) -> dict:
         result[label] = {"rows_in_file": rows, **run}
     small, large = result["small"], result["large"]
     peaks = {f"{k}_{m}": (small[f"peak_{m}_mib"].get(k), large[f"peak_{m}_mib"].get(k))
-             for k in ("read_task", "driver") for m in ("rss", "uss")}
+             for k in ("read_task", "driver") for m in ("rss", "uss", "anon")}
     wall_ratio = large["wall_s"] / (args.large / args.small * small["wall_s"])  # 1: wall time linear in rows
     first = large["first_parallel_read_s"]
     result["checks"] = {**{f"{k}_peak_within_10pct": bool(s and g and g <= 1.1 * s) for k, (s, g) in peaks.items()},
@@ -288,6 +304,8 @@ def bigfile(args, work: Path, teacher: Path) -> dict:
         print(f"{r['rows']:>10}{r['wall_s']:>8.1f}{str(r['first_parallel_read_s']):>10}"
               + "".join(f"{r['peak_rss_mib'].get(k, 0):>18.0f}" for k in roles))
     print("checks:", json.dumps(result["checks"]))
+    print("peak anonymous memory (the process's own), MiB: " + ", ".join(
+        f"{k} {small['peak_anon_mib'].get(k, 0):.0f} -> {large['peak_anon_mib'].get(k, 0):.0f}" for k in roles))
     return result
 
 

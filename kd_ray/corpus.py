@@ -365,10 +365,10 @@ def _parse_chunk(chunk: bytes, offset: int, starts: np.ndarray, shard: Shard, he
 
 
 def _non_blank(chunk: bytes, starts: np.ndarray, blank: bytes) -> np.ndarray:
-    """The starts of records holding a byte other than those in ``blank``."""
-    raw = np.frombuffer(chunk, np.uint8)
-    filled = np.flatnonzero(~np.isin(raw, np.frombuffer(blank, np.uint8)))
-    return starts[np.unique(np.searchsorted(starts, filled, side="right") - 1)]
+    """The starts of records holding a byte other than those in ``blank``: one bool per byte (not the
+    positions of every filled byte, 8 bytes each, which made an 8 MiB chunk cost ~200 MiB)."""
+    filled = ~np.isin(np.frombuffer(chunk, np.uint8), np.frombuffer(blank, np.uint8))
+    return starts[np.logical_or.reduceat(filled, starts)]
 
 
 def _text_lines(chunk: bytes, starts: np.ndarray, offset: int, uri: str) -> pa.Array:

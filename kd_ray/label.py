@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
