@@ -81,6 +81,11 @@ class TeacherConfig(Section):
     task: str = Field("sentiment", description="Task this teacher labels (several teachers may share a task).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated and counted.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    representation: Literal["mean", "cls"] | None = Field(None, description="Also store the teacher's sentence "
+        "representation in column '<name>_representation' (float16, its hidden size wide: 1,536 bytes a row for a "
+        "base model), for loss.beta: its last hidden states averaged over the real tokens ('mean': what sentence "
+        "encoders such as all-mpnet-base-v2 were trained to put meaning in) or the first token's ('cls'). null: "
+        "logits only.")
 
 
 class LabelComputeConfig(Section):
@@ -316,10 +321,13 @@ class StudentConfig(Section):
     kind: Literal["cut", "pretrained", "config"] = Field("cut", description="'cut': keep num_layers of the teacher's "
         "layers (DistilBERT-style); 'pretrained': any model folder or hub id in `model`; 'config': a fresh small "
         "BERT with the teacher's vocabulary.")
-    model: str | None = Field(None, description="For 'cut': the teacher to cut (null: the soft labels' teacher). "
-                              "For 'pretrained': the student's folder or hub id.")
+    model: str | None = Field(None, description="For 'cut': the model to cut, the teacher (null: the soft labels' "
+        "teacher) or any pretrained BERT-like encoder with its own tokenizer (e.g. MiniLM-L6 for an MPNet teacher; "
+        "it gets a fresh head). For 'pretrained': the student's folder or hub id.")
     num_layers: int = Field(3, ge=1, le=48, description="Encoder layers of a 'cut' or 'config' student.")
-    layer_selection: Literal["spread", "first"] = Field("spread", description="Which teacher layers a 'cut' keeps.")
+    layer_selection: Literal["spread", "bottom", "top"] | list[int] = Field("spread", description="Which of the "
+        "source model's layers a 'cut' keeps: 'spread' (evenly spaced, first and last kept), 'bottom' (the lowest "
+        "num_layers), 'top', or a list of layer indices (num_layers defaults to its length).")
     ffn_size: int | float | None = Field(0.5, description="For 'cut': feed-forward neurons each kept layer keeps, "
         "those with the largest in and out weight norms: a count, or a fraction in (0, 1] of the teacher's "
         "(MiniLM-L6 has 1536; null: all).")
@@ -354,6 +362,8 @@ class StudentConfig(Section):
         if not isinstance(data, dict):
             return data
         kind = data.get("kind", "cut")
+        if isinstance(data.get("layer_selection"), list) and "num_layers" not in data:
+            data = {**data, "num_layers": len(data["layer_selection"])}
         if kind != "cut":
             if data.get("ffn_size") is not None or data.get("wide_epochs"):
                 raise ValueError(f"student.ffn_size and wide_epochs narrow a 'cut' student; a '{kind}' student would "
@@ -362,6 +372,15 @@ class StudentConfig(Section):
         if "ffn_size" in data and data["ffn_size"] is None and "wide_epochs" not in data:
             return {**data, "wide_epochs": 0}  # a full-width student has nothing to narrow
         return data
+
+    @model_validator(mode="after")
+    def _listed_layers(self) -> StudentConfig:
+        layers = self.layer_selection
+        if isinstance(layers, list) and (len(layers) != self.num_layers or layers != sorted(set(layers))
+                                         or min(layers) < 0):
+            raise ValueError(f"student.layer_selection {layers} must list num_layers ({self.num_layers}) distinct "
+                             "layer indices (from 0) in increasing order")
+        return self
 
     @model_validator(mode="after")
     def _ffn_size_cuts(self) -> StudentConfig:
@@ -379,6 +398,12 @@ class DistillLossConfig(Section):
                          "cross-entropy on gold labels (rows without gold get only the distillation term).")
     teachers: dict[str, float] | None = Field(None, description="Teacher name -> weight, to distill from several "
         "teachers' logits at once (null: the soft labels' first teacher).")
+    beta: float = Field(0.0, ge=0, le=100, description="Weight of the representation term added to each task's "
+        "loss: the student's pooled last hidden states, through a learned linear projection to the teacher's width "
+        "(dropped at export), against the representation the task's first teacher stored (teachers.N.representation "
+        "at labeling; pooled the same way). 0: logits only.")
+    representation_loss: Literal["cosine", "mse"] = Field("cosine", description="'cosine': 1 - cos(projected "
+        "student, teacher) (DistilBERT); 'mse': mean squared error of the raw vectors (TinyBERT).")
 
 
 class TaskLossConfig(Section):
@@ -390,6 +415,7 @@ class TaskLossConfig(Section):
     kind: Literal["kl", "mse", "hard"] | None = Field(None, description="Loss kind for this task (null: loss.kind).")
     temperature: float | None = Field(None, gt=0, le=100, description="T for this task (null: loss.temperature).")
     alpha: float | None = Field(None, ge=0, le=1, description="alpha for this task (null: loss.alpha).")
+    beta: float | None = Field(None, ge=0, le=100, description="beta for this task (null: loss.beta).")
 
 
 class DistillConfig(TrainStageConfig):
@@ -420,7 +446,8 @@ class DistillConfig(TrainStageConfig):
 # ---------------------------------------------------------------------------- tuning
 
 # Short names for the hyperparameters people tune most; any dotted path into the distill config also works.
-TUNE_ALIASES = {"temperature": "loss.temperature", "alpha": "loss.alpha", "learning_rate": "train.learning_rate"}
+TUNE_ALIASES = {"temperature": "loss.temperature", "alpha": "loss.alpha", "beta": "loss.beta",
+                "learning_rate": "train.learning_rate"}
 
 
 class ParamSpec(Section):
@@ -450,7 +477,7 @@ class SearchConfig(Section):
     """The Ray Tune search: what to vary, how many trials, and when to stop a trial early."""
 
     space: dict[str, ParamSpec] = Field(min_length=1, description="Hyperparameter -> range. Names: temperature, "
-        "alpha, learning_rate, or any dotted path into the distill config (e.g. train.weight_decay, "
+        "alpha, beta, learning_rate, or any dotted path into the distill config (e.g. train.weight_decay, "
         "student.num_layers; for a multi-task student tasks.<task>.alpha, tasks.<task>.temperature, "
         "tasks.<task>.weight).")
     num_samples: int = Field(8, ge=1, le=10_000, description="Trials to sample (with grid entries: repeats of the grid).")

@@ -1,7 +1,7 @@
 """The one inference loop: a classifier over length-sorted batches (Ray-free).
 
 Labeling (``TeacherLabeler``), validation after each epoch, evaluation and
-``MultiTaskClassifier`` all run their models through ``sorted_logits``.
+``MultiTaskClassifier`` all run their models through ``sorted_outputs``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+
+
+def hidden_width(config) -> int:
+    """The width of a model's hidden states (DistilBERT calls it ``dim``)."""
+    return getattr(config, "hidden_size", None) or config.dim
 
 
 def encoder(tokenizer, max_length: int):
@@ -86,24 +91,36 @@ def length_groups(lengths: np.ndarray, batch_size: int, batch_tokens: int | None
     return groups
 
 
-def sorted_logits(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int, *, device: str = "cpu",
-                  amp_dtype=None) -> np.ndarray:
-    """(rows, num_labels) float32 logits of ``model`` over ``(row indices, input tensors)`` batches.
+def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int, *, device: str = "cpu",
+                   amp_dtype=None, pooling: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rows, num_labels) float32 logits of ``model`` over ``(row indices, input tensors)`` batches and,
+    with ``pooling`` ('mean' or 'cls', kd_ray.losses.pool), its (rows, hidden) float32 sentence
+    representations from the last hidden states (None without).
 
     Inputs are copied to ``device`` without blocking and the host waits once, at the end: on a
     GPU the next batch is prepared while the last one runs."""
     import torch
 
+    from kd_ray.losses import pool
+
     amp = torch.autocast(device, dtype=amp_dtype) if amp_dtype else nullcontext()
-    indices, results = [], []
+    indices, logits, pooled = [], [], []
     with torch.inference_mode(), amp:
         for idx, batch in batches:
-            results.append(model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).logits.float())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            out = model(**batch, output_hidden_states=pooling is not None)
+            logits.append(out.logits.float())
+            if pooling:
+                pooled.append(pool(out.hidden_states[-1], batch["attention_mask"], pooling))
             indices.append(idx)
-    out = np.empty((rows, model.config.num_labels), dtype=np.float32)
-    if results:
-        out[np.concatenate(indices)] = torch.cat(results).cpu().numpy()
-    return out
+    results = [np.empty((rows, model.config.num_labels), dtype=np.float32)]
+    if pooling:
+        results.append(np.empty((rows, hidden_width(model.config)), dtype=np.float32))
+    if indices:
+        order = np.concatenate(indices)
+        for out, parts in zip(results, (logits, pooled)):
+            out[order] = torch.cat(parts).cpu().numpy()
+    return results[0], results[1] if pooling else None
 
 
 def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch_size: int,
@@ -115,4 +132,4 @@ def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch
     batches = ((idx, tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
                                return_tensors="pt")) for idx in groups)
     model.eval()
-    return sorted_logits(model, batches, len(texts), device=str(device))
+    return sorted_outputs(model, batches, len(texts), device=str(device))[0]

@@ -121,7 +121,8 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
-        "teachers": [t.model_dump() for t in teachers],
+        # a teacher without a stored representation dumps as before, so that the hash of such runs stays
+        "teachers": [t.model_dump(exclude={"representation"} if t.representation is None else None) for t in teachers],
         "label_task": first.task if cfg.corpus.label_column else None,
         "label_names": label_names,
         "task_labels": task_labels,
@@ -154,14 +155,15 @@ def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Sche
 
 
 def part_stats(table: pa.Table, metadata: dict[str, Any]) -> dict[str, Any]:
-    """What the final check needs of a part file's rows: counts, non-finite logits, gold label ranges."""
+    """What the final check needs of a part file's rows: counts, non-finite logits (and representations),
+    gold label ranges."""
     teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
     gold = ["label", *(task_label_column(task) for task in metadata.get("task_labels") or {})]
     return {
         "rows": table.num_rows,
         "truncated": pc.sum(table.column("truncated")).as_py() or 0,
-        "nonfinite": {t.column: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(t.column))))).as_py()
-                                    or 0) for t in teachers},
+        "nonfinite": {c: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(c))))).as_py() or 0)
+                      for t in teachers for c in (t.column, *t.representation_columns)},
         "gold": {c: [pc.min(table.column(c)).as_py(), pc.max(table.column(c)).as_py()] for c in gold},
     }
 

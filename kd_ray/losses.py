@@ -16,6 +16,12 @@ only the distillation term; the cross-entropy is averaged over labelled rows alo
 is 0 when a batch has none.
 
 Shapes: logits are ``(batch, num_classes)`` floats, gold labels ``(batch,)`` long.
+
+Representation distillation adds ``beta * R(project(pool(student)), teacher_representation)`` to a
+task's loss: the student's pooled last hidden states, mapped to the teacher's width by a learned
+linear ``Projections`` (training only; not part of the exported model), against the teacher's
+stored representation. ``R`` is ``1 - cos`` (DistilBERT's cosine loss; PKD's MSE between
+L2-normalised vectors is twice this) or ``mse`` on the raw vectors (TinyBERT's hidden-state loss).
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+POOLINGS = ("mean", "cls")
+REPRESENTATION_LOSSES = ("cosine", "mse")
 
 
 def _check_alpha(alpha: float) -> None:
@@ -191,6 +200,47 @@ def combine_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[f
     return torch.einsum("t,tbc->bc", w, stacked)
 
 
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """A sentence representation from last hidden states ``(batch, seq, width)``: ``'mean'`` over the real
+    tokens (``attention_mask`` 1), ``'cls'`` the first token's. Returns ``(batch, width)`` float32."""
+    if pooling == "cls":
+        return hidden[:, 0].float()
+    if pooling != "mean":
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def representation_loss(student: Tensor, teacher: Tensor, kind: str = "cosine") -> Tensor:
+    """``mean(1 - cos(student_i, teacher_i))`` (kind ``'cosine'``) or the mean squared error (``'mse'``) of
+    ``(batch, width)`` representations, the student's already projected to the teacher's width."""
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(f"student and teacher representations must both be (batch, width), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    student, teacher = student.float(), teacher.float()
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"representation loss must be one of {list(REPRESENTATION_LOSSES)}, got {kind!r}")
+
+
+class Projections(nn.Module):
+    """The student's pooled representation mapped to each target teacher's width, by a learned linear layer
+    per target; used in training only (the exported student has no projection).
+
+    ``targets``: name -> (pooling, width). ``forward(hidden, attention_mask)`` -> name -> (batch, width)."""
+
+    def __init__(self, width: int, targets: dict[str, tuple[str, int]]):
+        super().__init__()
+        self.poolings = {name: pooling for name, (pooling, _) in targets.items()}
+        self.maps = nn.ModuleDict({name: nn.Linear(width, size) for name, (_, size) in targets.items()})
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        pooled = {p: pool(hidden, attention_mask, p) for p in set(self.poolings.values())}
+        return {name: linear(pooled[self.poolings[name]]) for name, linear in self.maps.items()}
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {"kl": distill_loss, "mse": mse_loss, "hard": hard_label_loss}
 
 
@@ -212,9 +262,11 @@ def compute_loss(
 
 
 def multitask_loss(
-    logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None], gold: dict[str, Tensor]
+    logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None], gold: dict[str, Tensor],
+    representations: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``sum_k w_k * L_k``: each task's loss on its slice of the student's joint output.
+    """``sum_k w_k * (L_k + beta_k * R_k)``: each task's loss on its slice of the student's joint output, plus
+    its representation term where it has one.
 
     Args:
         logits: (batch, total) student outputs; one task may own all of them.
@@ -224,6 +276,8 @@ def multitask_loss(
             for a task learned from gold labels alone (fine-tuning a teacher): plain cross-entropy.
         gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
             such a row contributes only the distillation term of that task.
+        representations: task -> (the student's projected representation, the teacher's), both (batch, width),
+            for tasks with ``beta`` and ``representation_loss`` ('cosine' or 'mse').
 
     Returns:
         The scalar total and each task's unweighted loss (for logging).
@@ -239,5 +293,8 @@ def multitask_loss(
                 task.kind, task.of(logits), teacher, gold[task.name], temperature=task.temperature, alpha=task.alpha
             )
         )
+        if representations and task.name in representations:
+            parts[task.name] = parts[task.name] + task.beta * representation_loss(
+                *representations[task.name], task.representation_loss)
         total = total + task.weight * parts[task.name]
     return total, parts

@@ -19,6 +19,17 @@ def _check_path(model: str, what: str) -> None:
         raise ModelError(f"{what} {model} does not exist")
 
 
+def is_classifier(model: str) -> bool:
+    """Whether ``model``'s config says it is a sequence classifier (a bare encoder is not)."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the config of {model!r}: {e}") from e
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
 def load_classifier(model: str, labels: list[str], *, what: str = "model"):
     """A sequence classifier with exactly ``labels`` as outputs, and its tokenizer.
 
@@ -71,10 +82,13 @@ def build_student(student: StudentConfig, teacher_model: str, labels: list[str])
 def _cut_student(student: StudentConfig, source: str, labels: list[str]):
     from transformers import AutoModelForSequenceClassification
 
-    teacher = AutoModelForSequenceClassification.from_pretrained(source)
-    if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
-        raise ModelError(f"cannot cut a student from {source}: its labels "
-                         f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
+    if is_classifier(source):  # a teacher: its head is kept, so its labels must be these
+        teacher = AutoModelForSequenceClassification.from_pretrained(source)
+        if [teacher.config.id2label[i] for i in range(teacher.config.num_labels)] != labels:
+            raise ModelError(f"cannot cut a student from {source}: its labels "
+                             f"{list(teacher.config.id2label.values())} differ from the soft labels' {labels}")
+    else:  # another pretrained encoder (MiniLM-L6 for an MPNet teacher): its layers under a fresh head
+        teacher, _ = load_classifier(source, labels, what="model to cut the student from")
     wide_first = bool(student.wide_epochs)
     try:  # a student narrowed after training (wide_epochs) starts at full width
         net = cut_student_from_teacher(teacher, student.num_layers, student.layer_selection,

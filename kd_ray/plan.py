@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from kd_ray.config import DistillConfig, FinetuneConfig, StudentConfig, TaskLossConfig, TrainArgs
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.multitask import TaskSlice, joint_labels, task_layout
-from kd_ray.soft_labels import SoftLabelInfo, TeacherInfo, logits_column, read_soft_label_info
+from kd_ray.soft_labels import SoftLabelInfo, TeacherInfo, logits_column, read_soft_label_info, representation_column
 from kd_ray.storage import absolute_if_local
 
 
@@ -31,6 +31,12 @@ class TaskPlan(TaskSlice):
     temperature: float = 1.0
     alpha: float = 0.0
     weight: float = 1.0
+    # representation distillation: the stored teacher representation the student's pooled states match
+    beta: float = 0.0
+    representation: str | None = None  # its column
+    pooling: Literal["mean", "cls"] = "mean"
+    representation_width: int = 0
+    representation_loss: Literal["cosine", "mse"] = "cosine"
 
 
 class TrainPlan(BaseModel):
@@ -57,6 +63,10 @@ class TrainPlan(BaseModel):
     @property
     def teacher_columns(self) -> list[str]:
         return list(dict.fromkeys(c for t in self.tasks for c in t.teachers))
+
+    @property
+    def representation_columns(self) -> list[str]:
+        return list(dict.fromkeys(t.representation for t in self.tasks if t.representation))
 
     @property
     def gold_columns(self) -> list[str]:
@@ -91,7 +101,7 @@ def distill_plan(cfg: DistillConfig) -> tuple[TrainPlan, SoftLabelInfo]:
     tasks = _task_plans(cfg, info, _requested_tasks(cfg, info))
     student = cfg.student.model_copy(update={"model": absolute_if_local(cfg.student.model)})
     _check_student(student, tasks)
-    gold_only = all(t.alpha == 0 for t in tasks)
+    gold_only = all(t.alpha == 0 and t.beta == 0 for t in tasks)
     rows = _trainable_rows(info, tasks, gold_only)
     if rows == 0:
         what = "rows with a gold label (alpha=0 trains on gold labels only)" if gold_only else "rows"
@@ -145,12 +155,27 @@ def _task_plans(cfg: DistillConfig, info: SoftLabelInfo, requested: dict[str, Ta
     plans = []
     for spec, (task, tc) in zip(layout, requested.items()):
         weights = tc.teachers or {t.name: 1.0 for t in chosen[task]}
+        beta = tc.beta if tc.beta is not None else cfg.loss.beta
         plans.append(TaskPlan(
             **spec.model_dump(), gold_column=info.gold_column(task), teacher_model=chosen[task][0].model,
             teachers={logits_column(n): w for n, w in weights.items()}, kind=tc.kind or cfg.loss.kind,
             temperature=tc.temperature if tc.temperature is not None else cfg.loss.temperature,
-            alpha=tc.alpha if tc.alpha is not None else cfg.loss.alpha, weight=tc.weight))
+            alpha=tc.alpha if tc.alpha is not None else cfg.loss.alpha, weight=tc.weight,
+            **(_representation_target(cfg, task, chosen[task], beta) if beta > 0 else {})))
     return plans
+
+
+def _representation_target(cfg: DistillConfig, task: str, teachers: list[TeacherInfo], beta: float) -> dict:
+    """A task's representation term: the first of its teachers that stored a representation."""
+    stored = next((t for t in teachers if t.representation), None)
+    if stored is None:
+        raise SoftLabelError(
+            f"loss.beta={beta} (task {task!r}) matches the student to a teacher's stored representation, but none of "
+            f"the task's teachers {[t.name for t in teachers]} stored one in {cfg.soft_labels}; label with "
+            f"teachers.N.representation: mean, or set beta: 0")
+    return {"beta": beta, "representation": representation_column(stored.name),
+            "pooling": stored.representation.pooling, "representation_width": stored.representation.width,
+            "representation_loss": cfg.loss.representation_loss}
 
 
 def _task_teachers(cfg: DistillConfig, task: str, by_task: dict[str, dict[str, TeacherInfo]],

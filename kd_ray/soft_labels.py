@@ -14,6 +14,12 @@ column              type                            meaning
                                                     (``task_labels`` in the metadata), same rules
 ``<name>_logits``   fixed_size_list<float32|16, C>  raw logits of teacher ``<name>`` (no softmax,
                                                     so the temperature is chosen at training time)
+``<name>_representation``  fixed_size_list<float16, H>  optional (``teachers.N.representation``): the
+                                                    teacher's sentence representation, its last hidden
+                                                    states mean-pooled over real tokens ('mean') or its
+                                                    first token's ('cls'); H = its hidden size, so
+                                                    2 * H bytes a row before compression (768 for
+                                                    MiniLM-L6, 1,536 for a base model)
 ``truncated``       bool                            the text was longer than a teacher's max_length
 ==================  ==============================  ===============================================
 
@@ -23,7 +29,8 @@ version 2; version 1 numbered those rows too, which a byte range read by its own
 
 Each part file has a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
 ``kd_ray_version``, ``teachers`` (per teacher: ``name``, ``task``, ``model``,
-``weights_sha256``, ``id2label``, ``max_length``), ``label_task`` and ``label_names``
+``weights_sha256``, ``id2label``, ``max_length``, ``representation``: null or its ``pooling``, ``layer``
+and ``width``), ``label_task`` and ``label_names``
 (the gold labels' task and names, in ``id2label`` order), ``task_labels`` (task -> label names
 of each ``label_<task>`` column), ``normalize``,
 ``logits_dtype``, ``corpus`` and ``config_hash``; and, in its footer, ``kd_ray_part``: the corpus
@@ -74,20 +81,41 @@ class ModelInfo(BaseModel):
         return [self.id2label[str(i)] for i in range(len(self.id2label))]
 
 
+class RepresentationInfo(BaseModel):
+    """A teacher's stored sentence representation: how it was pooled, from which layer, its width."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pooling: str  # 'mean': over real tokens; 'cls': the first token
+    layer: str = "last"  # the encoder's last hidden states
+    width: int  # the teacher's hidden size
+    dtype: str = "float16"
+
+
 class TeacherInfo(ModelInfo):
     """One entry of the metadata's ``teachers``: a labeling run's teacher and its provenance."""
 
     name: str
     task: str
     max_length: int
+    representation: RepresentationInfo | None = None
 
     @property
     def column(self) -> str:
         return logits_column(self.name)
 
+    @property
+    def representation_columns(self) -> tuple[str, ...]:
+        """The column of its stored representation, if it has one."""
+        return (representation_column(self.name),) if self.representation else ()
+
 
 def logits_column(teacher_name: str) -> str:
     return f"{teacher_name}_logits"
+
+
+def representation_column(teacher_name: str) -> str:
+    return f"{teacher_name}_representation"
 
 
 def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
@@ -101,6 +129,10 @@ def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
     fields += [pa.field(task_label_column(task), pa.int32()) for task in metadata.get("task_labels") or {}]
     for t in metadata["teachers"]:
         fields.append(pa.field(logits_column(t["name"]), pa.list_(value_type, len(t["id2label"])), nullable=False))
+        if t.get("representation"):
+            fields.append(pa.field(representation_column(t["name"]), pa.list_(pa.float16(),
+                                                                             t["representation"]["width"]),
+                                   nullable=False))
     fields.append(pa.field("truncated", pa.bool_(), nullable=False))
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
@@ -110,10 +142,10 @@ REJECTED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.fie
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
-    """How part files are written: zstd, and the logits BYTE_STREAM_SPLIT-encoded (dictionary
-    encoding of floats only wastes space): 10.5 vs 16.6 bytes per row for 3 float32 logits, 5.4 vs
-    7.0 for float16 (benchmarks/soft_label_storage.py)."""
-    logits = [f.name for f in schema if f.name.endswith("_logits")]
+    """How part files are written: zstd, and the logits and representations BYTE_STREAM_SPLIT-encoded
+    (dictionary encoding of floats only wastes space): 10.5 vs 16.6 bytes per row for 3 float32 logits,
+    5.4 vs 7.0 for float16 (benchmarks/soft_label_storage.py)."""
+    logits = [f.name for f in schema if f.name.endswith(("_logits", "_representation"))]
     return pq.ParquetWriter(sink, schema, compression="zstd",
                             use_dictionary=[f.name for f in schema if f.name not in logits],
                             column_encoding={f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in logits})
@@ -177,6 +209,21 @@ def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int,
     return json.loads(raw), num_rows, schema
 
 
+def _check_representation(file: str, schema: pa.Schema, teacher: dict[str, Any]) -> None:
+    """A stored representation is as wide as its metadata says: the width a student's projection maps to."""
+    if not teacher.get("representation"):
+        return
+    column, width = representation_column(teacher["name"]), teacher["representation"]["width"]
+    if column not in schema.names:
+        raise SoftLabelError(f"{file} has no column {column!r}, though its metadata says teacher {teacher['name']!r} "
+                             "stored its representation there")
+    size = getattr(schema.field(column).type, "list_size", None)
+    if size != width:
+        raise SoftLabelError(f"{file}: column {column!r} holds {schema.field(column).type}, but teacher "
+                             f"{teacher['name']!r}'s metadata gives its representation width {width}, the width a "
+                             f"student's projection maps to; relabel the folder")
+
+
 def read_soft_label_info(path: str) -> SoftLabelInfo:
     """Read and cross-check the metadata of every part file (cheap: footers only)."""
     fs, files = list_part_files(path)
@@ -190,6 +237,8 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
             first_meta = meta
         elif meta["teachers"] != first_meta["teachers"] or meta.get("config_hash") != first_meta.get("config_hash"):
             raise SoftLabelError(f"{file} was labeled by a different teacher or config than {files[0]}; do not mix runs")
+        for t in meta["teachers"]:
+            _check_representation(file, schema, t)
         expected = soft_label_schema(meta).remove_metadata()
         if not schema.remove_metadata().equals(expected):
             raise SoftLabelError(f"{file} has schema\n{schema.remove_metadata()}\nexpected\n{expected}")

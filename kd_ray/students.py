@@ -14,12 +14,13 @@ Loading models from paths happens elsewhere; these take models and configs.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-LAYER_SELECTIONS = ("spread", "first")
+LAYER_SELECTIONS = ("spread", "bottom", "top")
 
 # Where each supported family keeps its list of encoder layers, relative to model.base_model.
 # "encoder.layer": BERT, RoBERTa, XLM-R, MiniLM (a BERT), MPNet, ELECTRA; "transformer.layer": DistilBERT.
@@ -46,26 +47,39 @@ def _find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList] | None
     return None
 
 
-def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str = "spread") -> list[int]:
+def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str | Sequence[int] = "spread") -> list[int]:
     """Teacher layer indices the student's layers are copied from, in order.
 
     "spread": ``round(linspace(0, L-1, k))``, evenly spaced and always keeping the first
     and last layer (6 -> 2 gives [0, 5], 6 -> 3 gives [0, 2, 5], 12 -> 6 gives
-    [0, 2, 4, 7, 9, 11]). "first": layers [0, k).
+    [0, 2, 4, 7, 9, 11]). "bottom": layers [0, k); "top": layers [L-k, L). A list: those
+    layers, increasing (Wang et al., ACL 2023, find bottom layers best for logit and
+    hidden-state distillation).
     """
     if not 1 <= num_layers <= num_teacher_layers:
         raise ValueError(
             f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_layers}"
         )
+    if not isinstance(layer_selection, str):
+        layers = [int(i) for i in layer_selection]
+        if len(layers) != num_layers or layers != sorted(set(layers)) or not all(
+                0 <= i < num_teacher_layers for i in layers):
+            raise ValueError(f"layer_selection {layers} must list {num_layers} distinct teacher layers in increasing "
+                             f"order, each in [0, {num_teacher_layers - 1}]")
+        return layers
     if layer_selection == "spread":
         return torch.linspace(0, num_teacher_layers - 1, num_layers).round().long().tolist()
-    if layer_selection == "first":
+    if layer_selection == "bottom":
         return list(range(num_layers))
-    raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)}, got {layer_selection!r}")
+    if layer_selection == "top":
+        return list(range(num_teacher_layers - num_layers, num_teacher_layers))
+    raise ValueError(f"layer_selection must be one of {list(LAYER_SELECTIONS)} or a list of layers, "
+                     f"got {layer_selection!r}")
 
 
 def cut_student_from_teacher(
-    teacher: PreTrainedModel, num_layers: int, layer_selection: str = "spread", ffn_size: int | float | None = None
+    teacher: PreTrainedModel, num_layers: int, layer_selection: str | Sequence[int] = "spread",
+    ffn_size: int | float | None = None
 ) -> PreTrainedModel:
     """A copy of ``teacher`` keeping ``num_layers`` of its encoder layers.
 

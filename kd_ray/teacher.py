@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.errors import ModelError
-from kd_ray.inference import encode, encoder, length_groups, padded_batches, sorted_logits
-from kd_ray.soft_labels import ModelInfo, TeacherInfo, logits_column
+from kd_ray.inference import encode, encoder, hidden_width, length_groups, padded_batches, sorted_outputs
+from kd_ray.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, logits_column, representation_column
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
     from kd_ray.config import TeacherConfig
@@ -81,8 +81,15 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
 
 
 def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
+    from transformers import AutoConfig
+
     info = describe_model(cfg.model, revision=cfg.revision)
-    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length)
+    representation = None
+    if cfg.representation:
+        width = hidden_width(AutoConfig.from_pretrained(info.model, revision=cfg.revision))
+        representation = RepresentationInfo(pooling=cfg.representation, width=width)
+    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length,
+                       representation=representation)
 
 
 def pick_device(num_gpus: float) -> str:
@@ -205,11 +212,12 @@ class TeacherLabeler:
                 raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
             self.teachers.append((t, model.to(self.device).eval()))
 
-    def _logits(self, ids: pa.ListArray, tokenizer, model) -> np.ndarray:
+    def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None):
         lengths = np.diff(ids.offsets.to_numpy()[:len(ids) + 1])
         groups = length_groups(lengths, self.batch_size, self.batch_tokens)
         batches = zip(groups, padded_batches(ids, tokenizer, groups, pin_memory=self.device == "cuda"))
-        return sorted_logits(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype)
+        return sorted_outputs(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype,
+                              pooling=pooling)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if token_ids_column(0) not in batch.column_names:
@@ -219,13 +227,27 @@ class TeacherLabeler:
         columns = {n: batch.column(n) for n in batch.column_names if not n.startswith(("_token_ids_", "_truncated_"))}
         truncated = np.zeros(len(ok), dtype=bool)
         for (t, model), k in zip(self.teachers, self.tokenizers.of_teacher):
-            width = model.config.num_labels
-            logits = np.full((len(ok), width), np.nan, dtype=np.float32)  # rejected rows keep NaN
+            pooling = _pooling(t)
+            outputs = {logits_column(t.name): (np.full((len(ok), model.config.num_labels), np.nan, np.float32),
+                                               self.logits_type)}  # rejected rows keep NaN
+            if pooling:
+                outputs[representation_column(t.name)] = (np.full((len(ok), hidden_width(model.config)), np.nan,
+                                                                  np.float32), pa.float16())
             if ok.any():
                 ids = pc.filter(batch.column(token_ids_column(k)), keep).combine_chunks()
-                logits[ok] = self._logits(ids, self.tokenizers.encodings[k][0], model)
+                for (values, _), computed in zip(outputs.values(),
+                                                 self._outputs(ids, self.tokenizers.encodings[k][0], model, pooling)):
+                    if computed is not None:
+                        values[ok] = computed
             truncated |= batch.column(truncated_column(k)).to_numpy(zero_copy_only=False)
-            flat = pa.array(logits.reshape(-1), pa.float32()).cast(self.logits_type)
-            columns[logits_column(t.name)] = pa.FixedSizeListArray.from_arrays(flat, width)
+            for column, (values, value_type) in outputs.items():
+                flat = pa.array(values.reshape(-1), pa.float32()).cast(value_type)
+                columns[column] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
         columns["truncated"] = pa.array(truncated)
         return pa.table(columns)
+
+
+def _pooling(teacher: TeacherConfig | TeacherInfo) -> str | None:
+    """How a teacher's representation is pooled ('mean', 'cls'), None if it stores none."""
+    r = teacher.representation
+    return r.pooling if isinstance(r, RepresentationInfo) else r

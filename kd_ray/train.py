@@ -47,21 +47,24 @@ FAIL_AFTER_EPOCH = "KD_RAY_TEST_FAIL_AFTER_EPOCH"
 # ---------------------------------------------------------------------------- per-worker loop
 
 
-def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict]:
-    """Per task: the teachers' combined logits (None for a task without teachers) and the gold indices
-    (-100 where a row has none), as tensors."""
+def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict, dict]:
+    """Per task: the teachers' combined logits (None for a task without teachers), the gold indices
+    (-100 where a row has none) and, for tasks with a representation term, the teacher's stored
+    representation, as tensors."""
     import torch
 
     from kd_ray.losses import combine_teacher_logits
 
-    teacher = {c: torch.as_tensor(_finite_logits(batch, c), device=device) for c in plan.teacher_columns}
+    teacher = {c: torch.as_tensor(_finite_rows(batch, c), device=device) for c in plan.teacher_columns}
     logits = {t.name: combine_teacher_logits([teacher[c] for c in t.teachers], list(t.teachers.values()))
               if t.teachers else None for t in plan.tasks}
     gold = {t.name: torch.as_tensor(_gold(batch, t.gold_column), device=device) for t in plan.tasks}
-    return logits, gold
+    representations = {t.name: torch.as_tensor(_finite_rows(batch, t.representation), device=device)
+                       for t in plan.tasks if t.representation}
+    return logits, gold, representations
 
 
-def _finite_logits(batch: pa.Table, column: str) -> np.ndarray:
+def _finite_rows(batch: pa.Table, column: str) -> np.ndarray:
     arr = batch.column(column).combine_chunks()
     values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1)
     bad = ~np.isfinite(values).all(axis=1)
@@ -120,10 +123,15 @@ class Run:
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
     narrowed: bool = True  # the model has its final width (a student narrowed after training is wide at first)
+    projection: Any = None  # kd_ray.losses.Projections for the representation terms; trained, never exported
 
     @property
     def bare_model(self):
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def bare_projection(self):
+        return self.accelerator.unwrap_model(self.projection) if self.projection is not None else None
 
 
 def build(plan: TrainPlan):
@@ -133,6 +141,8 @@ def build(plan: TrainPlan):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from kd_ray.inference import hidden_width
+    from kd_ray.losses import Projections
     from kd_ray.models import build_model
 
     if not plan.train.use_gpu:  # null: the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
@@ -141,8 +151,10 @@ def build(plan: TrainPlan):
     accelerator = Accelerator(cpu=not plan.train.use_gpu, mixed_precision=plan.train.mixed_precision)
     set_seed(plan.train.seed)
     model, tokenizer = build_model(plan)
+    targets = {t.name: (t.pooling, t.representation_width) for t in plan.tasks if t.representation}
+    projection = Projections(hidden_width(model.config), targets) if targets else None
     return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(),
-               narrowed=plan.wide_epochs == 0)
+               narrowed=plan.wide_epochs == 0, projection=projection)
 
 
 def restore(run: Run) -> dict | None:
@@ -171,6 +183,8 @@ def restore(run: Run) -> dict | None:
     if missing or unexpected:
         raise ModelError(f"checkpoint {checkpoint.path} does not fit the model being trained: missing keys "
                          f"{missing[:5]}, unexpected keys {unexpected[:5]}; delete it to start afresh")
+    if run.projection is not None:
+        run.projection.load_state_dict(state["projection"])
     return state
 
 
@@ -182,12 +196,14 @@ def prepare(run: Run, phase_epochs: int) -> None:
     args = run.plan.train
     # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
     # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
-    optimizer = torch.optim.AdamW(run.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=True)
+    modules = [run.model] + ([run.projection] if run.projection is not None else [])
+    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, fused=True)
     steps = _steps_per_epoch(run.plan) * phase_epochs
     run.scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
                                   num_training_steps=steps)
-    run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+    *modules, run.optimizer = run.accelerator.prepare(*modules, optimizer)
+    run.model, run.projection = modules[0], (modules[1] if len(modules) > 1 else None)
 
 
 def _steps_per_epoch(plan: TrainPlan) -> int:
@@ -198,9 +214,9 @@ def narrow(run: Run) -> None:
     """Narrow a student trained at full width to its ``ffn_size``; it trains on with a fresh schedule."""
     from kd_ray.students import prune_feed_forward
 
-    bare = run.bare_model
+    bare, projection = run.bare_model, run.bare_projection
     run.accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
-    run.model = prune_feed_forward(bare, run.plan.student.ffn_size)
+    run.model, run.projection = prune_feed_forward(bare, run.plan.student.ffn_size), projection
     run.narrowed = True
     prepare(run, run.plan.train.epochs)
 
@@ -213,8 +229,14 @@ def train_epoch(run: Run, shard) -> dict[str, Any]:
     run.model.train()
     started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
     for batch, enc in _training_batches(shard, run.tokenizer, plan.train, seed=plan.train.seed * 1000 + run.epoch):
-        logits = run.model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
-        loss, _ = multitask_loss(logits, plan.tasks, *_targets(batch, plan, device))
+        inputs = {k: v.to(device) for k, v in enc.items()}
+        out = run.model(**inputs, output_hidden_states=run.projection is not None)
+        teacher_logits, gold, teacher_representations = _targets(batch, plan, device)
+        pairs = None
+        if run.projection is not None:  # the student's pooled last hidden states, projected to each teacher's width
+            projected = run.projection(out.hidden_states[-1], inputs["attention_mask"])
+            pairs = {name: (projected[name], teacher_representations[name]) for name in projected}
+        loss, _ = multitask_loss(out.logits.float(), plan.tasks, teacher_logits, gold, pairs)
         run.accelerator.backward(loss)
         if plan.train.grad_clip:
             run.accelerator.clip_grad_norm_(run.model.parameters(), plan.train.grad_clip)
@@ -290,8 +312,11 @@ def save_checkpoint(run: Run, metrics: dict) -> None:
             run.tokenizer.save_pretrained(folder)
             if run.plan.named_heads:
                 write_layout(folder, run.plan.tasks)
+            projection = run.bare_projection
             torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                        "epoch": run.epoch, "history": run.history}, Path(folder) / TRAIN_STATE)
+                        "epoch": run.epoch, "history": run.history,
+                        "projection": projection.state_dict() if projection is not None else None},
+                       Path(folder) / TRAIN_STATE)
         torch.save(_rng_state(), Path(folder) / RNG_STATE.format(rank=run.rank))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -482,7 +507,8 @@ def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
     from kd_ray.ray_data import parquet_files_dataset
 
-    columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns]))
+    columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns,
+                                  *plan.representation_columns]))
     train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
     if plan.gold_only:
         train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": plan.gold_columns}, batch_format="pyarrow",

@@ -90,16 +90,24 @@ def test_select_layers_spread(num_teacher_layers, num_layers, expected):
     assert select_layers(num_teacher_layers, num_layers, "spread") == expected
 
 
-def test_select_layers_first():
-    assert select_layers(6, 3, "first") == [0, 1, 2]
+@pytest.mark.parametrize("rule, expected", [("bottom", [0, 1, 2]), ("top", [3, 4, 5]), ([1, 2, 4], [1, 2, 4])])
+def test_select_layers_bottom_top_and_listed(rule, expected):
+    assert select_layers(6, 3, rule) == expected
 
 
 def test_select_layers_unknown_rule():
-    with pytest.raises(ValueError, match="layer_selection.*'spread', 'first'"):
+    with pytest.raises(ValueError, match="layer_selection.*'spread', 'bottom', 'top'"):
         select_layers(6, 3, "last")
 
 
-@pytest.mark.parametrize("num_layers, layer_selection", [(2, "spread"), (3, "first"), (1, "spread")])
+@pytest.mark.parametrize("layers", [[0, 1], [2, 1, 3], [0, 0, 1], [0, 1, 6]])
+def test_select_layers_refuses_a_bad_list(layers):
+    with pytest.raises(ValueError, match="must list 3 distinct teacher layers in increasing order, each in \\[0, 5\\]"):
+        select_layers(6, 3, layers)
+
+
+@pytest.mark.parametrize("num_layers, layer_selection", [(2, "spread"), (3, "bottom"), (2, "top"), (2, [1, 3]),
+                                                         (1, "spread")])
 def test_cut_copies_chosen_layers_exactly(teacher, num_layers, layer_selection):
     student = cut_student_from_teacher(teacher, num_layers, layer_selection)
     assert type(student) is type(teacher)
