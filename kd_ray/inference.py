@@ -19,6 +19,11 @@ def hidden_width(config) -> int:
     return getattr(config, "hidden_size", None) or config.dim
 
 
+def is_classifier_config(config) -> bool:
+    """Whether a model config says it is a sequence classifier (a bare encoder's does not)."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
 def encoder(tokenizer, max_length: int):
     """A fast tokenizer's Rust backend set to truncate at ``max_length`` on the tokenizer's side and not
     to pad; None for a slow tokenizer."""

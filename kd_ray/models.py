@@ -23,11 +23,12 @@ def is_classifier(model: str) -> bool:
     """Whether ``model``'s config says it is a sequence classifier (a bare encoder is not)."""
     from transformers import AutoConfig
 
+    from kd_ray.inference import is_classifier_config
+
     try:
-        architectures = AutoConfig.from_pretrained(model).architectures or []
+        return is_classifier_config(AutoConfig.from_pretrained(model))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the config of {model!r}: {e}") from e
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load_classifier(model: str, labels: list[str], *, what: str = "model"):

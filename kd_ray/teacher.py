@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.errors import ModelError
-from kd_ray.inference import encode, encoder, hidden_width, length_groups, padded_batches, sorted_outputs
+from kd_ray.inference import (encode, encoder, hidden_width, is_classifier_config, length_groups, padded_batches,
+                              sorted_outputs)
 from kd_ray.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, logits_column, representation_column
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
@@ -63,7 +64,7 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the {what} config from {model!r}: {e}") from e
     architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if not is_classifier_config(config):
         raise ModelError(
             f"{what} {model!r} is a {architectures or config.model_type} model, not a sequence classifier "
             f"(its config.architectures should end in 'ForSequenceClassification'); fine-tune it first with "

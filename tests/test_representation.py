@@ -81,7 +81,7 @@ def test_the_representation_term_reaches_the_projection_and_the_student(tmp_path
 def test_multitask_loss_adds_the_term_only_to_tasks_that_have_one():
     logits = torch.randn(4, 5, requires_grad=True)
     first = _task(1.0).model_copy(update={"name": "a"})
-    second = TaskPlan(name="b", labels=("x", "y"), offset=3, teachers={"b_logits": 1.0}, alpha=1.0)
+    second = TaskPlan(name="b", labels=("x", "y"), start=3, teachers={"b_logits": 1.0}, alpha=1.0)
     pairs = {"a": (torch.randn(4, 48, requires_grad=True), torch.randn(4, 48))}
     teacher = {"a": torch.randn(4, 3), "b": torch.randn(4, 2)}
     gold = {"a": torch.full((4,), -100), "b": torch.full((4,), -100)}
