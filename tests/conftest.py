@@ -88,21 +88,25 @@ def labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
     return folder / "labeled.parquet"
 
 
-@pytest.fixture(scope="session")
-def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
-    """400 labeled rows + 400 unlabeled ones, labeled by the tiny teacher."""
+def label_folder(root: Path, teacher: Path, *, unlabeled_rows: int = 400, **overrides) -> Path:
+    """400 labeled rows + ``unlabeled_rows`` without gold, labeled by ``teacher`` into root/labels."""
     from kd_ray.config import LabelConfig, load_config
     from kd_ray.label import run_label
 
-    root = tmp_path_factory.mktemp("soft")
     labeled = labeled_corpus(root / "corpus", 400)
     unlabeled = root / "corpus" / "unlabeled.txt"
-    unlabeled.write_text("\n".join(random_posts(400, seed=9)) + "\n")
+    unlabeled.write_text("\n".join(random_posts(unlabeled_rows, seed=9)) + "\n")
     cfg = load_config(LabelConfig, overrides={
         "corpus.path": [str(labeled), str(unlabeled)], "corpus.label_column": "label", "corpus.partial_labels": True,
-        "teachers.0.model": str(tiny_teacher), "output.path": str(root / "labels")})
+        "teachers.0.model": str(teacher), "output.path": str(root / "labels"), **overrides})
     run_label(cfg)
     return root / "labels"
+
+
+@pytest.fixture(scope="session")
+def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
+    """400 labeled rows + 400 unlabeled ones, labeled by the tiny teacher."""
+    return label_folder(tmp_path_factory.mktemp("soft"), tiny_teacher)
 
 
 def minilm_path() -> Path | None:

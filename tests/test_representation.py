@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import LABELS, build_tiny_classifier, labeled_corpus, random_posts
+from conftest import LABELS, build_tiny_classifier, label_folder, random_posts
 
-from kd_ray.config import DistillConfig, LabelConfig, StudentConfig, load_config
+from kd_ray.config import DistillConfig, StudentConfig, load_config
 from kd_ray.errors import SoftLabelError
 from kd_ray.losses import Projections, multitask_loss, pool, representation_loss
 from kd_ray.plan import TaskPlan, distill_plan
@@ -97,18 +97,8 @@ def test_multitask_loss_adds_the_term_only_to_tasks_that_have_one():
 @pytest.fixture(scope="module")
 def rep_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
     """Soft labels with the tiny teacher's mean-pooled representation (400 labeled rows + 200 without gold)."""
-    from kd_ray.label import run_label
-
-    root = tmp_path_factory.mktemp("rep")
-    labeled = labeled_corpus(root / "corpus", 400)
-    unlabeled = root / "corpus" / "unlabeled.txt"
-    unlabeled.write_text("\n".join(random_posts(200, seed=5)) + "\n")
-    cfg = load_config(LabelConfig, overrides={
-        "corpus.path": [str(labeled), str(unlabeled)], "corpus.label_column": "label", "corpus.partial_labels": True,
-        "teachers.0.model": str(tiny_teacher), "teachers.0.representation": "mean",
-        "compute.block_rows": 128, "output.path": str(root / "labels")})
-    run_label(cfg)
-    return root / "labels"
+    return label_folder(tmp_path_factory.mktemp("rep"), tiny_teacher, unlabeled_rows=200,
+                        **{"teachers.0.representation": "mean", "compute.block_rows": 128})
 
 
 def test_labeling_stores_the_mean_pooled_representation_with_its_metadata(rep_labels, tiny_teacher):
