@@ -4,6 +4,7 @@ sub-command merges its own key into --out and skips a finished key unless --forc
     python benchmarks/label_scale.py feed --variant fused --set compute.tokenize=actor
     python benchmarks/label_scale.py feed --variant stage --set compute.tokenize=stage
     python benchmarks/label_scale.py bigfile
+    python benchmarks/label_scale.py reads
     python benchmarks/label_scale.py resume
 
 (--out benchmarks/results/label-scale.json, --work-dir runs/bench-scale, --cores 2 by default.)
@@ -19,6 +20,10 @@ feed     --rows rows (1M), --repeats times alternating: the bare fast tokenizer 
 bigfile  --small and --large rows (500k, 5M) in one file each: peak RSS of the driver and of
          each Ray worker by role (from its `ray::` title; the titles seen are stored), wall
          time, and when two read tasks were first busy at once.
+reads    the read tasks alone: each shard of the --small and --large files read in one process, one
+         after another as a reused Ray worker reads them (peak anonymous memory per shard); then the
+         read stage alone under Ray on the --large file, split in 64 MiB ranges and whole (wall time,
+         when two read tasks were first busy at once)
 resume   the --large file: SIGKILL the driver once --kill-after-files part files exist, kill
          the run's Ray processes, rerun (it resumes), then check the ids (each line exactly
          once) and that the files committed before the kill were kept untouched.
@@ -309,6 +314,92 @@ def bigfile(args, work: Path, teacher: Path) -> dict:
     return result
 
 
+def shard_peaks(path: Path) -> list[dict]:
+    """In this process, no Ray: each shard of ``path`` read through the read tasks' own function, one
+    after another as a reused Ray worker runs them; the peak anonymous memory while reading each."""
+    from dataclasses import asdict
+
+    import pyarrow as pa
+
+    from kd_ray.config import CorpusConfig
+    from kd_ray.corpus import list_shards
+    from kd_ray.ray_data import _read_shards_udf
+
+    def anon() -> int:
+        return rollup(os.getpid()).get("Anonymous", 0)
+
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], anon())
+            stop.wait(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    cfg, shards = CorpusConfig(path=str(path)), []
+    for shard in list_shards(cfg):
+        peak[0], rows, start = anon(), 0, time.perf_counter()
+        for table in _read_shards_udf(pa.Table.from_pylist([asdict(shard)]), cfg, None, True, None, None, None):
+            rows += table.num_rows
+        del table
+        shards.append({"shard": shard.key.rsplit("/", 1)[-1], "rows": rows, "seconds": round(time.perf_counter() - start, 2),
+                       "peak_anon_mib": round(peak[0] / 2**20, 1), "after_mib": round(anon() / 2**20, 1)})
+    stop.set()
+    return shards
+
+
+def read_pipeline_main(args) -> None:
+    """Internal: the labeling read stage alone (the corpus as a Ray Dataset, iterated by this driver)."""
+    import ray
+
+    from kd_ray.config import CorpusConfig
+    from kd_ray.label import READ_TASK_CPUS
+    from kd_ray.ray_data import corpus_dataset
+
+    ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
+    split = None if args.split_bytes == 0 else args.split_bytes
+    ds = corpus_dataset(CorpusConfig(path=args.file, split_bytes=split), None, block_rows=8192,
+                        num_cpus=READ_TASK_CPUS)
+    rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    print(json.dumps({"rows": rows}))
+
+
+def reads(args, work: Path) -> dict:
+    """Read-task memory per shard (in one process) and the read stage alone under Ray, split or whole."""
+    result = {"shards": {}, "pipeline": {}}
+    for rows in (args.small, args.large):
+        result["shards"][str(rows)] = shard_peaks(corpus(work, rows))
+        print(f"{rows:,} rows: per-shard peak anonymous MiB "
+              f"{[s['peak_anon_mib'] for s in result['shards'][str(rows)]]}", flush=True)
+    path = corpus(work, args.large)
+    for name, split in (("split_64MiB", 64 * 2**20), ("whole_file", 0)):
+        wait_for_no_ray()
+        cmd = [sys.executable, __file__, "read-pipeline", "--file", str(path), "--split-bytes", str(split),
+               "--cores", str(args.cores)]
+        with open(work / "logs" / f"reads-{name}.log", "w") as log:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+            stats: dict = {"peak_rss": {}, "peak_uss": {}, "peak_anon": {}, "peak_shmem": {}, "titles": {},
+                           "first_parallel_read_s": None}
+            stop = threading.Event()
+            sampler = threading.Thread(target=sample, args=(psutil.Process(proc.pid), stop, args.interval, start,
+                                                            stats))
+            sampler.start()
+            out, _ = proc.communicate()
+            wall = time.perf_counter() - start
+            stop.set()
+            sampler.join()
+        if proc.returncode:
+            raise SystemExit(f"the read pipeline failed (exit {proc.returncode}); see {log.name}")
+        got = json.loads(out.strip().splitlines()[-1])["rows"]
+        result["pipeline"][name] = {"rows": got, "wall_s": round(wall, 2), "rows_per_s": round(got / wall),
+                                    "first_parallel_read_s": stats["first_parallel_read_s"],
+                                    "peak_anon_mib": {k: round(v / 2**20, 1) for k, v in stats["peak_anon"].items()}}
+        print(f"read stage alone, {name}: {got:,} rows in {wall:.1f} s, two reads busy at once after "
+              f"{stats['first_parallel_read_s']} s", flush=True)
+    return result
+
+
 def file_states(out: Path) -> dict:
     files = [*out.glob("part-*.parquet"), *(out / "_rejected").glob("*")]
     return {str(p.relative_to(out)): {"bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
@@ -402,6 +493,13 @@ def main() -> None:
     p = sub.add_parser("resume", parents=[common], help="kill a run, resume it, check the ids")
     p.add_argument("--large", type=int, default=5_000_000)
     p.add_argument("--kill-after-files", type=int, default=3)
+    p = sub.add_parser("reads", parents=[common], help="read tasks alone: memory per shard, split vs whole file")
+    p.add_argument("--small", type=int, default=500_000)
+    p.add_argument("--large", type=int, default=5_000_000)
+    p = sub.add_parser("read-pipeline", help="internal: the read stage alone under Ray (reads runs it)")
+    p.add_argument("--file", required=True)
+    p.add_argument("--split-bytes", type=int, required=True, help="0: the file whole")
+    p.add_argument("--cores", type=int, default=2)
     p = sub.add_parser("tokenize", help="internal: the bare tokenizer baseline (feed runs it)")
     p.add_argument("--teacher", required=True)
     p.add_argument("--file", required=True)
@@ -409,6 +507,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "tokenize":
         return tokenize_main(args)
+    if args.command == "read-pipeline":
+        return read_pipeline_main(args)
 
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     key = f"{args.command}/{args.variant}"
@@ -422,6 +522,8 @@ def main() -> None:
         result = feed(args, work, teacher)
     elif args.command == "bigfile":
         result = bigfile(args, work, teacher)
+    elif args.command == "reads":
+        result = reads(args, work)
     else:
         result = resume(args, work, teacher, report)
     report = json.loads(args.out.read_text()) if args.out.exists() else {}  # merge into the latest file

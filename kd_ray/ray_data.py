@@ -80,7 +80,8 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
                                    "tag_shards": committed is not None, "task_labels": task_labels,
                                    "augment": augment, "mask_token": mask_token})
     if block_rows:
-        # Ray fuses this into the read task when both ask for the same resources.
+        # Ray fuses this into the read task when both ask for the same resources (a whole CPU: see
+        # kd_ray.label.READ_TASK_CPUS); else it is an operator of its own that copies every block again.
         ds = ds.repartition(target_num_rows_per_block=block_rows)
     return ds
 
