@@ -703,6 +703,8 @@ class PipelineConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Perturbed copies of the posts "
                                    "for the teacher to label: more transfer text for a small corpus.")
     teacher_max_length: int = Field(128, ge=8, le=8192, description="Teacher tokens per text when labeling.")
+    teacher_representation: Literal["mean", "cls"] | None = Field(None, description="Also store each teacher's "
+        "sentence representation when labeling (teachers.N.representation), for loss.beta.")
     logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
@@ -731,6 +733,9 @@ class PipelineConfig(Section):
             self.teacher.check_source()
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
+        if self.loss.beta > 0 and self.teacher_representation is None:
+            raise ValueError(f"loss.beta={self.loss.beta} matches the student to the teacher's stored representation; "
+                             "set teacher_representation: mean (or cls) so that labeling stores it, or beta: 0")
         return self
 
     @model_validator(mode="after")

@@ -79,6 +79,7 @@ def _label_stage(cfg: PipelineConfig, teachers: list[TaskTeacher]) -> LabelConfi
     return LabelConfig(
         corpus=label_corpus(cfg),
         teachers=[TeacherConfig(model=t.path, max_length=cfg.teacher_max_length,
+                                representation=cfg.teacher_representation,
                                 **({"name": t.task, "task": t.task} if named else {})) for t in teachers],
         compute=cfg.label, augment=cfg.augment,
         # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused

@@ -242,3 +242,17 @@ def test_a_cut_of_another_pretrained_encoder_gets_a_fresh_head_and_its_own_token
     assert tokenizer.backend_tokenizer.to_str() == AutoTokenizer.from_pretrained(encoder).backend_tokenizer.to_str()
     with pytest.raises(Exception, match="its labels \\['a', 'b'\\] differ"):  # a classifier keeps its own head
         build_student(student.model_copy(update={"model": str(other)}), str(tiny_teacher), LABELS)
+
+
+def test_a_pipeline_stores_representations_for_beta_and_refuses_beta_without():
+    from kd_ray.config import PipelineConfig
+    from kd_ray.pipeline import stage_configs
+
+    tree = {"output": "runs/x", "labels": LABELS, "data": {"train": {"path": "t.csv"}, "test": {"path": "test.csv"}},
+            "teacher": {"model": "some/teacher"}, "loss": {"beta": 0.5}}
+    with pytest.raises(ValueError, match="loss.beta=0.5 .* set teacher_representation: mean"):
+        load_config(PipelineConfig, overrides=tree)
+    cfg = load_config(PipelineConfig, overrides={**tree, "teacher_representation": "mean"})
+    assert stage_configs(cfg)["label"].teachers[0].representation == "mean"
+    assert stage_configs(cfg)["distill"].loss.beta == 0.5
+
