@@ -75,7 +75,20 @@ class CorpusConfig(Section):
 
 
 class TeacherConfig(Section):
-    model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id.")
+    model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id (kind "
+                       "'classifier'), or a causal language model's (kind 'llm').")
+    kind: Literal["classifier", "llm"] = Field("classifier", description="'classifier': a fine-tuned sequence "
+        "classifier, its logits stored; 'llm': a (instruction-tuned) causal LM prompted with each post, its "
+        "next-token log-probabilities of the label words stored as the logits.")
+    prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes (few-shot "
+        "examples may precede it; write other braces as {{ }}). The label word follows it directly.")
+    labels: list[str] | None = Field(None, min_length=2, description="kind llm: the label set, in the order of the "
+        "stored logits.")
+    verbalizer: dict[str, str] | None = Field(None, description="kind llm: label -> the word that names it after "
+        "the prompt, each a single token of the LM's tokenizer, distinct (null: ' ' + the label).")
+    calibrate: bool = Field(False, description="kind llm: contextual calibration (Zhao et al. 2021): divide the "
+        "label-word probabilities by those the LM gives content-free posts ('N/A', '', '[MASK]'); recorded in the "
+        "metadata.")
     name: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Name of this teacher; its logits "
         "go to the column '<name>_logits'.")
     task: str = Field("sentiment", description="Task this teacher labels (several teachers may share a task).")
@@ -86,6 +99,36 @@ class TeacherConfig(Section):
         "base model), for loss.beta: its last hidden states averaged over the real tokens ('mean': what sentence "
         "encoders such as all-mpnet-base-v2 were trained to put meaning in) or the first token's ('cls'). null: "
         "logits only.")
+
+    @model_validator(mode="after")
+    def _llm_fields(self) -> TeacherConfig:
+        llm = {"prompt": self.prompt, "labels": self.labels, "verbalizer": self.verbalizer}
+        if self.kind == "classifier":
+            given = [k for k, v in {**llm, "calibrate": self.calibrate or None}.items() if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} describe an LLM teacher; set kind: llm (a classifier's labels "
+                                 "and prompt are its own)")
+            return self
+        if not self.prompt or not self.labels:
+            raise ValueError("an LLM teacher (kind: llm) needs prompt (with {text}) and labels")
+        try:
+            filled = self.prompt.format(text="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompt cannot be filled in with the post ({e!r}); {{text}} is the only placeholder, "
+                             "write other braces as {{ and }}") from None
+        if "\0" not in filled:
+            raise ValueError("prompt has no {text} placeholder: the LM would never see the post")
+        if self.verbalizer is not None and sorted(self.verbalizer) != sorted(self.labels):
+            raise ValueError(f"verbalizer names labels {sorted(self.verbalizer)}, labels are {sorted(self.labels)}: "
+                             "give one word for every label")
+        if self.representation is not None:
+            raise ValueError("representation is stored for classifier teachers only")
+        return self
+
+    @property
+    def label_words(self) -> list[str]:
+        """kind llm: the word of each label, in label order."""
+        return [(self.verbalizer or {}).get(label, f" {label}") for label in self.labels or []]
 
 
 class LabelComputeConfig(Section):

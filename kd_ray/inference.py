@@ -49,11 +49,25 @@ def encode(tokenizer, texts: list[str], max_length: int, backend=None) -> tuple[
     else:
         ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         truncated = np.array([len(i) >= max_length for i in ids], dtype=bool)
+    return list_array(ids), truncated
+
+
+def encode_prompts(tokenizer, texts: list[str], max_length: int, prompt: str) -> tuple[pa.ListArray, np.ndarray]:
+    """Token ids of ``prompt`` with each text in it (an LLM teacher's input) and which texts were cut: a
+    text is cut to ``max_length`` tokens of its own before it goes into the prompt, which is never cut."""
+    alone = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    truncated = np.array([len(i) > max_length for i in alone], dtype=bool)
+    posts = [tokenizer.decode(i[:max_length]) if cut else t for t, i, cut in zip(texts, alone, truncated)]
+    return list_array(tokenizer([prompt.format(text=p) for p in posts])["input_ids"]), truncated
+
+
+def list_array(ids: list[list[int]]) -> pa.ListArray:
+    """Python lists of token ids as an Arrow list<int32>."""
     lengths = np.fromiter(map(len, ids), np.int32, len(ids))
     offsets = np.zeros(len(ids) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(offsets[-1]))  # 1.8x pa.array(ids)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)), truncated
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def padded_batches(ids: pa.ListArray, tokenizer, groups: list[np.ndarray], *,
@@ -97,10 +111,15 @@ def length_groups(lengths: np.ndarray, batch_size: int, batch_tokens: int | None
 
 
 def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int, *, device: str = "cpu",
-                   amp_dtype=None, pooling: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                   amp_dtype=None, pooling: str | None = None,
+                   label_tokens: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, num_labels) float32 logits of ``model`` over ``(row indices, input tensors)`` batches and,
     with ``pooling`` ('mean' or 'cls', kd_ray.losses.pool), its (rows, hidden) float32 sentence
     representations from the last hidden states (None without).
+
+    A causal LM (``label_tokens``, left-padded batches): the next-token log-probabilities of those
+    tokens after each row's last token, from the last position's logits alone; position ids count
+    real tokens only, so a padded row gets the logits it gets alone.
 
     Inputs are copied to ``device`` without blocking and the host waits once, at the end: on a
     GPU the next batch is prepared while the last one runs."""
@@ -113,12 +132,18 @@ def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int,
     with torch.inference_mode(), amp:
         for idx, batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = model(**batch, output_hidden_states=pooling is not None)
-            logits.append(out.logits.float())
+            if label_tokens is not None:
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                out = model(**batch, position_ids=positions, logits_to_keep=1)
+                logits.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, label_tokens])
+            else:
+                out = model(**batch, output_hidden_states=pooling is not None)
+                logits.append(out.logits.float())
             if pooling:
                 pooled.append(pool(out.hidden_states[-1], batch["attention_mask"], pooling))
             indices.append(idx)
-    results = [np.empty((rows, model.config.num_labels), dtype=np.float32)]
+    width = len(label_tokens) if label_tokens is not None else model.config.num_labels
+    results = [np.empty((rows, width), dtype=np.float32)]
     if pooling:
         results.append(np.empty((rows, hidden_width(model.config)), dtype=np.float32))
     if indices:

@@ -123,8 +123,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
-        # a teacher without a stored representation dumps as before, so that the hash of such runs stays
-        "teachers": [t.model_dump(exclude={"representation"} if t.representation is None else None) for t in teachers],
+        "teachers": [t.metadata() for t in teachers],
         "label_task": first.task if cfg.corpus.label_column else None,
         "label_names": label_names,
         "task_labels": task_labels,

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kd_ray.errors import ModelError
-from kd_ray.inference import (encode, encoder, hidden_width, is_classifier_config, length_groups, padded_batches,
-                              sorted_outputs)
+from kd_ray.inference import (encode, encode_prompts, encoder, hidden_width, is_classifier_config, length_groups,
+                              padded_batches, sorted_outputs)
 from kd_ray.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, logits_column, representation_column
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
@@ -42,8 +42,9 @@ def weights_sha256(folder: Path) -> str:
 
 
 def describe_model(model: str, *, revision: str | None = None, what: str = "teacher",
-                   hash_weights: bool = True) -> ModelInfo:
-    """Check that ``model`` is a loadable sequence classifier; return its provenance.
+                   hash_weights: bool = True, labels: list[str] | None = None) -> ModelInfo:
+    """Check that ``model`` is a loadable sequence classifier (or, given the ``labels`` an LLM teacher
+    names, a causal LM); return its provenance.
 
     Loads only the config (and hashes local weights), so it is cheap on the driver.
     """
@@ -64,33 +65,65 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the {what} config from {model!r}: {e}") from e
     architectures = config.architectures or []
-    if not is_classifier_config(config):
+    if labels is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_classifier_config(config):
+            raise ModelError(f"{what} {model!r} is a {architectures or config.model_type} model, not a causal "
+                             "language model (one AutoModelForCausalLM loads), which kind: llm needs")
+        id2label = {str(i): label for i, label in enumerate(labels)}
+    elif not is_classifier_config(config):
         raise ModelError(
             f"{what} {model!r} is a {architectures or config.model_type} model, not a sequence classifier "
             f"(its config.architectures should end in 'ForSequenceClassification'); fine-tune it first with "
             f"`kd-ray finetune`"
         )
-    id2label = {str(k): v for k, v in sorted(config.id2label.items(), key=lambda kv: int(kv[0]))}
+    else:
+        id2label = {str(k): v for k, v in sorted(config.id2label.items(), key=lambda kv: int(kv[0]))}
     return ModelInfo(
         model=str(folder.resolve()) if is_local else model,
         revision=revision,
         weights_sha256=(weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}")
         if hash_weights else None,
         id2label=id2label,
-        architecture=architectures[0],
+        architecture=architectures[0] if architectures else config.model_type,
     )
 
 
 def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
     from transformers import AutoConfig
 
-    info = describe_model(cfg.model, revision=cfg.revision)
-    representation = None
+    info = describe_model(cfg.model, revision=cfg.revision, labels=cfg.labels if cfg.kind == "llm" else None)
+    extra: dict = {}
     if cfg.representation:
         width = hidden_width(AutoConfig.from_pretrained(info.model, revision=cfg.revision))
-        representation = RepresentationInfo(pooling=cfg.representation, width=width)
-    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length,
-                       representation=representation)
+        extra["representation"] = RepresentationInfo(pooling=cfg.representation, width=width)
+    if cfg.kind == "llm":
+        extra.update(kind="llm", prompt=cfg.prompt, prompt_sha256=hashlib.sha256(cfg.prompt.encode()).hexdigest(),
+                     verbalizer=dict(zip(cfg.labels, cfg.label_words)),
+                     label_token_ids=label_token_ids(load_tokenizer(cfg), cfg),
+                     calibration=CALIBRATION if cfg.calibrate else None)
+    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length, **extra)
+
+
+# Contextual calibration (Zhao et al. 2021): the label-word probabilities of content-free posts
+CALIBRATION = {"method": "contextual", "content_free": ["N/A", "", "[MASK]"]}
+
+
+def label_token_ids(tokenizer, cfg: TeacherConfig) -> list[int]:
+    """The token of each label word (cfg.label_words), checked: one token each, all distinct."""
+    ids = []
+    for label, word in zip(cfg.labels, cfg.label_words):
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            raise ModelError(f"teacher {cfg.name!r}: label {label!r}'s word {word!r} is {len(tokens)} tokens {pieces} "
+                             f"in {cfg.model}'s tokenizer; each label word must be one token (set verbalizer, e.g. "
+                             f"a shorter word or one with a leading space)")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ModelError(f"teacher {cfg.name!r}: label words {cfg.label_words} are not distinct tokens ({ids})")
+    return ids
 
 
 def pick_device(num_gpus: float) -> str:
@@ -126,12 +159,19 @@ def truncated_column(encoding: int) -> str:
 
 
 def load_tokenizer(t: TeacherConfig | TeacherInfo):
+    """A teacher's tokenizer; an LLM teacher's pads on the left (the label word follows each prompt's last
+    token), with its end-of-text token if it has no pad token."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(t.model, revision=t.revision)
+        tokenizer = AutoTokenizer.from_pretrained(t.model, revision=t.revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of teacher {t.name!r} from {t.model}: {e}") from e
+    if t.kind == "llm":
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class Tokenizers:
@@ -143,23 +183,32 @@ class Tokenizers:
     when its rows come without token ids."""
 
     def __init__(self, teachers: list[TeacherConfig | TeacherInfo]):
-        self.encodings: list[tuple] = []  # (tokenizer, Rust backend, max_length) of each distinct encoding
+        # (tokenizer, Rust backend, max_length, an LLM teacher's prompt) of each distinct encoding
+        self.encodings: list[tuple] = []
         self.of_teacher: list[int] = []  # index of each teacher's encoding
         keys: list[tuple] = []
         for t in teachers:
             tokenizer = load_tokenizer(t)
-            key = _tokenizer_key(tokenizer, t.max_length)
+            prompt = t.prompt if t.kind == "llm" else None
+            key = (*_tokenizer_key(tokenizer, t.max_length), prompt)
             if key not in keys:
                 keys.append(key)
-                self.encodings.append((tokenizer, encoder(tokenizer, t.max_length), t.max_length))
+                self.encodings.append((tokenizer, encoder(tokenizer, t.max_length), t.max_length, prompt))
             self.of_teacher.append(keys.index(key))
+
+    def encode(self, k: int, texts: list[str]) -> tuple[pa.ListArray, np.ndarray]:
+        """Encoding ``k``'s token ids of ``texts`` and which were cut."""
+        tokenizer, backend, max_length, prompt = self.encodings[k]
+        if prompt is not None:
+            return encode_prompts(tokenizer, texts, max_length, prompt)
+        return encode(tokenizer, texts, max_length, backend)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
         good = pc.filter(batch.column("text"), pa.array(ok)).to_pylist()
         rows = np.flatnonzero(ok)
-        for k, (tokenizer, backend, max_length) in enumerate(self.encodings):
-            ids, cut = encode(tokenizer, good, max_length, backend)
+        for k in range(len(self.encodings)):
+            ids, cut = self.encode(k, good)
             # rejected rows get no tokens: scatter the good rows' lists into place
             where = np.full(len(ok), len(good), dtype=np.int64)
             where[rows] = np.arange(len(good))
@@ -193,7 +242,7 @@ class TeacherLabeler:
                  threads: int = 1, precision: str = "auto", logits_dtype: str = "float32",
                  batch_tokens: int | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         self.device = pick_device(num_gpus)
         if self.device == "cpu":
@@ -205,20 +254,36 @@ class TeacherLabeler:
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
         self.tokenizers = Tokenizers(teachers)
-        self.teachers = []
-        for t in teachers:
+        self.teachers = []  # (teacher, model, its label tokens and log prior if it is an LLM)
+        for t, k in zip(teachers, self.tokenizers.of_teacher):
+            auto = AutoModelForCausalLM if t.kind == "llm" else AutoModelForSequenceClassification
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(t.model, revision=t.revision)
+                model = auto.from_pretrained(t.model, revision=t.revision)
             except (OSError, ValueError) as e:
                 raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
-            self.teachers.append((t, model.to(self.device).eval()))
+            model = model.to(self.device).eval()
+            tokens = None
+            if t.kind == "llm":
+                # a TeacherInfo carries the tokens checked on the driver; a TeacherConfig is checked here
+                tokens = getattr(t, "label_token_ids", None) or label_token_ids(self.tokenizers.encodings[k][0], t)
+            self.teachers.append((t, model, tokens, None))
+            if t.kind == "llm" and (getattr(t, "calibration", None) or getattr(t, "calibrate", False)):
+                self.teachers[-1] = (t, model, tokens, self._log_prior(k, model, tokens))
 
-    def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None):
+    def _log_prior(self, k: int, model, tokens: list[int]) -> np.ndarray:
+        """Contextual calibration: the log of the label-word distribution (among the label words) that the
+        LM gives content-free posts, averaged over them."""
+        ids, _ = self.tokenizers.encode(k, CALIBRATION["content_free"])
+        logp, _ = self._outputs(ids, self.tokenizers.encodings[k][0], model, None, tokens)
+        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+        return np.log((probs / probs.sum(axis=1, keepdims=True)).mean(axis=0))
+
+    def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None, label_tokens: list[int] | None):
         lengths = np.diff(ids.offsets.to_numpy()[:len(ids) + 1])
         groups = length_groups(lengths, self.batch_size, self.batch_tokens)
         batches = zip(groups, padded_batches(ids, tokenizer, groups, pin_memory=self.device == "cuda"))
         return sorted_outputs(model, batches, len(lengths), device=self.device, amp_dtype=self.amp_dtype,
-                              pooling=pooling)
+                              pooling=pooling, label_tokens=label_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if token_ids_column(0) not in batch.column_names:
@@ -227,19 +292,22 @@ class TeacherLabeler:
         keep = pa.array(ok)
         columns = {n: batch.column(n) for n in batch.column_names if not n.startswith(("_token_ids_", "_truncated_"))}
         truncated = np.zeros(len(ok), dtype=bool)
-        for (t, model), k in zip(self.teachers, self.tokenizers.of_teacher):
+        for (t, model, tokens, log_prior), k in zip(self.teachers, self.tokenizers.of_teacher):
             pooling = _pooling(t)
-            outputs = {logits_column(t.name): (np.full((len(ok), model.config.num_labels), np.nan, np.float32),
+            width = len(tokens) if tokens is not None else model.config.num_labels
+            outputs = {logits_column(t.name): (np.full((len(ok), width), np.nan, np.float32),
                                                self.logits_type)}  # rejected rows keep NaN
             if pooling:
                 outputs[representation_column(t.name)] = (np.full((len(ok), hidden_width(model.config)), np.nan,
                                                                   np.float32), pa.float16())
             if ok.any():
                 ids = pc.filter(batch.column(token_ids_column(k)), keep).combine_chunks()
-                for (values, _), computed in zip(outputs.values(),
-                                                 self._outputs(ids, self.tokenizers.encodings[k][0], model, pooling)):
-                    if computed is not None:
-                        values[ok] = computed
+                computed = self._outputs(ids, self.tokenizers.encodings[k][0], model, pooling, tokens)
+                for (values, _), result in zip(outputs.values(), computed):
+                    if result is not None:
+                        values[ok] = result
+                if log_prior is not None:  # calibrated: p(label | post) / p(label | content-free post)
+                    outputs[logits_column(t.name)][0][ok] -= log_prior
             truncated |= batch.column(truncated_column(k)).to_numpy(zero_copy_only=False)
             for column, (values, value_type) in outputs.items():
                 flat = pa.array(values.reshape(-1), pa.float32()).cast(value_type)

@@ -1,0 +1,186 @@
+"""LLM teachers: a prompted causal LM's label-word log-probabilities as soft labels, with tiny causal LMs
+(GPT-2 and Llama shapes) and a byte-level BPE tokenizer trained offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import LABELS, random_posts
+
+from kd_ray.config import TeacherConfig
+from kd_ray.errors import ModelError
+from kd_ray.teacher import CALIBRATION, TeacherLabeler, teacher_metadata
+
+PROMPT = "Tweet: {text}\nSentiment:"
+
+
+def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
+    """A random causal LM whose byte-level BPE tokenizer has ' negative', ' neutral', ' positive' as tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = [PROMPT.format(text=p) + f" {LABELS[i % 3]}" for i, p in enumerate(random_posts(300, seed=2))]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines * 3, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    size = tok.get_vocab_size()
+    config = (GPT2Config(vocab_size=size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                         bos_token_id=0, eos_token_id=0) if family == "gpt2" else
+              LlamaConfig(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                          bos_token_id=0, eos_token_id=0))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharper next-token distributions than the tiny init gives
+        for p in model.parameters():
+            p.mul_(4.0) if p.ndim == 2 else None
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def causal_lm(request, tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llm") / request.param, request.param)
+
+
+def llm_teacher(model: Path, **more) -> TeacherConfig:
+    return TeacherConfig(model=str(model), kind="llm", prompt=PROMPT, labels=LABELS, max_length=64, **more)
+
+
+def rows(texts: list[str]) -> pa.Table:
+    n = len(texts)
+    return pa.table({"id": [str(i) for i in range(n)], "text": texts, "label": pa.nulls(n, pa.int32()),
+                     "reject_reason": pa.nulls(n, pa.string())})
+
+
+def direct_log_probs(model_dir: Path, prompts: list[str], words: list[str]) -> np.ndarray:
+    """Each prompt alone (no padding) through transformers: log-softmax of the last position's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokens = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+            out.append(torch.log_softmax(logits, dim=-1)[tokens].numpy())
+    return np.array(out)
+
+
+def test_logits_are_the_label_words_log_probabilities_of_a_direct_run(causal_lm):
+    texts = random_posts(11, seed=4, min_words=1, max_words=25)  # mixed lengths: left-padded batches
+    labeler = TeacherLabeler([llm_teacher(causal_lm)], batch_size=4)
+    out = labeler(rows(texts))
+    stored = np.array(out.column("teacher_logits").to_pylist())
+    expected = direct_log_probs(causal_lm, [PROMPT.format(text=t) for t in texts], [f" {w}" for w in LABELS])
+    np.testing.assert_allclose(stored, expected, atol=1e-4)
+    assert (stored <= 0).all()  # log-probabilities, over the whole vocabulary
+    assert not out.column("truncated").to_numpy(zero_copy_only=False).any()
+
+
+def test_a_long_post_is_cut_before_it_goes_into_the_prompt(causal_lm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm)
+    long = " ".join(random_posts(40, seed=6))
+    cfg = llm_teacher(causal_lm).model_copy(update={"max_length": 16})
+    out = TeacherLabeler([cfg], batch_size=4)(rows([long, "great flight"]))
+    assert out.column("truncated").to_pylist() == [True, False]
+    cut = tokenizer.decode(tokenizer(long, add_special_tokens=False)["input_ids"][:16])
+    expected = direct_log_probs(causal_lm, [PROMPT.format(text=cut)], [f" {w}" for w in LABELS])
+    np.testing.assert_allclose(np.array(out.column("teacher_logits").to_pylist()[:1]), expected, atol=1e-4)
+
+
+def test_calibration_divides_out_the_content_free_prior(causal_lm):
+    texts = random_posts(6, seed=8)
+    words = [f" {w}" for w in LABELS]
+    plain = np.array(TeacherLabeler([llm_teacher(causal_lm)], batch_size=8)(rows(texts))
+                     .column("teacher_logits").to_pylist())
+    calibrated = np.array(TeacherLabeler([llm_teacher(causal_lm, calibrate=True)], batch_size=8)(rows(texts))
+                          .column("teacher_logits").to_pylist())
+    free = direct_log_probs(causal_lm, [PROMPT.format(text=t) for t in CALIBRATION["content_free"]], words)
+    probs = np.exp(free) / np.exp(free).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(calibrated, plain - np.log(probs.mean(axis=0)), atol=1e-4)
+
+
+def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(causal_lm):
+    import hashlib
+
+    info = teacher_metadata(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
+                                                                "positive": " positive"}, calibrate=True))
+    meta = info.metadata()
+    assert meta["kind"] == "llm" and meta["prompt"] == PROMPT
+    assert meta["prompt_sha256"] == hashlib.sha256(PROMPT.encode()).hexdigest()
+    assert meta["verbalizer"] == {"negative": " negative", "neutral": " neutral", "positive": " positive"}
+    assert len(set(meta["label_token_ids"])) == 3 and meta["calibration"] == CALIBRATION
+    assert info.labels == LABELS and info.architecture in ("GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+def test_a_classifier_teachers_metadata_keeps_its_keys(tiny_teacher):
+    meta = teacher_metadata(TeacherConfig(model=str(tiny_teacher))).metadata()
+    assert set(meta) == {"model", "revision", "weights_sha256", "id2label", "architecture", "name", "task",
+                         "max_length"}
+
+
+def test_a_label_word_of_several_tokens_is_refused_by_name(causal_lm):
+    cfg = llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
+                                             "positive": " positivezzqx"})
+    with pytest.raises(ModelError, match="label 'positive''s word ' positivezzqx' is [0-9]+ tokens \\[.*\\] in "):
+        teacher_metadata(cfg)
+
+
+@pytest.mark.parametrize("prompt, message", [("Sentiment:", "no \\{text\\} placeholder"),
+                                             ("{text} is {mood}", "cannot be filled in with the post")])
+def test_a_prompt_without_the_post_is_refused(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        TeacherConfig(model="m", kind="llm", prompt=prompt, labels=LABELS)
+
+
+def test_llm_fields_on_a_classifier_teacher_are_refused():
+    with pytest.raises(ValueError, match="prompt, labels describe an LLM teacher; set kind: llm"):
+        TeacherConfig(model="m", prompt=PROMPT, labels=LABELS)
+
+
+def test_a_classifier_is_not_an_llm_teacher(tiny_teacher):
+    with pytest.raises(ModelError, match="not a causal language model \\(one AutoModelForCausalLM loads\\)"):
+        teacher_metadata(llm_teacher(tiny_teacher))
+
+
+def test_an_llm_and_a_classifier_teacher_label_one_corpus_in_one_pass(tmp_path, ray_session, tiny_teacher):
+    import pyarrow.parquet as pq
+
+    from kd_ray.config import LabelConfig, load_config
+    from kd_ray.label import run_label
+    from kd_ray.soft_labels import read_soft_label_info
+
+    lm = build_tiny_causal_lm(tmp_path / "lm", "llama")
+    texts = random_posts(300, seed=12)
+    (tmp_path / "posts.txt").write_text("\n".join(texts) + "\n")
+    cfg = load_config(LabelConfig, overrides={
+        "corpus.path": str(tmp_path / "posts.txt"), "output.path": str(tmp_path / "labels"),
+        "compute.block_rows": 64,
+        "teachers": [{"model": str(tiny_teacher), "name": "encoder"},
+                     {"model": str(lm), "name": "llm", "kind": "llm", "prompt": PROMPT, "labels": LABELS,
+                      "max_length": 64}]})
+    summary = run_label(cfg)
+    assert summary.rows == 300
+    info = read_soft_label_info(str(tmp_path / "labels"))
+    assert [t.kind for t in info.teachers] == ["classifier", "llm"] and info.teachers[1].prompt == PROMPT
+    table = pq.read_table(info.files).sort_by("id")
+    got = dict(zip(table.column("text").to_pylist(), table.column("llm_logits").to_pylist()))
+    sample = texts[:20]
+    expected = direct_log_probs(lm, [PROMPT.format(text=t) for t in sample], [f" {w}" for w in LABELS])
+    np.testing.assert_allclose(np.array([got[t] for t in sample]), expected, atol=1e-4)
+    assert table.schema.field("encoder_logits").type == pa.list_(pa.float32(), 3)
