@@ -656,12 +656,22 @@ class EvaluateConfig(Section):
     """`kd-ray evaluate`: teacher and student(s) side by side on a held-out labeled set."""
 
     test: EvalSetConfig
-    teacher: str = Field(description="Teacher model folder or hub id.")
+    teacher: str | None = Field(None, description="Teacher model folder or hub id.")
+    teacher_llm: TeacherConfig | None = Field(None, description="An LLM teacher instead (kind: llm, its model, "
+        "prompt and labels): scored by the label-word log-probabilities it labels with.")
     student: str = Field(description="Student model folder or hub id.")
     others: dict[str, str] = Field(default_factory=dict, description="More models to report, name -> folder "
                                    "(e.g. the student trained without distillation).")
     eval: EvalArgs = Field(default_factory=EvalArgs)
     output: str = Field(description="Folder for metrics.json.")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> EvaluateConfig:
+        if (self.teacher is None) == (self.teacher_llm is None):
+            raise ValueError("set exactly one of teacher (a classifier) and teacher_llm (an LLM teacher)")
+        if self.teacher_llm is not None and self.teacher_llm.kind != "llm":
+            raise ValueError("teacher_llm is for kind: llm; a classifier teacher goes in teacher")
+        return self
 
 
 class ExportConfig(Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig
+from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig, TeacherConfig
 from kd_ray.console import say
 from kd_ray.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
@@ -54,17 +54,22 @@ def folder_size_mb(model: str) -> float | None:
     return sum(p.stat().st_size for p in files) / 1e6 if files else None
 
 
-def _load(path: str, what: str, task: str | None, args: EvalArgs):
-    """A model of ``task`` (a multi-task folder: of its tasks), checked first so that errors name ``what``."""
+def _load(path: str | TeacherConfig, what: str, task: str | None, args: EvalArgs):
+    """A model of ``task`` (a multi-task folder: of its tasks), checked first so that errors name ``what``;
+    an LLM teacher (a TeacherConfig of kind llm) runs through its labeler."""
     from kd_ray.multitask import MultiTaskClassifier
-    from kd_ray.teacher import describe_model
+    from kd_ray.teacher import PromptedLM, describe_model
 
+    if isinstance(path, TeacherConfig):
+        describe_model(path.model, what=what, hash_weights=False, labels=path.labels)
+        return PromptedLM(path.model_copy(update={"max_length": args.max_length}), batch_size=args.batch_size)
     if not path.endswith(".onnx"):  # an exported file (kd-ray export) has no PyTorch weights to check
         describe_model(path, what=what, hash_weights=False)
     return MultiTaskClassifier.from_pretrained(path, task=task, max_length=args.max_length)
 
 
-def evaluate_models(teachers: dict[str, str], students: dict[str, str], test: EvalSetConfig, args: EvalArgs) -> dict:
+def evaluate_models(teachers: dict[str, str | TeacherConfig], students: dict[str, str], test: EvalSetConfig,
+                    args: EvalArgs) -> dict:
     """Per task, its teacher against every student on the test rows with that task's gold label; and the
     rows/s of the teachers (run one after another) against each student's, timed alternately."""
     import torch
@@ -175,7 +180,8 @@ def headline(report: dict) -> str:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate, write metrics.json (see ``metrics_report``) and return the whole report."""
-    report = evaluate_models({SINGLE_TASK: cfg.teacher}, {"student": cfg.student, **cfg.others}, cfg.test, cfg.eval)
+    report = evaluate_models({SINGLE_TASK: cfg.teacher_llm or cfg.teacher}, {"student": cfg.student, **cfg.others},
+                             cfg.test, cfg.eval)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics_report(report), indent=2))

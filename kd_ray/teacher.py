@@ -320,3 +320,31 @@ def _pooling(teacher: TeacherConfig | TeacherInfo) -> str | None:
     """How a teacher's representation is pooled ('mean', 'cls'), None if it stores none."""
     r = teacher.representation
     return r.pooling if isinstance(r, RepresentationInfo) else r
+
+
+class PromptedLM:
+    """An LLM teacher where kd-ray evaluates a classifier: ``logits(texts, batch_size)`` are its label-word
+    log-probabilities (calibrated if it is), through the labeler itself; ``model``, ``path`` and ``layout``
+    as kd_ray.multitask.MultiTaskClassifier has them."""
+
+    def __init__(self, cfg: TeacherConfig, *, batch_size: int = 64):
+        from kd_ray.multitask import TaskSlice
+
+        self.cfg, self.path = cfg, cfg.model
+        self.labeler = TeacherLabeler([cfg], batch_size=batch_size, threads=torch_threads())
+        self.model = self.labeler.teachers[0][1]
+        self.layout = [TaskSlice(name=cfg.task, labels=tuple(cfg.labels))]
+
+    def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        self.labeler.batch_size = batch_size
+        n = len(texts)
+        out = self.labeler(pa.table({"id": [str(i) for i in range(n)], "text": texts,
+                                     "label": pa.nulls(n, pa.int32()), "reject_reason": pa.nulls(n, pa.string())}))
+        column = out.column(logits_column(self.cfg.name)).combine_chunks()
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -184,3 +184,40 @@ def test_an_llm_and_a_classifier_teacher_label_one_corpus_in_one_pass(tmp_path, 
     expected = direct_log_probs(lm, [PROMPT.format(text=t) for t in sample], [f" {w}" for w in LABELS])
     np.testing.assert_allclose(np.array([got[t] for t in sample]), expected, atol=1e-4)
     assert table.schema.field("encoder_logits").type == pa.list_(pa.float32(), 3)
+
+
+def test_evaluate_scores_an_llm_teacher_against_a_student(tmp_path, causal_lm, tiny_teacher):
+    import json
+
+    from kd_ray.config import EvaluateConfig, load_config
+    from kd_ray.evaluate import run_evaluate
+
+    texts = random_posts(40, seed=14)
+    gold = [LABELS[i % 3] for i in range(40)]
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f'"{t}",{g}\n' for t, g in zip(texts, gold)))
+    cfg = load_config(EvaluateConfig, overrides={
+        "test": {"path": str(tmp_path / "test.csv")}, "student": str(tiny_teacher), "output": str(tmp_path / "eval"),
+        "teacher_llm": {"model": str(causal_lm), "kind": "llm", "prompt": PROMPT, "labels": LABELS},
+        "eval": {"max_length": 64, "timing_rows": 20, "timing_repeats": 1, "threads": 1}})
+    run_evaluate(cfg)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    teacher = direct_log_probs(causal_lm, [PROMPT.format(text=t) for t in texts], [f" {w}" for w in LABELS])
+    expected = np.mean([LABELS[i] == g for i, g in zip(teacher.argmax(axis=1), gold)])
+    assert report["teacher"]["accuracy"] == pytest.approx(expected)
+    assert report["student"]["rows_per_s"] > 0 and report["teacher"]["params"] > 0
+
+
+@pytest.mark.parametrize("tree, message", [({"teacher": "a"}, None),
+                                           ({}, "set exactly one of teacher"),
+                                           ({"teacher": "a", "teacher_llm": {"model": "m", "kind": "llm",
+                                                                             "prompt": PROMPT, "labels": LABELS}},
+                                            "set exactly one of teacher")])
+def test_evaluate_takes_one_teacher(tree, message):
+    from kd_ray.config import EvaluateConfig
+
+    base = {"test": {"path": "t.csv"}, "student": "s", "output": "o"}
+    if message is None:
+        EvaluateConfig(**base, **tree)
+    else:
+        with pytest.raises(ValueError, match=message):
+            EvaluateConfig(**base, **tree)
