@@ -694,14 +694,30 @@ class ExportConfig(Section):
 
 
 class PipelineTeacherConfig(Section):
-    model: str | None = Field(None, description="A ready teacher classifier (folder or hub id); null: fine-tune "
-                              "`base_model` on data.train first.")
+    model: str | None = Field(None, description="A ready teacher classifier (folder or hub id), or the causal LM "
+                              "of kind llm; null: fine-tune `base_model` on data.train first.")
     base_model: str | None = Field(None, description="Pretrained encoder to fine-tune into the teacher.")
     train: TrainArgs = Field(default_factory=TrainArgs, description="Fine-tuning settings.")
+    kind: Literal["classifier", "llm"] = Field("classifier", description="'llm': `model` is a prompted causal LM "
+        "(teachers.N.kind): no fine-tuning, so data.train needs no gold labels (label_column: null).")
+    prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes.")
+    verbalizer: dict[str, str] | None = Field(None, description="kind llm: label -> its word (null: ' ' + label).")
+    calibrate: bool = Field(False, description="kind llm: contextual calibration.")
 
     def check_source(self) -> None:
-        if (self.model is None) == (self.base_model is None):
+        if self.kind == "llm":
+            if self.model is None or self.base_model is not None or not self.prompt:
+                raise ValueError("a teacher of kind llm needs teacher.model (the causal LM) and teacher.prompt, and "
+                                 "no base_model: an LLM teacher is prompted, not fine-tuned")
+        elif (self.model is None) == (self.base_model is None):
             raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+
+    def labeling(self, labels: list[str], **common) -> TeacherConfig:
+        """The teacher as the labeling stage runs it; ``common``: the stage's own settings (model path,
+        max_length, name, ...)."""
+        llm = {"kind": "llm", "prompt": self.prompt, "labels": labels, "verbalizer": self.verbalizer,
+               "calibrate": self.calibrate} if self.kind == "llm" else {}
+        return TeacherConfig(**common, **llm)
 
 
 class PipelineDataConfig(Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, ExportConfig, FinetuneConfig, LabelConfig,
-                           LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TeacherConfig, TuneConfig)
+                           LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TuneConfig)
 from kd_ray.console import say
 from kd_ray.evaluate import SINGLE_TASK
 
@@ -78,9 +78,9 @@ def _label_stage(cfg: PipelineConfig, teachers: list[TaskTeacher]) -> LabelConfi
     named = cfg.tasks is not None  # one teacher keeps the default name and task: its column is teacher_logits
     return LabelConfig(
         corpus=label_corpus(cfg),
-        teachers=[TeacherConfig(model=t.path, max_length=cfg.teacher_max_length,
-                                representation=cfg.teacher_representation,
-                                **({"name": t.task, "task": t.task} if named else {})) for t in teachers],
+        teachers=[t.teacher.labeling(t.labels, model=t.path, max_length=cfg.teacher_max_length,
+                                     representation=cfg.teacher_representation,
+                                     **({"name": t.task, "task": t.task} if named else {})) for t in teachers],
         compute=cfg.label, augment=cfg.augment,
         # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
         output=LabelOutputConfig(path=str(Path(cfg.output) / "soft_labels"), logits_dtype=cfg.logits_dtype,
@@ -113,7 +113,9 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         stages["export"] = ExportConfig(model=students["student"], output=str(out / "student_onnx"),
                                         parity=cfg.data.test, max_length=cfg.eval.max_length, min_agreement=0.0)
         students["student_int8"] = str(out / "student_onnx" / "model.int8.onnx")
-    stages["evaluate"] = {"teachers": {t.task: t.path for t in teachers}, "students": students,
+    # an LLM teacher is scored through its prompt, as it labeled
+    stages["evaluate"] = {"teachers": {t.task: t.teacher.labeling(t.labels, model=t.path, task=t.task)
+                                       if t.teacher.kind == "llm" else t.path for t in teachers}, "students": students,
                           "test": _eval_set(cfg, cfg.data.test), "args": cfg.eval}
     return stages
 

@@ -221,3 +221,21 @@ def test_evaluate_takes_one_teacher(tree, message):
     else:
         with pytest.raises(ValueError, match=message):
             EvaluateConfig(**base, **tree)
+
+
+def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
+    from kd_ray.config import PipelineConfig, load_config
+    from kd_ray.pipeline import stage_configs
+
+    tree = {"output": "runs/llm", "labels": LABELS,
+            "data": {"train": {"path": "posts.txt", "label_column": None}, "test": {"path": "test.csv"}},
+            "teacher": {"model": "some/llm", "kind": "llm", "prompt": PROMPT, "calibrate": True}}
+    stages = stage_configs(load_config(PipelineConfig, overrides=tree))
+    assert stages["finetune"] == {}
+    (teacher,) = stages["label"].teachers
+    assert (teacher.kind, teacher.model, teacher.labels, teacher.calibrate) == ("llm", "some/llm", LABELS, True)
+    assert stages["label"].corpus.label_column is None
+    (scored,) = stages["evaluate"]["teachers"].values()
+    assert isinstance(scored, TeacherConfig) and scored.prompt == PROMPT
+    with pytest.raises(ValueError, match="a teacher of kind llm needs teacher.model .* and no base_model"):
+        load_config(PipelineConfig, overrides={**tree, "teacher": {"base_model": "b", "kind": "llm", "prompt": PROMPT}})
