@@ -84,8 +84,11 @@ class TeacherConfig(Section):
         "examples may precede it; write other braces as {{ }}). The label word follows it directly.")
     labels: list[str] | None = Field(None, min_length=2, description="kind llm: the label set, in the order of the "
         "stored logits.")
-    verbalizer: dict[str, str] | None = Field(None, description="kind llm: label -> the word that names it after "
-        "the prompt, each a single token of the LM's tokenizer, distinct (null: ' ' + the label).")
+    verbalizer: dict[str, str | list[str]] | None = Field(None, description="kind llm: label -> the word that "
+        "names it after the prompt, or several (their probabilities add up: e.g. [' negative', ' Negative']); each a "
+        "single token of the LM's tokenizer, all distinct (null: ' ' + the label).")
+    chat: bool = Field(False, description="kind llm: put the filled-in prompt in the LM's chat template as the "
+        "user's message, the label word being the first token of the reply (instruction-tuned LMs answer better).")
     calibrate: bool = Field(False, description="kind llm: contextual calibration (Zhao et al. 2021): divide the "
         "label-word probabilities by those the LM gives content-free posts ('N/A', '', '[MASK]'); recorded in the "
         "metadata.")
@@ -104,7 +107,8 @@ class TeacherConfig(Section):
     def _llm_fields(self) -> TeacherConfig:
         llm = {"prompt": self.prompt, "labels": self.labels, "verbalizer": self.verbalizer}
         if self.kind == "classifier":
-            given = [k for k, v in {**llm, "calibrate": self.calibrate or None}.items() if v is not None]
+            given = [k for k, v in {**llm, "calibrate": self.calibrate or None, "chat": self.chat or None}.items()
+                     if v is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} describe an LLM teacher; set kind: llm (a classifier's labels "
                                  "and prompt are its own)")
@@ -126,9 +130,10 @@ class TeacherConfig(Section):
         return self
 
     @property
-    def label_words(self) -> list[str]:
-        """kind llm: the word of each label, in label order."""
-        return [(self.verbalizer or {}).get(label, f" {label}") for label in self.labels or []]
+    def label_words(self) -> list[list[str]]:
+        """kind llm: the words of each label, in label order."""
+        words = [(self.verbalizer or {}).get(label, f" {label}") for label in self.labels or []]
+        return [[w] if isinstance(w, str) else list(w) for w in words]
 
 
 class LabelComputeConfig(Section):
@@ -703,6 +708,7 @@ class PipelineTeacherConfig(Section):
     prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes.")
     verbalizer: dict[str, str] | None = Field(None, description="kind llm: label -> its word (null: ' ' + label).")
     calibrate: bool = Field(False, description="kind llm: contextual calibration.")
+    chat: bool = Field(False, description="kind llm: the prompt goes into the LM's chat template.")
 
     def check_source(self) -> None:
         if self.kind == "llm":
@@ -716,7 +722,7 @@ class PipelineTeacherConfig(Section):
         """The teacher as the labeling stage runs it; ``common``: the stage's own settings (model path,
         max_length, name, ...)."""
         llm = {"kind": "llm", "prompt": self.prompt, "labels": labels, "verbalizer": self.verbalizer,
-               "calibrate": self.calibrate} if self.kind == "llm" else {}
+               "calibrate": self.calibrate, "chat": self.chat} if self.kind == "llm" else {}
         return TeacherConfig(**common, **llm)
 
 

@@ -52,13 +52,21 @@ def encode(tokenizer, texts: list[str], max_length: int, backend=None) -> tuple[
     return list_array(ids), truncated
 
 
-def encode_prompts(tokenizer, texts: list[str], max_length: int, prompt: str) -> tuple[pa.ListArray, np.ndarray]:
+def encode_prompts(tokenizer, texts: list[str], max_length: int, prompt: str,
+                   chat: bool = False) -> tuple[pa.ListArray, np.ndarray]:
     """Token ids of ``prompt`` with each text in it (an LLM teacher's input) and which texts were cut: a
-    text is cut to ``max_length`` tokens of its own before it goes into the prompt, which is never cut."""
+    text is cut to ``max_length`` tokens of its own before it goes into the prompt, which is never cut.
+    With ``chat``, the filled-in prompt is the user's message in the tokenizer's chat template, ready for
+    the assistant's reply."""
     alone = tokenizer(texts, add_special_tokens=False)["input_ids"]
     truncated = np.array([len(i) > max_length for i in alone], dtype=bool)
     posts = [tokenizer.decode(i[:max_length]) if cut else t for t, i, cut in zip(texts, alone, truncated)]
-    return list_array(tokenizer([prompt.format(text=p) for p in posts])["input_ids"]), truncated
+    filled = [prompt.format(text=p) for p in posts]
+    if not chat:
+        return list_array(tokenizer(filled)["input_ids"]), truncated
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": f}], tokenize=False,
+                                           add_generation_prompt=True) for f in filled]
+    return list_array(tokenizer(chats, add_special_tokens=False)["input_ids"]), truncated
 
 
 def list_array(ids: list[list[int]]) -> pa.ListArray:
@@ -112,14 +120,15 @@ def length_groups(lengths: np.ndarray, batch_size: int, batch_tokens: int | None
 
 def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int, *, device: str = "cpu",
                    amp_dtype=None, pooling: str | None = None,
-                   label_tokens: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                   label_tokens: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, num_labels) float32 logits of ``model`` over ``(row indices, input tensors)`` batches and,
     with ``pooling`` ('mean' or 'cls', kd_ray.losses.pool), its (rows, hidden) float32 sentence
     representations from the last hidden states (None without).
 
-    A causal LM (``label_tokens``, left-padded batches): the next-token log-probabilities of those
-    tokens after each row's last token, from the last position's logits alone; position ids count
-    real tokens only, so a padded row gets the logits it gets alone.
+    A causal LM (``label_tokens``: the tokens of each label, left-padded batches): each label's next-token
+    log-probability after each row's last token (its tokens' probabilities added), from the last
+    position's logits alone; position ids count real tokens only, so a padded row gets the logits it
+    gets alone.
 
     Inputs are copied to ``device`` without blocking and the host waits once, at the end: on a
     GPU the next batch is prepared while the last one runs."""
@@ -135,7 +144,8 @@ def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int,
             if label_tokens is not None:
                 positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
                 out = model(**batch, position_ids=positions, logits_to_keep=1)
-                logits.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, label_tokens])
+                logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+                logits.append(torch.stack([torch.logsumexp(logp[:, group], dim=-1) for group in label_tokens], 1))
             else:
                 out = model(**batch, output_hidden_states=pooling is not None)
                 logits.append(out.logits.float())

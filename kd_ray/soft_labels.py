@@ -102,14 +102,16 @@ class TeacherInfo(ModelInfo):
     kind: str = "classifier"  # 'llm': a prompted causal LM; its logits are label-word log-probabilities
     prompt: str | None = None
     prompt_sha256: str | None = None
-    verbalizer: dict[str, str] | None = None  # label -> word
-    label_token_ids: list[int] | None = None
+    verbalizer: dict[str, list[str]] | None = None  # label -> its words
+    label_token_ids: list[list[int]] | None = None  # label -> its words' tokens
     calibration: dict | None = None
+    chat: bool = False  # the prompt went into the LM's chat template
 
     def metadata(self) -> dict:
         """Its entry in the soft labels' metadata: fields added since kd-ray first wrote them are left out
         while unset, so that the config hash of runs that do not use them stays what it was."""
-        later = ("representation", "kind", "prompt", "prompt_sha256", "verbalizer", "label_token_ids", "calibration")
+        later = ("representation", "kind", "prompt", "prompt_sha256", "verbalizer", "label_token_ids", "calibration",
+                 "chat")
         unset = {k for k in later if getattr(self, k) == type(self).model_fields[k].default}
         return self.model_dump(exclude=unset)
 

@@ -102,7 +102,7 @@ def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
         extra.update(kind="llm", prompt=cfg.prompt, prompt_sha256=hashlib.sha256(cfg.prompt.encode()).hexdigest(),
                      verbalizer=dict(zip(cfg.labels, cfg.label_words)),
                      label_token_ids=label_token_ids(load_tokenizer(cfg), cfg),
-                     calibration=CALIBRATION if cfg.calibrate else None)
+                     calibration=CALIBRATION if cfg.calibrate else None, chat=cfg.chat)
     return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length, **extra)
 
 
@@ -110,18 +110,21 @@ def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
 CALIBRATION = {"method": "contextual", "content_free": ["N/A", "", "[MASK]"]}
 
 
-def label_token_ids(tokenizer, cfg: TeacherConfig) -> list[int]:
-    """The token of each label word (cfg.label_words), checked: one token each, all distinct."""
+def label_token_ids(tokenizer, cfg: TeacherConfig) -> list[list[int]]:
+    """The token of each word of each label (cfg.label_words), checked: one token each, all distinct."""
     ids = []
-    for label, word in zip(cfg.labels, cfg.label_words):
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(tokens)
-            raise ModelError(f"teacher {cfg.name!r}: label {label!r}'s word {word!r} is {len(tokens)} tokens {pieces} "
-                             f"in {cfg.model}'s tokenizer; each label word must be one token (set verbalizer, e.g. "
-                             f"a shorter word or one with a leading space)")
-        ids.append(tokens[0])
-    if len(set(ids)) != len(ids):
+    for label, words in zip(cfg.labels, cfg.label_words):
+        ids.append([])
+        for word in words:
+            tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(tokens) != 1:
+                pieces = tokenizer.convert_ids_to_tokens(tokens)
+                raise ModelError(f"teacher {cfg.name!r}: label {label!r}'s word {word!r} is {len(tokens)} tokens "
+                                 f"{pieces} in {cfg.model}'s tokenizer; each label word must be one token (set "
+                                 f"verbalizer, e.g. a shorter word or one with a leading space)")
+            ids[-1].append(tokens[0])
+    flat = [i for group in ids for i in group]
+    if len(set(flat)) != len(flat):
         raise ModelError(f"teacher {cfg.name!r}: label words {cfg.label_words} are not distinct tokens ({ids})")
     return ids
 
@@ -183,13 +186,13 @@ class Tokenizers:
     when its rows come without token ids."""
 
     def __init__(self, teachers: list[TeacherConfig | TeacherInfo]):
-        # (tokenizer, Rust backend, max_length, an LLM teacher's prompt) of each distinct encoding
+        # (tokenizer, Rust backend, max_length, an LLM teacher's (prompt, chat)) of each distinct encoding
         self.encodings: list[tuple] = []
         self.of_teacher: list[int] = []  # index of each teacher's encoding
         keys: list[tuple] = []
         for t in teachers:
             tokenizer = load_tokenizer(t)
-            prompt = t.prompt if t.kind == "llm" else None
+            prompt = (t.prompt, t.chat) if t.kind == "llm" else None
             key = (*_tokenizer_key(tokenizer, t.max_length), prompt)
             if key not in keys:
                 keys.append(key)
@@ -200,7 +203,7 @@ class Tokenizers:
         """Encoding ``k``'s token ids of ``texts`` and which were cut."""
         tokenizer, backend, max_length, prompt = self.encodings[k]
         if prompt is not None:
-            return encode_prompts(tokenizer, texts, max_length, prompt)
+            return encode_prompts(tokenizer, texts, max_length, *prompt)
         return encode(tokenizer, texts, max_length, backend)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

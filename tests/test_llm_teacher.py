@@ -16,6 +16,8 @@ from kd_ray.errors import ModelError
 from kd_ray.teacher import CALIBRATION, TeacherLabeler, teacher_metadata
 
 PROMPT = "Tweet: {text}\nSentiment:"
+CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
@@ -32,6 +34,7 @@ def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
     tok.train_from_iterator(lines * 3, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                         unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     size = tok.get_vocab_size()
     config = (GPT2Config(vocab_size=size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
@@ -64,18 +67,27 @@ def rows(texts: list[str]) -> pa.Table:
                      "reject_reason": pa.nulls(n, pa.string())})
 
 
-def direct_log_probs(model_dir: Path, prompts: list[str], words: list[str]) -> np.ndarray:
-    """Each prompt alone (no padding) through transformers: log-softmax of the last position's logits."""
+def direct_log_probs(model_dir: Path, prompts: list[str], words: list[str | list[str]],
+                     chat: bool = False) -> np.ndarray:
+    """Each prompt alone (no padding) through transformers: log-softmax of the last position's logits, the
+    probabilities of a label's words added."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokens = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    groups = [[tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ([ws] if isinstance(ws, str) else ws)]
+              for ws in words]
     out = []
     with torch.no_grad():
         for prompt in prompts:
-            logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
-            out.append(torch.log_softmax(logits, dim=-1)[tokens].numpy())
+            if chat:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)
+                enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            else:
+                enc = tokenizer(prompt, return_tensors="pt")
+            logp = torch.log_softmax(model(**enc).logits[0, -1], dim=-1)
+            out.append([torch.logsumexp(logp[g], dim=0).item() for g in groups])
     return np.array(out)
 
 
@@ -88,6 +100,15 @@ def test_logits_are_the_label_words_log_probabilities_of_a_direct_run(causal_lm)
     np.testing.assert_allclose(stored, expected, atol=1e-4)
     assert (stored <= 0).all()  # log-probabilities, over the whole vocabulary
     assert not out.column("truncated").to_numpy(zero_copy_only=False).any()
+
+
+def test_several_words_of_a_label_add_up_and_a_chat_template_wraps_the_prompt(causal_lm):
+    texts = random_posts(7, seed=5, min_words=1, max_words=20)
+    verbalizer = {"negative": [" negative", " bad"], "neutral": " neutral", "positive": [" positive", " great"]}
+    out = TeacherLabeler([llm_teacher(causal_lm, verbalizer=verbalizer, chat=True)], batch_size=3)(rows(texts))
+    words = [verbalizer[label] for label in LABELS]
+    expected = direct_log_probs(causal_lm, [PROMPT.format(text=t) for t in texts], words, chat=True)
+    np.testing.assert_allclose(np.array(out.column("teacher_logits").to_pylist()), expected, atol=1e-4)
 
 
 def test_a_long_post_is_cut_before_it_goes_into_the_prompt(causal_lm):
@@ -123,8 +144,8 @@ def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(cau
     meta = info.metadata()
     assert meta["kind"] == "llm" and meta["prompt"] == PROMPT
     assert meta["prompt_sha256"] == hashlib.sha256(PROMPT.encode()).hexdigest()
-    assert meta["verbalizer"] == {"negative": " negative", "neutral": " neutral", "positive": " positive"}
-    assert len(set(meta["label_token_ids"])) == 3 and meta["calibration"] == CALIBRATION
+    assert meta["verbalizer"] == {"negative": [" negative"], "neutral": [" neutral"], "positive": [" positive"]}
+    assert len({i for ids in meta["label_token_ids"] for i in ids}) == 3 and meta["calibration"] == CALIBRATION
     assert info.labels == LABELS and info.architecture in ("GPT2LMHeadModel", "LlamaForCausalLM")
 
 
