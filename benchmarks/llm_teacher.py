@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def fetch(model: str) -> Path:
                 "m.hf_quantizer = None; m.config.__dict__.pop('quantization_config', None); "
                 "m.to(torch.bfloat16).save_pretrained(out); tok.save_pretrained(out)")
         subprocess.run([sys.executable, "-c", code, tmp, gguf.name, str(out)], check=True,
-                       env={**__import__("os").environ, "PYTHONPATH": str(pylibs)})
+                       env={**os.environ, "PYTHONPATH": str(pylibs)})
     return out
 
 

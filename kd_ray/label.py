@@ -52,7 +52,7 @@ from kd_ray.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
 READ_TASK_CPUS = 1.0  # a whole CPU, as a repartition asks: then Ray fuses the cut into blocks of block_rows into the
 # read task (at 0.5 the repartition ran as an operator of its own, 1-CPU tasks copying every block through the
-# object store once more: 1.17x the read stage alone at 1.0 on 2 cores, BENCHMARKS.md)
+# object store once more; the feed rate went from 0.70x to 0.75x the bare tokenizer's, BENCHMARKS.md)
 RUN_STATE = "_run.json"  # config hash of the run writing into the folder; replaced by _manifest.json at the end
 
 

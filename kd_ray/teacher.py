@@ -269,11 +269,10 @@ class TeacherLabeler:
             if t.kind == "llm":
                 # a TeacherInfo carries the tokens checked on the driver; a TeacherConfig is checked here
                 tokens = getattr(t, "label_token_ids", None) or label_token_ids(self.tokenizers.encodings[k][0], t)
-            self.teachers.append((t, model, tokens, None))
-            if t.kind == "llm" and (getattr(t, "calibration", None) or getattr(t, "calibrate", False)):
-                self.teachers[-1] = (t, model, tokens, self._log_prior(k, model, tokens))
+            calibrated = t.kind == "llm" and (getattr(t, "calibration", None) or getattr(t, "calibrate", False))
+            self.teachers.append((t, model, tokens, self._log_prior(k, model, tokens) if calibrated else None))
 
-    def _log_prior(self, k: int, model, tokens: list[int]) -> np.ndarray:
+    def _log_prior(self, k: int, model, tokens: list[list[int]]) -> np.ndarray:
         """Contextual calibration: the log of the label-word distribution (among the label words) that the
         LM gives content-free posts, averaged over them."""
         ids, _ = self.tokenizers.encode(k, CALIBRATION["content_free"])
@@ -281,7 +280,8 @@ class TeacherLabeler:
         probs = np.exp(logp - logp.max(axis=1, keepdims=True))
         return np.log((probs / probs.sum(axis=1, keepdims=True)).mean(axis=0))
 
-    def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None, label_tokens: list[int] | None):
+    def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None,
+                 label_tokens: list[list[int]] | None):
         lengths = np.diff(ids.offsets.to_numpy()[:len(ids) + 1])
         groups = length_groups(lengths, self.batch_size, self.batch_tokens)
         batches = zip(groups, padded_batches(ids, tokenizer, groups, pin_memory=self.device == "cuda"))
@@ -331,10 +331,13 @@ class PromptedLM:
     as kd_ray.multitask.MultiTaskClassifier has them."""
 
     def __init__(self, cfg: TeacherConfig, *, batch_size: int = 64):
+        import torch
+
         from kd_ray.multitask import TaskSlice
 
         self.cfg, self.path = cfg, cfg.model
-        self.labeler = TeacherLabeler([cfg], batch_size=batch_size, threads=torch_threads())
+        # the threads the evaluation set, not the labeler's default of one per actor
+        self.labeler = TeacherLabeler([cfg], batch_size=batch_size, threads=torch.get_num_threads())
         self.model = self.labeler.teachers[0][1]
         self.layout = [TaskSlice(name=cfg.task, labels=tuple(cfg.labels))]
 
@@ -345,9 +348,3 @@ class PromptedLM:
                                      "label": pa.nulls(n, pa.int32()), "reject_reason": pa.nulls(n, pa.string())}))
         column = out.column(logits_column(self.cfg.name)).combine_chunks()
         return column.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

@@ -238,8 +238,9 @@ def train_epoch(run: Run, shard) -> dict[str, Any]:
             pairs = {name: (projected[name], teacher_representations[name]) for name in projected}
         loss, _ = multitask_loss(out.logits.float(), plan.tasks, teacher_logits, gold, pairs)
         run.accelerator.backward(loss)
-        if plan.train.grad_clip:
-            run.accelerator.clip_grad_norm_(run.model.parameters(), plan.train.grad_clip)
+        if plan.train.grad_clip:  # the projection's gradients too: one norm over all that the optimizer steps
+            run.accelerator.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
+                                            plan.train.grad_clip)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad()
