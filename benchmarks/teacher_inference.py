@@ -83,16 +83,19 @@ def flops_per_sequence(config, length: np.ndarray) -> np.ndarray:
     return length * dense + length * length * attention
 
 
-def padding_efficiency(lengths: np.ndarray, batch_size: int, block_rows: int | None) -> float:
+def padding_efficiency(lengths: np.ndarray, batch_size: int, block_rows: int | None,
+                       batch_tokens: int | None = None) -> float:
     """Real tokens / padded tokens when batches are cut in corpus order (block_rows None) or,
-    as kd-ray does, after sorting each block by length."""
+    as kd-ray does, from each block sorted by length (kd_ray.inference.length_groups)."""
+    from kd_ray.inference import length_groups
+
+    if block_rows is None:
+        return float(lengths.sum() / sum(b.max() * len(b) for b in np.array_split(
+            lengths, range(batch_size, len(lengths), batch_size))))
     padded = 0
-    blocks = [lengths] if block_rows is None else [lengths[s:s + block_rows] for s in range(0, len(lengths), block_rows)]
-    for block in blocks:
-        block = block if block_rows is None else np.sort(block)[::-1]
-        for s in range(0, len(block), batch_size):
-            batch = block[s:s + batch_size]
-            padded += batch.max() * len(batch)
+    for s in range(0, len(lengths), block_rows):
+        block = lengths[s:s + block_rows]
+        padded += sum(int(block[g].max()) * len(g) for g in length_groups(block, batch_size, batch_tokens))
     return float(lengths.sum() / padded)
 
 
@@ -166,6 +169,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--block-rows", type=int, default=2048)
+    parser.add_argument("--batch-tokens", type=int, nargs="*", default=[], help="also kd-ray with compute.batch_tokens "
+                        "N (padded tokens per forward pass; rows up to --token-batch-rows): one variant per N")
+    parser.add_argument("--token-batch-rows", type=int, default=1024, help="compute.batch_size of the --batch-tokens "
+                        "variants: the most rows a batch of short posts grows to")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -185,12 +192,19 @@ def main() -> None:
     folder = save_random_model(args.work_dir / f"teacher-{args.teacher_size}", args.tokenizer, teacher_cfg)
     labeler = TeacherLabeler([TeacherConfig(model=str(folder), max_length=args.max_length)],
                              batch_size=args.batch_size, num_gpus=1 if device == "cuda" else 0, threads=args.threads)
-    model = labeler.teachers[0][2]  # the same weights for every variant
+    model = labeler.teachers[0][1]  # the same weights for every variant
     peak, peak_dtype = matmul_peak(device)
     useful_flops = float(flops_per_sequence(teacher_cfg, lengths).sum())
 
     variants = {"plain-fp32": lambda t: plain_loop(model, tokenizer, t, args.batch_size, args.max_length, device, False),
                 "kd-ray": lambda t: kd_ray_labeler(labeler, t, args.block_rows)}
+    batching = {"plain-fp32": (args.batch_size, None, None), "kd-ray": (args.batch_size, args.block_rows, None)}
+    for tokens in args.batch_tokens:  # the same saved weights, batches cut by padded tokens
+        by_tokens = TeacherLabeler([TeacherConfig(model=str(folder), max_length=args.max_length)],
+                                   batch_size=args.token_batch_rows, batch_tokens=tokens,
+                                   num_gpus=1 if device == "cuda" else 0, threads=args.threads)
+        variants[f"kd-ray-tokens{tokens}"] = lambda t, lab=by_tokens: kd_ray_labeler(lab, t, args.block_rows)
+        batching[f"kd-ray-tokens{tokens}"] = (args.token_batch_rows, args.block_rows, tokens)
     if device == "cuda":
         variants["plain-amp"] = lambda t: plain_loop(model, tokenizer, t, args.batch_size, args.max_length, device, True)
     for run in variants.values():  # warm-up: CUDA kernels, allocator, tokenizer caches
@@ -210,8 +224,7 @@ def main() -> None:
         labeling[name] = {"seconds_median": seconds, "seconds": times[name], "rows_per_s": len(texts) / seconds,
                           "tokens_per_s": float(lengths.sum()) / seconds,
                           "useful_flops_per_s": useful_flops / seconds, "fraction_of_peak": useful_flops / seconds / peak,
-                          "padding_efficiency": padding_efficiency(lengths, args.batch_size,
-                                                                   args.block_rows if name == "kd-ray" else None)}
+                          "padding_efficiency": padding_efficiency(lengths, *batching.get(name, batching["plain-fp32"]))}
     for name in variants:
         labeling[name]["speedup_vs_plain_fp32"] = labeling[name]["rows_per_s"] / labeling["plain-fp32"]["rows_per_s"]
         labeling[name]["argmax_agreement_with_fp32"] = float(

@@ -74,6 +74,9 @@ class CorpusConfig(Section):
         "hold newlines, and corpus.limit read each file whole.")
 
 
+Verbalizer = dict[str, str | list[str]]  # an LLM teacher's label -> its word, or words whose probabilities add up
+
+
 class TeacherConfig(Section):
     model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id (kind "
                        "'classifier'), or a causal language model's (kind 'llm').")
@@ -84,7 +87,7 @@ class TeacherConfig(Section):
         "examples may precede it; write other braces as {{ }}). The label word follows it directly.")
     labels: list[str] | None = Field(None, min_length=2, description="kind llm: the label set, in the order of the "
         "stored logits.")
-    verbalizer: dict[str, str | list[str]] | None = Field(None, description="kind llm: label -> the word that "
+    verbalizer: Verbalizer | None = Field(None, description="kind llm: label -> the word that "
         "names it after the prompt, or several (their probabilities add up: e.g. [' negative', ' Negative']); each a "
         "single token of the LM's tokenizer, all distinct (null: ' ' + the label).")
     chat: bool = Field(False, description="kind llm: put the filled-in prompt in the LM's chat template as the "
@@ -386,6 +389,13 @@ class StudentConfig(Section):
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
+
+    def check_source(self, teacher: str, *, llm: bool) -> None:
+        """A student built from its teacher (a cut or its config, no student.model) needs an encoder teacher."""
+        if llm and self.kind != "pretrained" and self.model is None:
+            raise ValueError(f"student.kind={self.kind} builds the student from the teacher, but {teacher} is a "
+                             "causal LM, not an encoder; set student.model to the encoder to cut (e.g. "
+                             "all-MiniLM-L6-v2) or use student.kind: pretrained")
 
     @field_validator("ffn_size", mode="before")
     @classmethod
@@ -706,7 +716,8 @@ class PipelineTeacherConfig(Section):
     kind: Literal["classifier", "llm"] = Field("classifier", description="'llm': `model` is a prompted causal LM "
         "(teachers.N.kind): no fine-tuning, so data.train needs no gold labels (label_column: null).")
     prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes.")
-    verbalizer: dict[str, str] | None = Field(None, description="kind llm: label -> its word (null: ' ' + label).")
+    verbalizer: Verbalizer | None = Field(None, description="kind llm: label -> its word(s) (teachers.N.verbalizer; "
+                                          "null: ' ' + label).")
     calibrate: bool = Field(False, description="kind llm: contextual calibration.")
     chat: bool = Field(False, description="kind llm: the prompt goes into the LM's chat template.")
 
@@ -790,9 +801,15 @@ class PipelineConfig(Section):
     export: bool = Field(False, description="Also export the student to ONNX (fp32 and int8) into "
         "student_onnx/, checked on data.test (`kd-ray export`); the evaluation scores the int8 file as student_int8.")
     baseline_without_distillation: bool = Field(True, description="Also train the same student with alpha=0 on the "
-        "labeled rows only, and report it.")
+        "labeled rows only, and report it (skipped when data.train has no gold labels: label_column null).")
     eval: EvalArgs = Field(default_factory=EvalArgs)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    def teacher_fields(self) -> dict[str, PipelineTeacherConfig]:
+        """Each teacher of the run under its config field name, in task order."""
+        if self.tasks is None:
+            return {"teacher": self.teacher}
+        return {f"tasks.{n}.teacher": t.teacher for n, t in self.tasks.items()}
 
     @model_validator(mode="after")
     def _teacher_source(self) -> PipelineConfig:
@@ -806,6 +823,8 @@ class PipelineConfig(Section):
             raise ValueError("set labels (the label set) or tasks (several tasks)")
         else:
             self.teacher.check_source()
+        (field, first), *_ = self.teacher_fields().items()  # a student built from its teacher: the first task's
+        self.student.check_source(field, llm=first.kind == "llm")
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
         if self.loss.beta > 0 and self.teacher_representation is None:
@@ -815,10 +834,9 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> PipelineConfig:
-        teachers = {f"tasks.{n}.teacher": t.teacher for n, t in self.tasks.items()} if self.tasks else {
-            "teacher": self.teacher}
-        keeps = {"distill.keep": self.distill.keep} | {f"{n}.train.keep": t.train.keep for n, t in teachers.items()
-                                                            if t.base_model}  # fine-tuned here
+        keeps = {"distill.keep": self.distill.keep} | {f"{n}.train.keep": t.train.keep
+                                                       for n, t in self.teacher_fields().items()
+                                                       if t.base_model}  # fine-tuned here
         for field, keep in keeps.items():
             if keep == "best" and self.data.validation is None:
                 raise ValueError(f"{field} is 'best', which picks the epoch by its validation score, but "

@@ -101,7 +101,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     if cfg.tune is not None:  # the search replaces the single distillation; its first trial is that one
         stages["tune"] = TuneConfig(distill=stages["distill"], search=cfg.tune, output=str(out / "tune"), ray=cfg.ray)
         students["student"] = str(out / "tune" / "student")
-    if cfg.baseline_without_distillation:
+    if cfg.baseline_without_distillation and any(t.label_column for t in teachers):  # alpha=0 learns from gold
         distill = stages["distill"]
         stages["distill_alpha0"] = distill.model_copy(update={
             "loss": cfg.loss.model_copy(update={"alpha": 0.0}), "output": str(out / "student_alpha0"),

@@ -100,7 +100,7 @@ def distill_plan(cfg: DistillConfig) -> tuple[TrainPlan, SoftLabelInfo]:
     info = read_soft_label_info(cfg.soft_labels)
     tasks = _task_plans(cfg, info, _requested_tasks(cfg, info))
     student = cfg.student.model_copy(update={"model": absolute_if_local(cfg.student.model)})
-    _check_student(student, tasks)
+    _check_student(student, tasks, info)
     gold_only = all(t.alpha == 0 and t.beta == 0 for t in tasks)
     rows = _trainable_rows(info, tasks, gold_only)
     if rows == 0:
@@ -193,12 +193,17 @@ def _task_teachers(cfg: DistillConfig, task: str, by_task: dict[str, dict[str, T
     return [named[name] for name in weights] if weights else list(named.values())
 
 
-def _check_student(student: StudentConfig, tasks: list[TaskPlan]) -> None:
+def _check_student(student: StudentConfig, tasks: list[TaskPlan], info: SoftLabelInfo) -> None:
     local = student.model and student.model.startswith((".", "/", "~"))
     if local and not Path(student.model).expanduser().exists():
         raise ModelError(f"student.model {student.model} does not exist")
     if student.kind == "cut" and student.model is None and len(tasks[0].teachers) > 1:
         raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
+    source = next(t for t in info.teachers if t.model == tasks[0].teacher_model)
+    try:
+        student.check_source(f"teacher {source.name!r} ({source.model})", llm=source.kind == "llm")
+    except ValueError as e:
+        raise KdRayUserError(str(e)) from None
 
 
 def _trainable_rows(info: SoftLabelInfo, tasks: list[TaskPlan], gold_only: bool) -> int:

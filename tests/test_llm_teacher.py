@@ -250,13 +250,66 @@ def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
 
     tree = {"output": "runs/llm", "labels": LABELS,
             "data": {"train": {"path": "posts.txt", "label_column": None}, "test": {"path": "test.csv"}},
-            "teacher": {"model": "some/llm", "kind": "llm", "prompt": PROMPT, "calibrate": True}}
+            "teacher": {"model": "some/llm", "kind": "llm", "prompt": PROMPT, "calibrate": True,
+                        "verbalizer": {"negative": [" negative", " bad"], "neutral": " neutral",
+                                       "positive": " positive"}},
+            "student": {"model": "some/encoder"}}
     stages = stage_configs(load_config(PipelineConfig, overrides=tree))
     assert stages["finetune"] == {}
+    assert "distill_alpha0" not in stages  # no gold to learn from with alpha=0
     (teacher,) = stages["label"].teachers
     assert (teacher.kind, teacher.model, teacher.labels, teacher.calibrate) == ("llm", "some/llm", LABELS, True)
+    assert teacher.label_words[0] == [" negative", " bad"]
     assert stages["label"].corpus.label_column is None
     (scored,) = stages["evaluate"]["teachers"].values()
     assert isinstance(scored, TeacherConfig) and scored.prompt == PROMPT
     with pytest.raises(ValueError, match="a teacher of kind llm needs teacher.model .* and no base_model"):
         load_config(PipelineConfig, overrides={**tree, "teacher": {"base_model": "b", "kind": "llm", "prompt": PROMPT}})
+    with pytest.raises(ValueError, match="teacher is a causal LM, not an encoder; set student.model"):
+        load_config(PipelineConfig, overrides={**tree, "student": {"kind": "cut"}})
+
+
+def test_kd_ray_run_distills_an_llm_teacher_without_gold_labels(tmp_path, ray_session, tiny_teacher):
+    """The whole `kd-ray run` with a prompted LM at its head: no fine-tuning, train rows without gold, gold only in
+    the test split; the student is cut from an encoder. A distillation from those soft labels that would cut the
+    LM itself is refused before it trains."""
+    import json
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from kd_ray.cli import main as cli_main
+    from kd_ray.config import DistillConfig, load_config
+    from kd_ray.errors import KdRayUserError
+    from kd_ray.plan import distill_plan
+
+    lm = build_tiny_causal_lm(tmp_path / "lm", "llama")
+    posts = random_posts(200, seed=21, max_words=12)
+    (tmp_path / "train.txt").write_text("\n".join(posts[:160]) + "\n")
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f'"{t}",{LABELS[i % 3]}\n'
+                                                                for i, t in enumerate(posts[160:])))
+    config = {"output": str(tmp_path / "run"), "labels": LABELS, "teacher_max_length": 48,
+              "data": {"train": {"path": str(tmp_path / "train.txt"), "label_column": None},
+                       "test": {"path": str(tmp_path / "test.csv")}},
+              "teacher": {"model": str(lm), "kind": "llm", "prompt": PROMPT},
+              "student": {"model": str(tiny_teacher), "num_layers": 1, "ffn_size": None},
+              "distill": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
+              "eval": {"max_length": 48, "timing_rows": 20, "timing_repeats": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    run = tmp_path / "run"
+    assert not (run / "teacher").exists() and not (run / "student_alpha0").exists()
+    table = pq.read_table(sorted((run / "soft_labels").glob("part-*.parquet")))
+    assert table.num_rows == 160 and table.column("label").null_count == 160
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["rows"] == 40 and set(metrics["timings_s"]) >= {"label", "distill", "evaluate"}
+    assert "finetune" not in metrics["timings_s"]
+    teacher = direct_log_probs(lm, [PROMPT.format(text=t) for t in posts[160:]], [f" {w}" for w in LABELS])
+    gold = [LABELS[i % 3] for i in range(40)]
+    assert metrics["teacher"]["accuracy"] == pytest.approx(np.mean([LABELS[k] == g for k, g in
+                                                                    zip(teacher.argmax(axis=1), gold)]))
+    assert 0 <= metrics["student"]["agreement"] <= 1
+    cut_the_lm = load_config(DistillConfig, overrides={"soft_labels": str(run / "soft_labels"),
+                                                       "output": str(tmp_path / "s")})
+    with pytest.raises(KdRayUserError, match="teacher 'teacher' .* is a causal LM, not an encoder"):
+        distill_plan(cut_the_lm)
