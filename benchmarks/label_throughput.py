@@ -98,8 +98,9 @@ def run_kd_ray(args, work: Path, corpus: Path, model_dir: Path, run: int) -> dic
     shutil.rmtree(out, ignore_errors=True)  # outside the timed command
     start = time.perf_counter()
     with open(work / f"kd-ray-{run}.log", "w") as log:
-        subprocess.run([str(Path(sys.executable).parent / "kd-ray"), "label", "--config", str(cfg_path)], check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
+        flags = [part for item in args.set for part in ("--" + item.partition("=")[0], item.partition("=")[2])]
+        subprocess.run([str(Path(sys.executable).parent / "kd-ray"), "label", "--config", str(cfg_path), *flags],
+                       check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     manifest = json.loads((out / "_manifest.json").read_text())
     return {"wall_s": wall, "loop_s": manifest["seconds"], "output": str(out)}
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="kd-ray label's config "
+                        "overrides, e.g. compute.threads_per_actor=2 (passed as its --KEY VALUE flags)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-label"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -209,6 +212,7 @@ def main() -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.cores} cores", "date": time.strftime("%Y-%m-%d"),
               "corpus": args.corpus, "rows": rows, "mean_tokens": float(lengths.mean()),
               "batch_size": args.batch_size, "block_rows": args.block_rows, "max_length": args.max_length,
+              "kd_ray_overrides": args.set,
               "matmul_peak_flops": peak, "matmul_peak_before_after": peaks, "useful_flops": useful_flops, "results": result,
               "speedup_kd_ray_vs_plain": speedup,
               "loop_speedup": result["kd-ray"]["loop_rows_per_s"] / result["plain"]["loop_rows_per_s"],

@@ -32,6 +32,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
@@ -98,6 +100,16 @@ def llm_teacher(model: str, variant: str):
                          verbalizer=VERBALIZER, chat=True, calibrate=calibrate, max_length=96)
 
 
+def prompt_tokens(model: str, variant: str, texts: list[str]) -> float:
+    """Mean tokens of the LM's input per post (prompt, chat template and post): what a forward pass costs."""
+    from kd_ray.inference import encode_prompts
+    from kd_ray.teacher import load_tokenizer
+
+    teacher = llm_teacher(model, variant)
+    ids, _ = encode_prompts(load_tokenizer(teacher), texts, teacher.max_length, teacher.prompt, chat=teacher.chat)
+    return float(np.mean(np.diff(ids.offsets.to_numpy())))
+
+
 def score(args) -> dict:
     from kd_ray.config import EvalArgs, EvalSetConfig
     from kd_ray.evaluate import SINGLE_TASK, evaluate_models
@@ -114,6 +126,9 @@ def score(args) -> dict:
         key = f"{args.model}/{name}/{args.rows}"
         if key in results:
             print(f"{key}: kept from {args.results}", flush=True)
+            if "prompt_tokens_mean" not in results[key]:  # entries from before it was recorded
+                results[key]["prompt_tokens_mean"] = prompt_tokens(args.model, name, test["text"].tolist())
+                args.results.write_text(json.dumps(results, indent=2))
             continue
         teacher = llm_teacher(args.model, name)
         prompt = teacher.prompt
@@ -127,6 +142,7 @@ def score(args) -> dict:
                         "rows": report["test"]["rows"], "prompt": prompt, "calibrate": teacher.calibrate,
                         "seconds": round(time.perf_counter() - start),
                         "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+        results[key]["prompt_tokens_mean"] = prompt_tokens(args.model, name, test["text"].tolist())
         args.results.write_text(json.dumps(results, indent=2))
         print(f"{key}: macro-recall {entry['macro_recall']:.4f}, accuracy {entry['accuracy']:.4f}, "
               f"{results[key]['rows_per_s']:.2f} rows/s", flush=True)

@@ -271,10 +271,13 @@ def plot_training(histories: dict[str, list[dict]]):
 
     loss_ax.set_title("training loss (each model's own loss)")
     val_ax.set_title("validation macro-recall")
+    if not val_ax.lines:  # no data.validation: nothing was scored per epoch
+        val_ax.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=val_ax.transAxes)
     for ax in (loss_ax, val_ax):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
