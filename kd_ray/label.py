@@ -432,10 +432,11 @@ def _shard_duplicates(groups: str) -> list[str]:
 def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
     """Duplicates, found without gathering ids: one task per shard checks its own rows. Derived ids of
     different shards differ by construction (file name, then byte range or row); ids from
-    corpus.id_column are also compared across shards, hash-partitioned by Ray Data."""
+    corpus.id_column are also compared across shards, hash-partitioned by Ray Data (where there are
+    several: the shuffle's start-up alone takes seconds)."""
     problems = [p for found in ray.get([_shard_duplicates.remote(json.dumps(g)) for g in parts.shards.values()])
                 for p in found]
-    if id_column and not problems:
+    if id_column and not problems and len(parts.shards) > 1:
         files = sorted({file for groups in parts.shards.values() for file, _ in groups})
         counts = parquet_files_dataset(files, ["id"], num_cpus=WRITE_TASK_CPUS).groupby("id").count()
         repeated = counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow")
