@@ -143,7 +143,8 @@ def metrics_report(report: dict) -> dict:
                      "rows_per_s": report["rows_per_s"][key]}
         if name != "teacher":
             out[name].update(speedup=report["speedup"][name], compression=report["compression"][name])
-    out["retention"], out["speedup"] = out["student"]["retention"], out["student"]["speedup"]
+    if "student" in out:  # kd-ray evaluate's and run's student, also at the top
+        out["retention"], out["speedup"] = out["student"]["retention"], out["student"]["speedup"]
     return out
 
 
