@@ -121,7 +121,7 @@ def soft_labels(run: Path, data: Path, copies: int, timings: dict) -> Path:
         start = time.perf_counter()
         print(run_label(label(data, run / "teacher", run / f"soft_labels{suffix}", copies)).line(), flush=True)
         timings[f"label{suffix}"] = round(time.perf_counter() - start, 1)
-    return run / name
+    return run / f"soft_labels{suffix}"
 
 
 def distill(data: Path, labels: Path, out: Path, seed: int, update: dict) -> DistillConfig:
