@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="tokens per short synthetic row")
     parser.add_argument("--long-share", type=float, default=0.1, help="share of max-length rows ('mixed')")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--block-rows", type=int, default=2048, help="kd-ray's compute.block_rows: 2,048 so that a corpus of tens of thousands of rows ends with little idle tail")
+    parser.add_argument("--block-rows", type=int, default=8192, help="kd-ray's compute.block_rows (its default; "
+                        "kd-ray evens the blocks out over its actors, kd_ray.label.balanced_block_rows)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)
@@ -200,6 +201,9 @@ def main() -> None:
     peaks.append(matmul_peak("cpu")[0])
     peak = max(peaks)
     rows, tokens = len(lengths), float(lengths.sum())
+    from kd_ray.label import balanced_block_rows
+
+    block_rows = balanced_block_rows(rows, args.cores, args.block_rows)  # one 1-thread actor per core
     result = {}
     for name, rs in runs.items():
         wall, loop = statistics.median(r["wall_s"] for r in rs), statistics.median(r["loop_s"] for r in rs)
@@ -207,11 +211,12 @@ def main() -> None:
                         "rows_per_s": rows / wall, "tokens_per_s": tokens / wall, "loop_rows_per_s": rows / loop,
                         "fraction_of_peak": useful_flops / wall / peak,
                         "padding_efficiency": padding_efficiency(lengths, args.batch_size,
-                                                                 args.block_rows if name == "kd-ray" else None)}
+                                                                 block_rows if name == "kd-ray" else None)}
     speedup = result["kd-ray"]["rows_per_s"] / result["plain"]["rows_per_s"]
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.cores} cores", "date": time.strftime("%Y-%m-%d"),
               "corpus": args.corpus, "rows": rows, "mean_tokens": float(lengths.mean()),
-              "batch_size": args.batch_size, "block_rows": args.block_rows, "max_length": args.max_length,
+              "batch_size": args.batch_size, "block_rows": args.block_rows, "block_rows_balanced": block_rows,
+              "max_length": args.max_length,
               "kd_ray_overrides": args.set,
               "matmul_peak_flops": peak, "matmul_peak_before_after": peaks, "useful_flops": useful_flops, "results": result,
               "speedup_kd_ray_vs_plain": speedup,

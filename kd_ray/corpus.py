@@ -74,6 +74,7 @@ class Shard:
     start: int = 0
     stop: int | None = None
     gold: bool = True  # False: a file of corpus.unlabeled_path, read without its gold labels
+    size: int | None = None  # bytes of the file the shard covers, where known (estimated_rows)
 
     @property
     def key(self) -> str:
@@ -144,7 +145,7 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
             skipped.append(info.path)
             continue
         uri = info.path if "://" not in cfg.path else f"{cfg.path.split('://')[0]}://{info.path}"
-        shards += _split(Shard(uri=uri, name=rel, format=fmt), info.size, cfg)
+        shards += _split(Shard(uri=uri, name=rel, format=fmt, size=info.size), info.size, cfg)
     if not shards:
         hint = f" (found only {skipped[:3]}; set corpus.format)" if skipped else ""
         raise CorpusError(f"corpus.path {cfg.path!r} matches no readable corpus files{hint}; "
@@ -163,7 +164,7 @@ def _split(shard: Shard, size: int | None, cfg: CorpusConfig) -> list[Shard]:
     if shard.format in ("csv", "tsv") and _has_quoted_newlines(shard):
         return [shard]
     bounds = [*range(0, size, cfg.split_bytes), size]
-    return [replace(shard, start=a, stop=b) for a, b in zip(bounds, bounds[1:])]
+    return [replace(shard, start=a, stop=b, size=b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def _row_group_runs(shard: Shard, split_bytes: int) -> list[Shard]:
@@ -171,12 +172,44 @@ def _row_group_runs(shard: Shard, split_bytes: int) -> list[Shard]:
     with fs.open_input_file(path) as f:
         meta = pq.ParquetFile(f).metadata
     runs, start, size = [], 0, 0
+    total = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) or 1
     for i in range(meta.num_row_groups):
         size += meta.row_group(i).total_byte_size
-        if size >= split_bytes or i == meta.num_row_groups - 1:
-            runs.append(replace(shard, start=start, stop=i + 1))
+        if size >= split_bytes or i == meta.num_row_groups - 1:  # its share of the file's bytes
+            runs.append(replace(shard, start=start, stop=i + 1, size=round((shard.size or 0) * size / total)))
             start, size = i + 1, 0
     return runs if len(runs) > 1 else [shard]
+
+
+def estimated_rows(shards: list[Shard]) -> int | None:
+    """About how many records ``shards`` hold: their bytes times the records per byte of the first
+    shard of each format (its Parquet footer, or the lines in its first SNIFF_BYTES), so that a corpus
+    of any size costs one small read per format; exact for Hugging Face row ranges. None where it
+    cannot be told (a compressed file, an unknown size, an empty sample)."""
+    rows, per_byte = 0.0, {}
+    for shard in shards:
+        if shard.format == "hf":
+            rows += shard.stop - shard.start
+            continue
+        if shard.size is None or shard.uri.lower().endswith(COMPRESSIONS):
+            return None
+        if shard.format not in per_byte:
+            per_byte[shard.format] = _records_per_byte(shard)
+        if not per_byte[shard.format]:
+            return None
+        rows += shard.size * per_byte[shard.format]
+    return round(rows)
+
+
+def _records_per_byte(shard: Shard) -> float | None:
+    fs, path = filesystem(shard.uri)
+    with fs.open_input_file(path) as f:
+        if shard.format == "parquet":
+            return pq.ParquetFile(f).metadata.num_rows / f.size() if f.size() else None  # the whole file's
+        f.seek(shard.start)
+        head = f.read(SNIFF_BYTES)
+    lines = head.count(b"\n") + (not head.endswith(b"\n") and len(head) < SNIFF_BYTES and bool(head))
+    return lines / len(head) if head else None
 
 
 def _has_quoted_newlines(shard: Shard) -> bool:

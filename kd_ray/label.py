@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -42,7 +43,7 @@ from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
 from kd_ray.console import say
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, task_label_column
+from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, estimated_rows, list_shards, task_label_column
 from kd_ray.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
 from kd_ray.soft_labels import (MANIFEST, METADATA_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION, TeacherInfo, parquet_writer,
                                 read_soft_label_info, soft_label_schema)
@@ -343,6 +344,18 @@ def read_parts(output: str, metadata: dict[str, Any]) -> Parts:
     return parts
 
 
+def balanced_block_rows(rows: int | None, actors: int, block_rows: int) -> int:
+    """Rows per block: at most ``block_rows``, and the corpus's ``rows`` (an estimate; None: unknown)
+    cut into a multiple of ``actors`` blocks of about the same size, so that the actors finish their
+    last blocks together. Blocks of exactly block_rows leave one actor labeling the last of them
+    alone: 25,000 tweets in blocks of 2,048 on 2 CPU actors kept one idle for about 8 % of the run,
+    and smaller blocks, though they shorten that tail, waste more on padding (BENCHMARKS.md)."""
+    if not rows or rows <= 0:
+        return block_rows
+    rounds = math.ceil(rows / (actors * block_rows))
+    return max(1, math.ceil(rows / (actors * rounds)))
+
+
 def actor_count(cfg: LabelConfig) -> int:
     c = cfg.compute
     if c.concurrency:
@@ -394,10 +407,13 @@ def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | No
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
-    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=c.block_rows, num_cpus=READ_TASK_CPUS,
+    shards, actors = list_shards(cfg.corpus), actor_count(cfg)
+    rows = estimated_rows(shards)
+    block_rows = balanced_block_rows(rows and rows * (1 + cfg.augment.copies), actors, c.block_rows)
+    ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=block_rows, num_cpus=READ_TASK_CPUS,
                         committed=kept.shards if kept else {},
                         task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
-                        mask_token=metadata.get("augment", {}).get("mask_token"))
+                        mask_token=metadata.get("augment", {}).get("mask_token"), shards=shards)
     teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
     if c.tokenize == "stage":
         ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": teachers}, batch_size=None,
@@ -408,9 +424,9 @@ def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | No
                                "batch_tokens": c.batch_tokens, "num_gpus": c.num_gpus,
                                "threads": c.threads_per_actor, "precision": c.precision,
                                "logits_dtype": cfg.output.logits_dtype},
-        batch_size=c.block_rows,
+        batch_size=block_rows,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=c.num_cpus,
         num_gpus=c.num_gpus or None,
         # A dead actor is replaced and its block redone: Ray Data's default for actor pools

@@ -60,7 +60,7 @@ def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: 
 def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, block_rows: int | None = None,
                    num_cpus: float | None = None, committed: dict[str, list] | None = None,
                    task_labels: dict[str, dict[str, int]] | None = None, augment: AugmentConfig | None = None,
-                   mask_token: str | None = None) -> ray.data.Dataset:
+                   mask_token: str | None = None, shards: list[Shard] | None = None) -> ray.data.Dataset:
     """Rows ``id, text, label, reject_reason`` (and ``label_<task>`` per task_labels; see
     kd_ray.corpus), one read task per shard (a file, or a part of a big one).
 
@@ -70,8 +70,9 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
     rows an earlier, interrupted run committed (shard key -> ``[[part file, [row groups]], ...]``)
     come out marked ALREADY_LABELED, without text. Only a shard's own read task reads its ids.
     augment: add perturbed copies of every accepted row after it (kd_ray.augment).
+    shards: ``list_shards(cfg)`` where the caller already has them.
     """
-    shards = list_shards(cfg)
+    shards = list_shards(cfg) if shards is None else shards
     items = [{**asdict(s), **({"committed": json.dumps(committed.get(s.key, []))} if committed is not None else {})}
              for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(shards))

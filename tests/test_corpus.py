@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kd_ray.config import CorpusConfig
-from kd_ray.corpus import ROW_SCHEMA, list_shards, read_shard
+from kd_ray.corpus import ROW_SCHEMA, estimated_rows, list_shards, read_shard
 from kd_ray.errors import CorpusError
 from kd_ray.normalize import normalize_post
 
@@ -380,3 +380,49 @@ def test_a_big_parquet_file_reads_in_runs_of_row_groups(tmp_path):
     table = read_all(path=str(tmp_path), split_bytes=4096)
     assert table.column("id").to_pylist() == [f"big.parquet:{i}" for i in range(3000)]
     assert table.column("text").to_pylist() == texts
+
+
+# ---------------------------------------------------------------------------- corpus size and block sizes
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "text", "parquet"])
+def test_the_corpus_size_is_estimated_from_its_bytes_and_one_sample(tmp_path, fmt, monkeypatch):
+    import kd_ray.corpus
+
+    monkeypatch.setattr(kd_ray.corpus, "SNIFF_BYTES", 4096)  # a sample smaller than the file, as in real corpora
+    texts = posts(3000)
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=200)
+        path = tmp_path / "big.parquet"
+    else:
+        path = write_big(tmp_path, fmt, texts)
+    whole = list_shards(CorpusConfig(path=str(path), split_bytes=None))
+    parts = list_shards(CorpusConfig(path=str(path), split_bytes=8192))
+    assert len(whole) == 1 and len(parts) >= 4
+    for shards in (whole, parts):
+        assert abs(estimated_rows(shards) - 3000) <= 0.1 * 3000, (fmt, estimated_rows(shards))
+    if fmt == "parquet":
+        assert estimated_rows(whole) == 3000  # the footer counts them
+
+
+def test_a_compressed_corpus_has_no_size_estimate(tmp_path):
+    with gzip.open(tmp_path / "posts.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in posts(100))
+    assert estimated_rows(list_shards(CorpusConfig(path=str(tmp_path)))) is None
+
+
+@pytest.mark.parametrize("rows, actors, most, expected", [
+    (25_000, 2, 8192, 6250),   # 4 even blocks, not 8192, 8192, 8192, 424
+    (25_000, 2, 2048, 1786),   # 14 blocks, 7 an actor
+    (1_000_000, 16, 8192, 7813),
+    (10, 4, 8192, 3),          # fewer rows than a block per actor
+    (None, 2, 8192, 8192),     # size unknown: blocks as configured
+])
+def test_blocks_are_evened_out_over_the_actors(rows, actors, most, expected):
+    from kd_ray.label import balanced_block_rows
+
+    size = balanced_block_rows(rows, actors, most)
+    assert size == expected and size <= most
+    if rows:
+        blocks = -(-rows // size)
+        assert blocks % actors == 0 or blocks * size - rows < size  # whole rounds, the last block short at most
