@@ -161,7 +161,7 @@ class LabelComputeConfig(Section):
         "costs a Ray task (8,192 rows: 1.2x the rows/s of 2,048 on a teacher of negligible compute, BENCHMARKS.md). "
         "Where the corpus's size can be told from its files (not compressed ones), blocks are evened out to a "
         "multiple of the actors, so that the actors finish their last blocks together (25,000 tweets on 2 CPU "
-        "actors: blocks of 6,250 instead of 8,192 and 4,232 rows).")
+        "actors: 4 blocks of 6,250 instead of three of 8,192 and one of 424).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference precision: 'auto' is "
         "bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU.")
 
