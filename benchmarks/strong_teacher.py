@@ -113,35 +113,19 @@ def finetune(data: Path, base: Path, out: Path, seed: int, lr: float, epochs: in
         "output": str(out), "train": {**TRAIN, "epochs": epochs, "learning_rate": lr, "seed": seed}})
 
 
-def label(data: Path, teacher: Path, out: Path, copies: int = 0) -> LabelConfig:
-    """Labeled + transfer rows (and ``copies`` perturbed copies of each); the teacher's logits and its
-    mean-pooled representation."""
+def label(data: Path, teacher: Path, out: Path) -> LabelConfig:
+    """Labeled + transfer rows; the teacher's logits and its mean-pooled representation."""
     return load_config(LabelConfig, overrides={
         "corpus": {"path": str(data / "labeled.csv"), "unlabeled_path": str(data / "transfer.csv"),
                    "id_column": "id", "label_column": "label"},
         "teachers": [{"model": str(teacher), "max_length": MAX_LENGTH, "representation": "mean"}],
-        "compute": {"batch_size": 64, "block_rows": 1024}, "output": {"path": str(out)},
-        "augment": {"copies": copies}})
-
-
-def soft_labels(run: Path, data: Path, copies: int, timings: dict) -> Path:
-    """The seed's soft labels with ``copies`` perturbed copies of every post (labeled once, then kept)."""
-    from kd_ray.label import run_label
-
-    suffix = f"_aug{copies}" if copies else ""
-    if not (run / f"soft_labels{suffix}" / "_manifest.json").is_file():
-        start = time.perf_counter()
-        print(run_label(label(data, run / "teacher", run / f"soft_labels{suffix}", copies)).line(), flush=True)
-        timings[f"label{suffix}"] = round(time.perf_counter() - start, 1)
-    return run / f"soft_labels{suffix}"
+        "compute": {"batch_size": 64, "block_rows": 1024}, "output": {"path": str(out)}})
 
 
 def distill(data: Path, labels: Path, out: Path, seed: int, update: dict) -> DistillConfig:
     tree = {"soft_labels": str(labels), "output": str(out), "validation": {"path": str(data / "validation.csv")},
             "train": {**TRAIN, "learning_rate": 2e-4, "seed": seed}}
     for section, values in update.items():
-        if section == "augment":
-            continue  # a labeling setting: the row's soft labels (soft_labels())
         tree[section] = {**tree.get(section, {}), **values}
     if update.get("student", {}).get("kind") == "pretrained":
         tree["train"]["learning_rate"] = 5e-5  # a whole pretrained encoder: the fine-tuning rate
@@ -150,17 +134,21 @@ def distill(data: Path, labels: Path, out: Path, seed: int, update: dict) -> Dis
 
 def run_seed(data: Path, out: Path, seed: int, args) -> dict:
     from kd_ray.config import EvalArgs, EvalSetConfig
+    from kd_ray.label import run_label
     from kd_ray.train import run_distill, run_finetune
 
     run, timings = out / f"seed{seed}", {}
     timed_stage("teacher", run / "teacher", run_finetune, finetune(data, MPNET, run / "teacher", seed, 3e-5), timings)
     timed_stage("minilm_gold", run / "minilm_gold", run_finetune,
                 finetune(data, MINILM, run / "minilm_gold", seed, 5e-5), timings)
+    labels = run / "soft_labels"
+    if not (labels / "_manifest.json").is_file():
+        start = time.perf_counter()
+        print(run_label(label(data, run / "teacher", labels)).line(), flush=True)
+        timings["label"] = round(time.perf_counter() - start, 1)
     for name, update in STUDENTS.items():
-        if name not in args.rows and not (run / name / "config.json").is_file():
-            continue
-        labels = soft_labels(run, data, update.get("augment", {}).get("copies", 0), timings)
-        timed_stage(name, run / name, run_distill, distill(data, labels, run / name, seed, update), timings)
+        if name in args.rows or (run / name / "config.json").is_file():
+            timed_stage(name, run / name, run_distill, distill(data, labels, run / name, seed, update), timings)
     models = {"teacher": str(run / "teacher"), "minilm_gold": str(run / "minilm_gold"),
               **{name: str(run / name) for name in STUDENTS if (run / name / "config.json").is_file()}}
     eval_args = EvalArgs(batch_size=64, max_length=MAX_LENGTH, threads=2, timing_rows=args.timing_rows)

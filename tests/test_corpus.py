@@ -424,5 +424,4 @@ def test_blocks_are_evened_out_over_the_actors(rows, actors, most, expected):
     size = balanced_block_rows(rows, actors, most)
     assert size == expected and size <= most
     if rows:
-        blocks = -(-rows // size)
-        assert blocks % actors == 0 or blocks * size - rows < size  # whole rounds, the last block short at most
+        assert -(-rows // size) % actors == 0  # whole rounds: every actor gets as many blocks
