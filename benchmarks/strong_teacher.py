@@ -26,6 +26,8 @@ the test split and timed in kd-ray's evaluate harness (same 2 threads, models al
   cut_bottom_rep_full cut_bottom_rep at full feed-forward width (not narrowed), 5 epochs
   cut4_bottom_rep_b3 4 layers (0-3), narrowed like the default, representation term with beta 3
   cut4_spread       4 layers spread, narrowed like the default, logits only
+  cut5_bottom_rep_b3 5 layers (0-4), narrowed like the default, representation term with beta 3
+  cut4_full_bottom_rep_b3 4 layers (0-3) at full feed-forward width, 5 epochs, representation, beta 3
 --rows picks the student rows a run trains (all by default); a row trained on fewer seeds than
 others is averaged over the seeds it has (the table says how many).
 Every trained row runs for each --seeds (teacher, fine-tune and student seed alike); the table gives
@@ -80,6 +82,11 @@ STUDENTS = {
     "cut4_bottom_rep_b3": {"student": {**STUDENT, "num_layers": 4, "layer_selection": "bottom"},
                            "loss": {"beta": 3 * BETA}},
     "cut4_spread": {"student": {**STUDENT, "num_layers": 4, "layer_selection": "spread"}},
+    # added after seed 1 (cut4_bottom_rep_b3 kept 95.6 % of a stronger teacher): more of the speed budget
+    "cut5_bottom_rep_b3": {"student": {**STUDENT, "num_layers": 5, "layer_selection": "bottom"},
+                           "loss": {"beta": 3 * BETA}},
+    "cut4_full_bottom_rep_b3": {"student": {**STUDENT, "num_layers": 4, "layer_selection": "bottom", "ffn_size": None},
+                                "loss": {"beta": 3 * BETA}, "train": {"epochs": 5}},
 }
 ROWS = ("tfidf_lr", "minilm_gold", "teacher", *STUDENTS)
 METRICS = ("macro_recall", "macro_f1", "accuracy")
