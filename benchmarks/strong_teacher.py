@@ -29,7 +29,8 @@ the test split and timed in kd-ray's evaluate harness (same 2 threads, models al
   cut5_bottom_rep_b3 5 layers (0-4), narrowed like the default, representation term with beta 3
   cut4_full_bottom_rep_b3 4 layers (0-3) at full feed-forward width, 5 epochs, representation, beta 3
 --rows picks the student rows a run trains (all by default); a row trained on fewer seeds than
-others is averaged over the seeds it has (the table says how many).
+others is averaged over the seeds it has (the table says how many). Seeds in --results that --seeds
+does not name are kept as they are.
 Every trained row runs for each --seeds (teacher, fine-tune and student seed alike); the table gives
 mean +- half the spread. A stage whose output folder is complete is skipped, and seeds already in
 --results are kept, so a run cut off anywhere continues where it stopped.
@@ -222,11 +223,11 @@ def main() -> None:
     sizes = write_splits("airline", data)
     tfidf = tfidf_row(data, args)
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    kept = {r["seed"]: r for r in saved.get("per_seed", []) if set(args.rows) <= set(r)} \
-        if saved.get("splits") == sizes else {}  # a seed scored before a row was added runs that row
-    per_seed = []
+    saved_seeds = {r["seed"]: r for r in saved.get("per_seed", [])} if saved.get("splits") == sizes else {}
+    kept = {s: r for s, r in saved_seeds.items() if set(args.rows) <= set(r)}  # a seed without a row runs it
+    per_seed = [r for s, r in saved_seeds.items() if s not in args.seeds]  # seeds not asked for stay
     for seed in args.seeds:
-        per_seed.append(kept.get(seed) or run_seed(data, args.out, seed, args))
+        per_seed = sorted([*per_seed, kept.get(seed) or run_seed(data, args.out, seed, args)], key=lambda r: r["seed"])
         result = {"dataset": "airline", "splits": sizes, "teacher": "all-mpnet-base-v2", "beta": BETA,
                   "machine": f"{platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d"),
                   "command": " ".join(sys.argv), "tfidf_lr": tfidf, "per_seed": per_seed,
