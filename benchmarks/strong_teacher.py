@@ -5,7 +5,7 @@ into small students on CPU, against the plain fine-tune a user would otherwise s
         --results benchmarks/results/strong-teacher-airline.json        # every row, seed 0
     python benchmarks/strong_teacher.py --seeds 0 1 2 --out runs/strong \
         --results benchmarks/results/strong-teacher-airline.json \
-        --rows cut_spread cut_bottom cut_spread_rep cut_bottom_rep minilm_kd cut4_bottom_rep_b3 cut4_spread
+        --rows minilm_kd cut4_bottom_rep_b3 cut5_bottom_rep_b3 cut4_full_bottom_rep_b3
 
 Splits: benchmarks/quality.py's airline splits (labeled 25 % trains the teachers, transfer 55 % adds
 unlabeled rows for distillation, validation 10 % picks epochs, test 10 % scores). Rows, each scored on
