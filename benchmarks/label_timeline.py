@@ -7,9 +7,9 @@ Ray's own task timeline (``ray.timeline``) cut into phases.
 
 Phases, in seconds from the start of ``ray.init``: Ray's start; the driver's checks before the
 dataset starts (the teacher's config and weight digest, the output folder); each teacher actor's
-start (its process, then ``__init__``: torch, transformers, the model); each actor's blocks (start,
-seconds, rows); and the end. The fixed cost of a run is everything that is not an actor labeling a
-block; the tail is the time between the first and the last actor's last block.
+``__init__`` (start, seconds: torch, transformers, the model); each actor's blocks (start, seconds);
+and the end. The fixed cost (``fixed_s``) is the end less the mean of the actors' labeling seconds;
+the tail (``tail_s``) is the time between the first and the last actor's last block.
 """
 
 from __future__ import annotations
