@@ -24,6 +24,9 @@ CPU threads, alternating between models (median of 3 passes over --timing-rows t
   student_tuned   distilled with T, alpha and learning rate from `kd-ray tune` (searched once, on
                   seed 0's soft labels, scored on validation; then trained for every seed)
   student_hard    distilled on the teacher's argmax labels only (loss.kind hard)
+--variant NAME=JSON trains the default student and students with some distill settings changed instead
+(scored on validation and test); --teacher-representation mean has labeling store the teacher's sentence
+representation too, for variants with loss.beta.
 Every trained row is repeated for each --seeds (teacher fine-tuning seed, student seed), and the
 table reports mean and spread (max - min). Stages whose output folder is complete are skipped on
 rerun, and seeds already in the --results file (same dataset, same split sizes) are kept, so an
@@ -106,10 +109,12 @@ def write_splits(dataset: str, folder: Path) -> dict[str, int]:
 # ---------------------------------------------------------------------------- configs
 
 
-def pipeline_config(data: Path, labels: list[str], run: Path, seed: int) -> PipelineConfig:
-    """The run every seed makes; kd-ray's shipped student defaults except where a row changes them."""
+def pipeline_config(data: Path, labels: list[str], run: Path, seed: int,
+                    representation: str | None = None) -> PipelineConfig:
+    """The run every seed makes; kd-ray's shipped student defaults except where a row changes them.
+    ``representation`` also stores the teacher's sentence representation at labeling (for loss.beta)."""
     tree = {
-        "output": str(run), "labels": labels,
+        "output": str(run), "labels": labels, "teacher_representation": representation,
         "data": {"train": {"path": str(data / "labeled.csv"), "id_column": "id", "label_column": "label"},
                  "transfer": {"path": str(data / "transfer.csv"), "id_column": "id"},
                  "validation": {"path": str(data / "validation.csv")},
@@ -193,7 +198,8 @@ def compare(models: dict[str, str], test, args) -> dict:
     return metrics_report(evaluate_models({SINGLE_TASK: models[teacher]}, {n: models[n] for n in students}, test, args))
 
 
-def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, timings: dict):
+def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, timings: dict,
+                 representation: str | None = None):
     """The seed's teacher and its soft labels (each skipped where already complete); returns the
     seed's run folder, pipeline config and stage configs."""
     from kd_ray.label import run_label
@@ -201,7 +207,7 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     from kd_ray.train import run_finetune
 
     run = out / dataset / f"seed{seed}"
-    cfg = pipeline_config(data, labels, run, seed)
+    cfg = pipeline_config(data, labels, run, seed, representation)
     stages = stage_configs(cfg)
     timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"][SINGLE_TASK], timings)
     if not (run / "soft_labels" / "_manifest.json").is_file():
@@ -220,7 +226,7 @@ def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, 
     from kd_ray.tune import run_tune
 
     timings: dict = {}
-    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings)
+    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings, args.teacher_representation)
     distill = stages["distill"]
     if tuned is None:  # the search, once, on this seed's soft labels
         from kd_ray.config import TuneConfig
@@ -255,7 +261,7 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     from kd_ray.train import run_distill
 
     timings: dict = {}
-    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings)
+    run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings, args.teacher_representation)
     distill = stages["distill"]
     timed_stage("student_kd", run / "student_kd", run_distill, distill.model_copy(update={"output": str(run / "student_kd")}), timings)
     for name, update in variants.items():
@@ -376,6 +382,9 @@ def main() -> None:
     parser.add_argument("--timing-rows", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=SEARCH["num_samples"], help="kd-ray tune trials (once, seed 0)")
     parser.add_argument("--results", required=True, help="JSON file for the table")
+    parser.add_argument("--teacher-representation", choices=["mean", "cls"],
+                        help="labeling also stores the teacher's sentence representation, for variants with "
+                             "loss.beta (a seed's soft labels are written once: set it before they are)")
     parser.add_argument("--table-only", action="store_true", help="print the tables of --results; run nothing")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="instead of the table: train the default student and this one (distill sections "
