@@ -25,7 +25,8 @@ CPU threads, alternating between models (median of 3 passes over --timing-rows t
                   seed 0's soft labels, scored on validation; then trained for every seed)
   student_hard    distilled on the teacher's argmax labels only (loss.kind hard)
 --variant NAME=JSON trains the default student and students with some distill settings changed instead
-(scored on validation and test); --teacher-representation mean has labeling store the teacher's sentence
+(scored on validation and test; each student's validation macro-recall per epoch and exported epoch
+recorded); --teacher-representation mean has labeling store the teacher's sentence
 representation too, for variants with loss.beta.
 Every trained row is repeated for each --seeds (teacher fine-tuning seed, student seed), and the
 table reports mean and spread (max - min). Stages whose output folder is complete are skipped on
@@ -281,9 +282,20 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     models = {"teacher": str(run / "teacher"), "student_kd": str(run / "student_kd"), **{n: str(run / n) for n in variants}}
     eval_args = EvalArgs(**{**cfg.eval.model_dump(), "timing_rows": args.timing_rows})
     scores = {split: compare(models, getattr(cfg.data, split), eval_args) for split in ("validation", "test")}
-    return {name: {"timing_s": timings.get(name),
+    return {name: {"timing_s": timings.get(name), **_epochs(Path(models[name])),
                    **{split: {m: scores[split][name][m] for m in (*METRICS, "rows_per_s")} for split in scores}}
             for name in models}
+
+
+def _epochs(model: Path) -> dict:
+    """A student's validation macro-recall per epoch and the epoch it exported, from its run record."""
+    from kd_ray.train import RUN_INFO
+
+    if model.name == "teacher" or not (model / RUN_INFO).is_file():
+        return {}
+    info = json.loads((model / RUN_INFO).read_text())
+    return {"exported_epoch": info.get("exported_epoch"),
+            "val_macro_recall_per_epoch": [e.get("val_macro_recall") for e in info["history"]]}
 
 
 def merge_variants(saved: dict | None, variants: dict, per_seed: dict[int, dict]) -> dict:
@@ -404,8 +416,9 @@ def main() -> None:
             parser.error(f"--variant {variant!r}: expected NAME={{JSON object}}")
     if args.table_only:
         saved = json.loads(Path(args.results).read_text())
-        table = summarise(saved["per_seed"], saved["tfidf_lr"])
-        print(format_table(table), markdown_table(table), f"tuned: {saved['per_seed'][0]['tuned']}", sep="\n\n")
+        if "per_seed" in saved:  # a file of --variant runs only has no main table
+            table = summarise(saved["per_seed"], saved["tfidf_lr"])
+            print(format_table(table), markdown_table(table), f"tuned: {saved['per_seed'][0]['tuned']}", sep="\n\n")
         if "variants" in saved:
             print("", variants_table(saved["variants"]["changed"], saved["variants"]["per_seed"]), sep="\n")
         return
