@@ -384,9 +384,13 @@ class StudentConfig(Section):
         "those with the largest in and out weight norms: a count, or a fraction in (0, 1] of the teacher's "
         "(MiniLM-L6 has 1536; null: all).")
     wide_epochs: int = Field(2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the "
-        "teacher's full feed-forward width; it is then narrowed to ffn_size and trains train.epochs more, on a fresh "
-        "learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more than narrowing "
-        "the teacher's weights (BENCHMARKS.md).")
+        "teacher's full feed-forward width; it is then narrowed to ffn_size (in narrow_steps) and trains train.epochs "
+        "more, on a fresh learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more "
+        "than narrowing the teacher's weights (BENCHMARKS.md).")
+    narrow_steps: int = Field(1, ge=1, le=10, description="With wide_epochs: reach ffn_size in this many steps, one "
+        "an epoch, each keeping the same share of the neurons (2 steps from 1536 to 384: 768, then 384), each on a "
+        "fresh learning-rate schedule over the epochs left; train.epochs counts from the first step and must leave "
+        "at least one epoch at ffn_size.")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
@@ -424,8 +428,8 @@ class StudentConfig(Section):
         if isinstance(data.get("layer_selection"), list) and "num_layers" not in data:
             data = {**data, "num_layers": len(data["layer_selection"])}
         if kind != "cut":
-            if data.get("ffn_size") is not None or data.get("wide_epochs"):
-                raise ValueError(f"student.ffn_size and wide_epochs narrow a 'cut' student; a '{kind}' student would "
+            if data.get("ffn_size") is not None or data.get("wide_epochs") or data.get("narrow_steps", 1) != 1:
+                raise ValueError(f"student.ffn_size, wide_epochs and narrow_steps narrow a 'cut' student; a '{kind}' student would "
                                  "ignore them (a 'config' student's width is student.intermediate_size)")
             return {**data, "ffn_size": None, "wide_epochs": 0}
         if "ffn_size" in data and data["ffn_size"] is None and "wide_epochs" not in data:
@@ -446,6 +450,9 @@ class StudentConfig(Section):
         if self.wide_epochs and self.ffn_size is None:
             raise ValueError("student.wide_epochs trains at full width before narrowing to student.ffn_size, "
                              "which is not set")
+        if self.narrow_steps > 1 and not self.wide_epochs:
+            raise ValueError(f"student.narrow_steps ({self.narrow_steps}) narrows a student trained at full width "
+                             "first; set student.wide_epochs (a student cut narrow from the start has no steps)")
         return self
 
 
@@ -494,6 +501,13 @@ class DistillConfig(TrainStageConfig):
             raise ValueError("set teachers per task (tasks.<task>.teachers) or loss.teachers, not both")
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks, when set, needs at least one task")
+        return self
+
+    @model_validator(mode="after")
+    def _epochs_at_ffn_size(self) -> DistillConfig:
+        if self.student.narrow_steps > self.train.epochs:
+            raise ValueError(f"train.epochs ({self.train.epochs}) must be at least student.narrow_steps "
+                             f"({self.student.narrow_steps}): one epoch a narrowing step, the last at ffn_size")
         return self
 
     @property
@@ -547,7 +561,8 @@ class SearchConfig(Section):
     scheduler: Literal["asha", "fifo"] = Field("asha", description="'asha' stops trials that trail at epoch "
                                                "milestones (early stopping); 'fifo' runs every trial to the end.")
     grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it (at least "
-                              "student.wide_epochs + 1: a student narrowed after training is judged narrowed).")
+                              "student.wide_epochs + student.narrow_steps: a student narrowed after training is "
+                              "judged at its final width).")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the top 1/reduction_factor at each milestone.")
     max_concurrent_trials: int = Field(1, ge=1, le=1024, description="Trials running at once; each trial is a "
                                        "Ray Train run with distill.train.num_workers workers.")

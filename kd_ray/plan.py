@@ -78,6 +78,11 @@ class TrainPlan(BaseModel):
         return self.student.wide_epochs if self.student else 0
 
     @property
+    def narrow_at(self) -> list[int]:
+        """Epochs done after which the student is narrowed one step (the last step reaches student.ffn_size)."""
+        return list(range(self.wide_epochs, self.wide_epochs + self.student.narrow_steps)) if self.wide_epochs else []
+
+    @property
     def epochs(self) -> int:
         return self.wide_epochs + self.train.epochs
 

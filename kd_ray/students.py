@@ -160,6 +160,12 @@ def ffn_neurons(model: PreTrainedModel, ffn_size: int | float) -> int:
     return size
 
 
+def narrowing_widths(width: int, target: int, steps: int) -> list[int]:
+    """The feed-forward width after each of ``steps`` narrowing steps from ``width`` to ``target``: each
+    step keeps the same share of the neurons (1536 -> 768 -> 384 in 2 steps), the last exactly ``target``."""
+    return [round(width * (target / width) ** (k / steps)) for k in range(1, steps)] + [target]
+
+
 @torch.no_grad()
 def prune_feed_forward(model: PreTrainedModel, ffn_size: int | float) -> PreTrainedModel:
     """Narrow every encoder layer's feed-forward block to ``ffn_size`` neurons (or that fraction of

@@ -122,8 +122,14 @@ class Run:
     epoch: int = 0  # epochs done
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
-    narrowed: bool = True  # the model has its final width (a student narrowed after training is wide at first)
+    widths: list[int] = field(default_factory=list)  # feed-forward width after each narrowing step (none: never)
+    narrowings: int = 0  # narrowing steps done (a student narrowed after training is wide at first)
     projection: Any = None  # kd_ray.losses.Projections for the representation terms; trained, never exported
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether the model has its final width."""
+        return self.narrowings == len(self.widths)
 
     @property
     def bare_model(self):
@@ -144,6 +150,7 @@ def build(plan: TrainPlan):
     from kd_ray.inference import hidden_width
     from kd_ray.losses import Projections
     from kd_ray.models import build_model
+    from kd_ray.students import feed_forward_width, ffn_neurons, narrowing_widths
 
     if not plan.train.use_gpu:  # null: the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -153,8 +160,10 @@ def build(plan: TrainPlan):
     model, tokenizer = build_model(plan)
     targets = {t.name: (t.pooling, t.representation_width) for t in plan.tasks if t.representation}
     projection = Projections(hidden_width(model.config), targets) if targets else None
-    return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(),
-               narrowed=plan.wide_epochs == 0, projection=projection)
+    widths = (narrowing_widths(feed_forward_width(model), ffn_neurons(model, plan.student.ffn_size),
+                               len(plan.narrow_at)) if plan.narrow_at else [])
+    return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(), widths=widths,
+               projection=projection)
 
 
 def restore(run: Run) -> dict | None:
@@ -176,9 +185,9 @@ def restore(run: Run) -> dict | None:
         state["rng"] = torch.load(rng, weights_only=False) if rng.is_file() else None
     run.epoch = run.resumed_from = state["epoch"]
     run.history = state["history"]
-    if run.plan.wide_epochs and run.epoch > run.plan.wide_epochs:  # saved after narrowing
-        prune_feed_forward(run.model, run.plan.student.ffn_size)
-        run.narrowed = True
+    run.narrowings = sum(done < run.epoch for done in run.plan.narrow_at)
+    if run.narrowings:  # saved after narrowing: the shapes must match before the weights load
+        prune_feed_forward(run.model, run.widths[run.narrowings - 1])
     missing, unexpected = run.model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelError(f"checkpoint {checkpoint.path} does not fit the model being trained: missing keys "
@@ -188,8 +197,9 @@ def restore(run: Run) -> dict | None:
     return state
 
 
-def prepare(run: Run, phase_epochs: int) -> None:
-    """A fresh AdamW and learning-rate schedule over ``phase_epochs`` epochs, prepared by Accelerate."""
+def prepare(run: Run) -> None:
+    """A fresh AdamW and learning-rate schedule, prepared by Accelerate, over the epochs of the phase the run
+    is in: the wide epochs, then from each narrowing step to the end."""
     import torch
     from transformers import get_scheduler
 
@@ -199,7 +209,10 @@ def prepare(run: Run, phase_epochs: int) -> None:
     modules = [run.model] + ([run.projection] if run.projection is not None else [])
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)
-    steps = _steps_per_epoch(run.plan) * phase_epochs
+    plan = run.plan
+    phase_epochs = plan.epochs - plan.narrow_at[run.narrowings - 1] if run.narrowings else (plan.wide_epochs
+                                                                                             or plan.epochs)
+    steps = _steps_per_epoch(plan) * phase_epochs
     run.scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
                                   num_training_steps=steps)
     *modules, run.optimizer = run.accelerator.prepare(*modules, optimizer)
@@ -211,14 +224,14 @@ def _steps_per_epoch(plan: TrainPlan) -> int:
 
 
 def narrow(run: Run) -> None:
-    """Narrow a student trained at full width to its ``ffn_size``; it trains on with a fresh schedule."""
+    """Narrow a student one step towards its ``ffn_size``; it trains on with a fresh schedule."""
     from kd_ray.students import prune_feed_forward
 
     bare, projection = run.bare_model, run.bare_projection
     run.accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
-    run.model, run.projection = prune_feed_forward(bare, run.plan.student.ffn_size), projection
-    run.narrowed = True
-    prepare(run, run.plan.train.epochs)
+    run.model, run.projection = prune_feed_forward(bare, run.widths[run.narrowings]), projection
+    run.narrowings += 1
+    prepare(run)
 
 
 def train_epoch(run: Run, shard) -> dict[str, Any]:
@@ -332,7 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = TrainPlan.model_validate(config)
     run = build(plan)
     state = restore(run)
-    prepare(run, plan.train.epochs if run.narrowed else plan.wide_epochs)
+    prepare(run)
     if state:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
@@ -340,7 +353,7 @@ def train_loop_per_worker(config: dict) -> None:
             _set_rng_state(state["rng"])
     train_shard = ray.train.get_dataset_shard("train")
     while run.epoch < plan.epochs:
-        if not run.narrowed and run.epoch == plan.wide_epochs:
+        if run.epoch in plan.narrow_at:
             narrow(run)
         metrics = train_epoch(run, train_shard)
         if plan.wide_epochs:

@@ -149,8 +149,9 @@ def _saved_spec(path: Path) -> dict | None:
 
 def grace_period(cfg: TuneConfig) -> int:
     """Epochs before ASHA may stop a trial: search.grace_period, but a student narrowed after
-    training (student.wide_epochs) is first judged once narrowed."""
-    return min(max(cfg.search.grace_period, cfg.distill.student.wide_epochs + 1), cfg.distill.total_epochs)
+    training (student.wide_epochs) is first judged at its final width (after student.narrow_steps)."""
+    student = cfg.distill.student
+    return min(max(cfg.search.grace_period, student.wide_epochs + student.narrow_steps), cfg.distill.total_epochs)
 
 
 def _tuner(cfg: TuneConfig, out: Path, trainable):

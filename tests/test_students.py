@@ -22,6 +22,7 @@ from transformers import (
 from kd_ray.students import (
     count_parameters,
     cut_student_from_teacher,
+    narrowing_widths,
     prune_feed_forward,
     select_layers,
     student_from_config,
@@ -285,7 +286,7 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
     from kd_ray.errors import ModelError
     from kd_ray.models import build_student
 
-    with pytest.raises(ValidationError, match="ffn_size and wide_epochs narrow a 'cut' student; a 'config' student"):
+    with pytest.raises(ValidationError, match="ffn_size, wide_epochs and narrow_steps narrow a 'cut' student; a 'config'"):
         StudentConfig(kind="config", ffn_size=64)
     with pytest.raises(ValidationError, match="a 'pretrained' student would ignore them"):
         StudentConfig(kind="pretrained", wide_epochs=1)
@@ -319,6 +320,23 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
     assert net.config.intermediate_size == 32 and layers_of(net)[2].intermediate.dense.out_features == 32
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
         build_student(wide_first.model_copy(update={"ffn_size": 128}), str(tmp_path / "teacher"), list(ID2LABEL.values()))
+
+
+def test_gradual_narrowing_keeps_the_same_share_of_neurons_each_step_and_needs_the_epochs_for_it():
+    from pydantic import ValidationError
+
+    from kd_ray.config import DistillConfig, StudentConfig
+
+    assert narrowing_widths(1536, 384, 1) == [384]
+    assert narrowing_widths(1536, 384, 2) == [768, 384]
+    assert narrowing_widths(1536, 384, 3) == [968, 610, 384]  # 1536 * (1/4) ** (k/3), rounded
+    with pytest.raises(ValidationError, match="narrow_steps \\(2\\) narrows a student trained at full width first; "
+                                              "set student.wide_epochs"):
+        StudentConfig(ffn_size=384, wide_epochs=0, narrow_steps=2)
+    with pytest.raises(ValidationError, match="a 'pretrained' student would ignore them"):
+        StudentConfig(kind="pretrained", narrow_steps=2)
+    with pytest.raises(ValidationError, match="train.epochs \\(2\\) must be at least student.narrow_steps \\(3\\)"):
+        DistillConfig(soft_labels="x", output="y", student={"narrow_steps": 3}, train={"epochs": 2})
 
 
 def _tiny_vocab(folder) -> str:

@@ -157,18 +157,22 @@ def test_keep_last_or_auto_without_validation_exports_the_last_epoch(tmp_path, s
     assert info["exported_epoch"] == 2 and not any("keep_score" in h for h in info["history"])
 
 
-@pytest.mark.parametrize("stop_after, resumed", [(1, [0, 1, 1]), (2, [0, 0, 2])])
-def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, stop_after, resumed,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("steps, stop_after, resumed, widths", [(1, 1, [0, 1, 1], [64, 16, 16]),
+                                                               (1, 2, [0, 0, 2], [64, 16, 16]),
+                                                               (2, 2, [0, 0, 2], [64, 32, 16])])
+def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, steps, stop_after,
+                                                                       resumed, widths, monkeypatch):
     # stopped after the wide epoch: resumes wide and narrows; stopped after the first narrow epoch:
-    # the checkpoint holds the narrow model, which the resumed run must rebuild before loading it
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1})
+    # the checkpoint holds the narrow model, which the resumed run must rebuild before loading it (in two
+    # steps, at the first step's width) and then narrow on
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
+                                                             "student.narrow_steps": steps})
     with failing_after_epoch(stop_after, monkeypatch):
         run_distill(cfg)
     run_distill(cfg)
     history = read_run_info(str(tmp_path / "student"))["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == resumed
-    assert [h["ffn_size"] for h in history] == [64, 16, 16]
+    assert [h["ffn_size"] for h in history] == widths
 
 
 def test_relabeled_soft_labels_start_a_fresh_run_instead_of_resuming(tmp_path, soft_labels, monkeypatch):

@@ -207,6 +207,7 @@ def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_p
     assert grace(**{"distill.student.ffn_size": None}) == 1  # a full-width cut: the search's own grace period
     assert grace(**{"search.grace_period": 4}) == 4
     assert grace(**{"search.grace_period": 9}) == 5  # never past the last of the 5 epochs
+    assert grace(**{"distill.student.narrow_steps": 2}) == 4  # judged once at its final width, after 2 steps
 
 
 def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
