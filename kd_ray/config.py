@@ -326,8 +326,8 @@ class TrainArgs(Section):
 class StudentTrainArgs(TrainArgs):
     """A student's training: TrainArgs with the defaults the quality benchmark chose (BENCHMARKS.md)."""
 
-    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (after student.wide_epochs "
-                        "at full width, for a student narrowed after training).")
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (for a student narrowed after "
+                        "training: those at its final width, after student.wide_epochs and narrow_steps).")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns "
         "faster than its teacher did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 "
         "trailed.")
@@ -388,9 +388,8 @@ class StudentConfig(Section):
         "more, on a fresh learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more "
         "than narrowing the teacher's weights (BENCHMARKS.md).")
     narrow_steps: int = Field(1, ge=1, le=10, description="With wide_epochs: reach ffn_size in this many steps, one "
-        "an epoch, each keeping the same share of the neurons (2 steps from 1536 to 384: 768, then 384), each on a "
-        "fresh learning-rate schedule over the epochs left; train.epochs counts from the first step and must leave "
-        "at least one epoch at ffn_size.")
+        "an epoch, each keeping the same share of the neurons (2 steps from 1536 to 384: 768 for one epoch, then "
+        "384 for train.epochs), each on a fresh learning-rate schedule over the epochs left.")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
@@ -429,8 +428,8 @@ class StudentConfig(Section):
             data = {**data, "num_layers": len(data["layer_selection"])}
         if kind != "cut":
             if data.get("ffn_size") is not None or data.get("wide_epochs") or data.get("narrow_steps", 1) != 1:
-                raise ValueError(f"student.ffn_size, wide_epochs and narrow_steps narrow a 'cut' student; a '{kind}' student would "
-                                 "ignore them (a 'config' student's width is student.intermediate_size)")
+                raise ValueError(f"student.ffn_size, wide_epochs and narrow_steps narrow a 'cut' student; a '{kind}' "
+                                 "student would ignore them (a 'config' student's width is student.intermediate_size)")
             return {**data, "ffn_size": None, "wide_epochs": 0}
         if "ffn_size" in data and data["ffn_size"] is None and "wide_epochs" not in data:
             return {**data, "wide_epochs": 0}  # a full-width student has nothing to narrow
@@ -503,17 +502,11 @@ class DistillConfig(TrainStageConfig):
             raise ValueError("tasks, when set, needs at least one task")
         return self
 
-    @model_validator(mode="after")
-    def _epochs_at_ffn_size(self) -> DistillConfig:
-        if self.student.narrow_steps > self.train.epochs:
-            raise ValueError(f"train.epochs ({self.train.epochs}) must be at least student.narrow_steps "
-                             f"({self.student.narrow_steps}): one epoch a narrowing step, the last at ffn_size")
-        return self
-
     @property
     def total_epochs(self) -> int:
-        """Epochs a distillation reports: those at full width (student.wide_epochs), then train.epochs."""
-        return self.student.wide_epochs + self.train.epochs
+        """Epochs a distillation reports: those at full width (student.wide_epochs), one for each narrowing step
+        before the last, then train.epochs at the final width."""
+        return self.student.wide_epochs + self.student.narrow_steps - 1 + self.train.epochs
 
 
 # ---------------------------------------------------------------------------- tuning

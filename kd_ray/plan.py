@@ -84,7 +84,8 @@ class TrainPlan(BaseModel):
 
     @property
     def epochs(self) -> int:
-        return self.wide_epochs + self.train.epochs
+        """Wide epochs, one for each narrowing step before the last, then train.epochs at the final width."""
+        return self.wide_epochs + len(self.narrow_at[1:]) + self.train.epochs
 
     @property
     def keeps_best(self) -> bool:

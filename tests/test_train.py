@@ -157,16 +157,16 @@ def test_keep_last_or_auto_without_validation_exports_the_last_epoch(tmp_path, s
     assert info["exported_epoch"] == 2 and not any("keep_score" in h for h in info["history"])
 
 
-@pytest.mark.parametrize("steps, stop_after, resumed, widths", [(1, 1, [0, 1, 1], [64, 16, 16]),
-                                                               (1, 2, [0, 0, 2], [64, 16, 16]),
-                                                               (2, 2, [0, 0, 2], [64, 32, 16])])
-def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, steps, stop_after,
-                                                                       resumed, widths, monkeypatch):
+@pytest.mark.parametrize("steps, epochs, stop_after, resumed, widths", [(1, 2, 1, [0, 1, 1], [64, 16, 16]),
+                                                                       (1, 2, 2, [0, 0, 2], [64, 16, 16]),
+                                                                       (2, 1, 2, [0, 0, 2], [64, 32, 16])])
+def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, steps, epochs,
+                                                                       stop_after, resumed, widths, monkeypatch):
     # stopped after the wide epoch: resumes wide and narrows; stopped after the first narrow epoch:
     # the checkpoint holds the narrow model, which the resumed run must rebuild before loading it (in two
     # steps, at the first step's width) and then narrow on
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
-                                                             "student.narrow_steps": steps})
+                                                             "student.narrow_steps": steps, "train.epochs": epochs})
     with failing_after_epoch(stop_after, monkeypatch):
         run_distill(cfg)
     run_distill(cfg)
