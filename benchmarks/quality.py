@@ -19,7 +19,8 @@ CPU threads, alternating between models (median of 3 passes over --timing-rows t
                   validation), trained on the labeled set
   teacher         MiniLM-L6 (all-MiniLM-L6-v2) fine-tuned on the labeled set (`kd-ray finetune`)
   student_alpha0  kd-ray's default student (3 layers cut from the teacher, trained 2 epochs, then
-                  narrowed to half their feed-forward neurons and trained 3 more), labeled set only
+                  narrowed in 3 steps, one an epoch, to a quarter of their feed-forward neurons and
+                  trained 3 epochs at that width), labeled set only
   student_kd      distilled on labeled + transfer soft labels with kd-ray's default T and alpha
   student_tuned   distilled with T, alpha and learning rate from `kd-ray tune` (searched once, on
                   seed 0's soft labels, scored on validation; then trained for every seed)

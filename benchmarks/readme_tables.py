@@ -3,7 +3,8 @@
     python benchmarks/readme_tables.py     # print them; paste each under README "Results"
 
 - the demo table from benchmarks/results/demo.json (a `make demo` run's metrics);
-- the airline quality table from benchmarks/results/quality-airline-keep.json (benchmarks/quality.py).
+- the airline quality table from benchmarks/results/quality-airline-keep.json (benchmarks/quality.py);
+- the airline student-recipe table from benchmarks/results/quality-airline-gradual.json (quality.py --variant).
 
 tests/test_readme.py checks that the README holds exactly these tables, so a rerun that changes a
 figure also changes the README, or the test fails.
@@ -57,9 +58,36 @@ def render_quality(results: dict) -> str:
     return "\n".join(lines)
 
 
+RECIPE_ROWS = {"teacher": "teacher: MiniLM-L6 fine-tuned on the labeled set",
+               "student_kd": "3 layers, half their feed-forward neurons, narrowed in one step (until 2026-12-02)",
+               "f384_s3": "**3 layers, a quarter of their neurons, narrowed in 3 steps (the default)**"}
+
+
+def render_variants(results: dict, labels: dict[str, str]) -> str:
+    """A quality.py --variant run: test macro-recall per student, mean +- half the spread over seeds (each
+    seed's value listed), kept and speed-up against the teacher's means."""
+    per_seed = results["variants"]["per_seed"]
+    lines = ["| model | test macro-recall (seeds " + ", ".join(per_seed) + ") | kept | CPU rows/s |",
+             "|---|---|---|---|"]
+    mean = {name: {m: sum(r[name]["test"][m] for r in per_seed.values()) / len(per_seed)
+                   for m in ("macro_recall", "rows_per_s")} for name in labels}
+    for name, label in labels.items():
+        values = [r[name]["test"]["macro_recall"] for r in per_seed.values()]
+        bold = "**" if label.startswith("**") else ""
+        score = f"{mean[name]['macro_recall']:.4f} ± {(max(values) - min(values)) / 2:.4f} (" + \
+            ", ".join(f"{v:.4f}" for v in values) + ")"
+        student = name != "teacher"
+        kept = f"{bold}{mean[name]['macro_recall'] / mean['teacher']['macro_recall']:.1%}{bold}".replace("%", " %")
+        ratio = f" ({bold}{mean[name]['rows_per_s'] / mean['teacher']['rows_per_s']:.2f}x{bold})"
+        lines.append(f"| {label} | {bold}{score}{bold} | {kept if student else ''} | "
+                     f"{mean[name]['rows_per_s']:,.0f}{ratio if student else ''} |")
+    return "\n".join(lines)
+
+
 def tables() -> list[str]:
     return [render_demo(json.loads((RESULTS / "demo.json").read_text())),
-            render_quality(json.loads((RESULTS / "quality-airline-keep.json").read_text()))]
+            render_quality(json.loads((RESULTS / "quality-airline-keep.json").read_text())),
+            render_variants(json.loads((RESULTS / "quality-airline-gradual.json").read_text()), RECIPE_ROWS)]
 
 
 if __name__ == "__main__":

@@ -380,14 +380,14 @@ class StudentConfig(Section):
     layer_selection: Literal["spread", "bottom", "top"] | list[int] = Field("spread", description="Which of the "
         "source model's layers a 'cut' keeps: 'spread' (evenly spaced, first and last kept), 'bottom' (the lowest "
         "num_layers), 'top', or a list of layer indices (num_layers defaults to its length).")
-    ffn_size: int | float | None = Field(0.5, description="For 'cut': feed-forward neurons each kept layer keeps, "
+    ffn_size: int | float | None = Field(0.25, description="For 'cut': feed-forward neurons each kept layer keeps, "
         "those with the largest in and out weight norms: a count, or a fraction in (0, 1] of the teacher's "
-        "(MiniLM-L6 has 1536; null: all).")
+        "(MiniLM-L6 has 1536, so 0.25 keeps 384; null: all).")
     wide_epochs: int = Field(2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the "
         "teacher's full feed-forward width; it is then narrowed to ffn_size (in narrow_steps) and trains train.epochs "
         "more, on a fresh learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more "
         "than narrowing the teacher's weights (BENCHMARKS.md).")
-    narrow_steps: int = Field(1, ge=1, le=10, description="With wide_epochs: reach ffn_size in this many steps, one "
+    narrow_steps: int = Field(3, ge=1, le=10, description="With wide_epochs: reach ffn_size in this many steps, one "
         "an epoch, each keeping the same share of the neurons (2 steps from 1536 to 384: 768 for one epoch, then "
         "384 for train.epochs), each on a fresh learning-rate schedule over the epochs left.")
     hidden_size: int = Field(256, ge=8, le=8192, description="Hidden size of a 'config' student.")
@@ -420,7 +420,8 @@ class StudentConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _narrowing_defaults(cls, data: Any) -> Any:
-        """The narrowing defaults (ffn_size, wide_epochs) apply to cut students; set, they must make sense."""
+        """The narrowing defaults (ffn_size, wide_epochs, narrow_steps) apply to cut students narrowed after
+        training; set, they must make sense."""
         if not isinstance(data, dict):
             return data
         kind = data.get("kind", "cut")
@@ -430,9 +431,11 @@ class StudentConfig(Section):
             if data.get("ffn_size") is not None or data.get("wide_epochs") or data.get("narrow_steps", 1) != 1:
                 raise ValueError(f"student.ffn_size, wide_epochs and narrow_steps narrow a 'cut' student; a '{kind}' "
                                  "student would ignore them (a 'config' student's width is student.intermediate_size)")
-            return {**data, "ffn_size": None, "wide_epochs": 0}
+            return {**data, "ffn_size": None, "wide_epochs": 0, "narrow_steps": 1}
         if "ffn_size" in data and data["ffn_size"] is None and "wide_epochs" not in data:
-            return {**data, "wide_epochs": 0}  # a full-width student has nothing to narrow
+            data = {**data, "wide_epochs": 0}  # a full-width student has nothing to narrow
+        if data.get("wide_epochs") == 0 and "narrow_steps" not in data:
+            data = {**data, "narrow_steps": 1}  # narrowed before training: in one cut
         return data
 
     @model_validator(mode="after")

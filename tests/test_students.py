@@ -312,12 +312,13 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
     wide_first = StudentConfig(num_layers=2, ffn_size=16, wide_epochs=1)
     net, _ = build_student(wide_first, str(tmp_path / "teacher"), list(ID2LABEL.values()))
     assert net.config.intermediate_size == 64
-    # the default: 3 layers, trained wide for 2 epochs, then narrowed to half the teacher's neurons
+    # the default: 3 layers, trained wide for 2 epochs, then narrowed in 3 steps to a quarter of the teacher's
+    # neurons; narrowed before training (wide_epochs 0), it is cut narrow in one step
     default = StudentConfig()
-    assert (default.num_layers, default.ffn_size, default.wide_epochs) == (3, 0.5, 2)
-    net, _ = build_student(default.model_copy(update={"wide_epochs": 0}), str(tmp_path / "teacher"),
-                           list(ID2LABEL.values()))
-    assert net.config.intermediate_size == 32 and layers_of(net)[2].intermediate.dense.out_features == 32
+    assert (default.num_layers, default.ffn_size, default.wide_epochs, default.narrow_steps) == (3, 0.25, 2, 3)
+    assert StudentConfig(wide_epochs=0).narrow_steps == 1 and StudentConfig(ffn_size=None).narrow_steps == 1
+    net, _ = build_student(StudentConfig(wide_epochs=0), str(tmp_path / "teacher"), list(ID2LABEL.values()))
+    assert net.config.intermediate_size == 16 and layers_of(net)[2].intermediate.dense.out_features == 16
     with pytest.raises(ModelError, match=rf"cut a student from {tmp_path}/teacher: ffn_size must be in \[1, 64\].*128"):
         build_student(wide_first.model_copy(update={"ffn_size": 128}), str(tmp_path / "teacher"), list(ID2LABEL.values()))
 

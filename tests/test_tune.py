@@ -203,11 +203,11 @@ def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_p
                                                                "distill.validation.path": "v",
                                                                "output": str(tmp_path), **overrides}))
 
-    assert grace() == 3  # the default student: 2 wide epochs, then 3 narrow ones
+    assert grace() == 5  # the default student: 2 wide epochs, 2 narrowing steps, then 3 at its final width
     assert grace(**{"distill.student.ffn_size": None}) == 1  # a full-width cut: the search's own grace period
-    assert grace(**{"search.grace_period": 4}) == 4
-    assert grace(**{"search.grace_period": 9}) == 5  # never past the last of the 5 epochs
-    assert grace(**{"distill.student.narrow_steps": 2}) == 4  # judged once at its final width, after 2 steps
+    assert grace(**{"distill.student.narrow_steps": 1}) == 3  # narrowed in one step, judged from then on
+    assert grace(**{"search.grace_period": 6}) == 6
+    assert grace(**{"search.grace_period": 9}) == 7  # never past the last of the 7 epochs
 
 
 def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
