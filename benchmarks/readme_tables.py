@@ -37,10 +37,10 @@ def render_demo(results: dict) -> str:
 
 
 QUALITY_ROWS = {"tfidf_lr": "TF-IDF + logistic regression", "teacher": "teacher: MiniLM-L6 fine-tuned on the labeled set",
-                "student_alpha0": "default student, labeled set only (alpha = 0)",
-                "student_kd": "default student distilled, default T / alpha",
-                "student_tuned": "**default student distilled, T / alpha / lr from `kd-ray tune`**",
-                "student_hard": "default student, teacher's argmax only"}
+                "student_alpha0": "half-width student, labeled set only (alpha = 0)",
+                "student_kd": "half-width student distilled, default T / alpha",
+                "student_tuned": "**half-width student distilled, T / alpha / lr from `kd-ray tune`**",
+                "student_hard": "half-width student, teacher's argmax only"}
 
 
 def render_quality(results: dict) -> str:
@@ -59,8 +59,8 @@ def render_quality(results: dict) -> str:
 
 
 RECIPE_ROWS = {"teacher": "teacher: MiniLM-L6 fine-tuned on the labeled set",
-               "student_kd": "3 layers, half their feed-forward neurons, narrowed in one step (until 2026-12-02)",
-               "f384_s3": "**3 layers, a quarter of their neurons, narrowed in 3 steps (the default)**"}
+               "student_kd": "half-width student: 3 layers, half their neurons, narrowed in one step",
+               "f384_s3": "**default student: 3 layers, a quarter of their neurons, narrowed in 3 steps**"}
 
 
 def render_variants(results: dict, labels: dict[str, str]) -> str:
