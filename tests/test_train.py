@@ -113,8 +113,9 @@ def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_tw
     from transformers import AutoModelForSequenceClassification
 
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
-        "student.ffn_size": 16, "student.wide_epochs": 1, "train.epochs": 2, "train.num_workers": 2,
-        "train.num_cpus_per_worker": 0.25, "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
+        "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 1, "train.epochs": 2,
+        "train.num_workers": 2, "train.num_cpus_per_worker": 0.25,
+        "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
     run_distill(cfg)
     history = read_run_info(str(tmp_path / "student"))["history"]
     assert [(h["epoch"], h["ffn_size"]) for h in history] == [(1, 64), (2, 16), (3, 16)]
@@ -130,13 +131,15 @@ def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_p
     import torch
 
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
-        "student.ffn_size": 16, "student.wide_epochs": 1, "train.epochs": 3, "train.keep": "best",
-        "train.learning_rate": 3e-3, "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
+        "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 2, "train.epochs": 2,
+        "train.keep": "best", "train.learning_rate": 3e-3,
+        "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
     run_distill(cfg)
     info = read_run_info(str(tmp_path / "student"))
     history = info["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the whole run's history, whichever epoch is kept
-    assert history[0]["keep_score"] == -1.0  # the wide epoch is never the student
+    assert [h["ffn_size"] for h in history] == [64, 32, 16, 16]
+    assert history[0]["keep_score"] == history[1]["keep_score"] == -1.0  # wide or half-narrowed: never the student
     narrow = [h for h in history if h["ffn_size"] == 16]
     best = max(narrow, key=lambda h: (h["val_macro_recall"], -h["epoch"]))
     assert info["exported_epoch"] == best["epoch"]
