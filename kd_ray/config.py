@@ -319,7 +319,8 @@ class TrainArgs(Section):
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
     keep: Literal["last", "best", "auto"] = Field("last", description="Which epoch's model becomes the output: "
         "'last'; 'best': the epoch with the highest validation macro-recall (needs validation data; a student "
-        "narrowed after training picks among its narrow epochs; Ray Train keeps that checkpoint besides the latest); "
+        "narrowed after training picks among its epochs at ffn_size; Ray Train keeps that checkpoint besides the "
+        "latest); "
         "'auto': best with validation data, else last.")
 
 
