@@ -320,8 +320,7 @@ class TrainArgs(Section):
     keep: Literal["last", "best", "auto"] = Field("last", description="Which epoch's model becomes the output: "
         "'last'; 'best': the epoch with the highest validation macro-recall (needs validation data; a student "
         "narrowed after training picks among its epochs at ffn_size; Ray Train keeps that checkpoint besides the "
-        "latest); "
-        "'auto': best with validation data, else last.")
+        "latest); 'auto': best with validation data, else last.")
 
 
 class StudentTrainArgs(TrainArgs):
@@ -439,6 +438,12 @@ class StudentConfig(Section):
             data = {**data, "narrow_steps": 1}  # narrowed before training: in one cut
         return data
 
+    @property
+    def epochs_before_final_width(self) -> int:
+        """Epochs before the student has its final width: the wide ones, then one for each narrowing step
+        before the last (0 for a student narrowed before training, whose narrow_steps is 1)."""
+        return self.wide_epochs + self.narrow_steps - 1
+
     @model_validator(mode="after")
     def _listed_layers(self) -> StudentConfig:
         layers = self.layer_selection
@@ -510,7 +515,7 @@ class DistillConfig(TrainStageConfig):
     def total_epochs(self) -> int:
         """Epochs a distillation reports: those at full width (student.wide_epochs), one for each narrowing step
         before the last, then train.epochs at the final width."""
-        return self.student.wide_epochs + self.student.narrow_steps - 1 + self.train.epochs
+        return self.student.epochs_before_final_width + self.train.epochs
 
 
 # ---------------------------------------------------------------------------- tuning

@@ -80,12 +80,12 @@ class TrainPlan(BaseModel):
     @property
     def narrow_at(self) -> list[int]:
         """Epochs done after which the student is narrowed one step (the last step reaches student.ffn_size)."""
-        return list(range(self.wide_epochs, self.wide_epochs + self.student.narrow_steps)) if self.wide_epochs else []
+        return list(range(self.wide_epochs, self.student.epochs_before_final_width + 1)) if self.wide_epochs else []
 
     @property
     def epochs(self) -> int:
         """Wide epochs, one for each narrowing step before the last, then train.epochs at the final width."""
-        return self.wide_epochs + len(self.narrow_at[1:]) + self.train.epochs
+        return (self.student.epochs_before_final_width if self.student else 0) + self.train.epochs
 
     @property
     def keeps_best(self) -> bool:

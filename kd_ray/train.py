@@ -210,8 +210,10 @@ def prepare(run: Run) -> None:
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)
     plan = run.plan
-    phase_epochs = plan.epochs - plan.narrow_at[run.narrowings - 1] if run.narrowings else (plan.wide_epochs
-                                                                                             or plan.epochs)
+    if run.narrowings:  # from the last narrowing step to the end
+        phase_epochs = plan.epochs - plan.narrow_at[run.narrowings - 1]
+    else:  # the wide epochs, or the whole run of a student never narrowed
+        phase_epochs = plan.wide_epochs or plan.epochs
     steps = _steps_per_epoch(plan) * phase_epochs
     run.scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
                                   num_training_steps=steps)

@@ -150,8 +150,8 @@ def _saved_spec(path: Path) -> dict | None:
 def grace_period(cfg: TuneConfig) -> int:
     """Epochs before ASHA may stop a trial: search.grace_period, but a student narrowed after
     training (student.wide_epochs) is first judged at its final width (after student.narrow_steps)."""
-    student = cfg.distill.student
-    return min(max(cfg.search.grace_period, student.wide_epochs + student.narrow_steps), cfg.distill.total_epochs)
+    first_at_final_width = cfg.distill.student.epochs_before_final_width + 1
+    return min(max(cfg.search.grace_period, first_at_final_width), cfg.distill.total_epochs)
 
 
 def _tuner(cfg: TuneConfig, out: Path, trainable):

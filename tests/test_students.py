@@ -323,7 +323,7 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
         build_student(wide_first.model_copy(update={"ffn_size": 128}), str(tmp_path / "teacher"), list(ID2LABEL.values()))
 
 
-def test_gradual_narrowing_keeps_the_same_share_of_neurons_each_step_and_needs_the_epochs_for_it():
+def test_gradual_narrowing_keeps_the_same_share_of_neurons_each_step_and_an_epoch_for_each_step_but_the_last():
     from pydantic import ValidationError
 
     from kd_ray.config import DistillConfig, StudentConfig
