@@ -12,11 +12,13 @@ demo-data: setup
 demo: demo-data
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} .venv/bin/kd-ray run --config jobs/configs/pipeline-demo.yaml
 
+# Every test; --durations: each run (CI's too) lists its slowest tests, to keep the suite's budget in sight.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
+# The edit-test loop: no Ray, no training (the slow, cluster and fault tiers left out); about a minute.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not cluster and not fault"
+	$(PY) -m pytest -q --durations=10 -m "not slow and not cluster and not fault"
 
 clean:
 	rm -rf runs

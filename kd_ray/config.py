@@ -308,7 +308,10 @@ class TrainArgs(Section):
     group_by_length: bool = Field(True, description="Batch rows of alike token counts together (in windows of "
         "length_group batches, batch order shuffled), so that little compute goes to padding.")
     length_group: int = Field(32, ge=2, le=1024, description="Batches per window that group_by_length sorts.")
-    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas).")
+    num_workers: int = Field(1, ge=0, le=1024, description="Ray Train workers (data-parallel replicas). 0: Ray "
+        "Train's local mode, the loop in this process without a worker group (a breakpoint in it stops there); no "
+        "checkpoint to resume from and none kept but the last, so train.keep 'auto' keeps the last epoch and 'best' "
+        "is refused.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision (GPU).")
     threads_per_worker: int | None = Field(None, ge=1, le=128, description="torch threads per worker on CPU (null: "
@@ -317,6 +320,10 @@ class TrainArgs(Section):
         "the smallest node's CPUs less 0.5, shared by the workers a node holds: 1.5 for 1 worker on 2 cores, 0.75 "
         "each for 2). Half a CPU stays free for the Ray Data tasks that stream the workers' data.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit).")
+    deterministic: bool = Field(False, description="GPU: PyTorch's deterministic kernels (torch."
+        "use_deterministic_algorithms, a fixed cuBLAS workspace), so that the same config and seed give the same "
+        "weights on GPUs too; slower, and an op without a deterministic kernel stops the run naming it. On CPU "
+        "runs are reproducible without it.")
     keep: Literal["last", "best", "auto"] = Field("last", description="Which epoch's model becomes the output: "
         "'last'; 'best': the epoch with the highest validation macro-recall (needs validation data; a student "
         "narrowed after training picks among its epochs at ffn_size; Ray Train keeps that checkpoint besides the "
@@ -355,6 +362,9 @@ class TrainStageConfig(Section):
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> TrainStageConfig:
+        if self.train.keep == "best" and self.train.num_workers == 0:
+            raise ValueError("train.keep is 'best', but train.num_workers is 0 (local mode), which keeps no checkpoint "
+                             "but the last; set train.keep: last or train.num_workers >= 1")
         if self.train.keep == "best" and self.validation is None:
             raise ValueError("train.keep is 'best', which picks the epoch by its validation score, but no validation "
                              "data is set; set validation.path or train.keep: last")

@@ -75,6 +75,8 @@ class Shard:
     stop: int | None = None
     gold: bool = True  # False: a file of corpus.unlabeled_path, read without its gold labels
     size: int | None = None  # bytes of the file the shard covers, where known (estimated_rows)
+    file_size: int | None = None  # the whole file's bytes and modification time, where known: what a rerun
+    mtime_ns: int | None = None  # compares to find a file that grew or changed (kd_ray.growth)
 
     @property
     def key(self) -> str:
@@ -145,7 +147,8 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
             skipped.append(info.path)
             continue
         uri = info.path if "://" not in cfg.path else f"{cfg.path.split('://')[0]}://{info.path}"
-        shards += _split(Shard(uri=uri, name=rel, format=fmt, size=info.size), info.size, cfg)
+        shards += _split(Shard(uri=uri, name=rel, format=fmt, size=info.size, file_size=info.size,
+                               mtime_ns=info.mtime_ns), info.size, cfg)
     if not shards:
         hint = f" (found only {skipped[:3]}; set corpus.format)" if skipped else ""
         raise CorpusError(f"corpus.path {cfg.path!r} matches no readable corpus files{hint}; "

@@ -43,9 +43,10 @@ from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
 from kd_ray.console import say
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, estimated_rows, list_shards, task_label_column
+from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, estimated_rows, list_shards, task_label_column
+from kd_ray.growth import corpus_growth, file_records
 from kd_ray.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
-from kd_ray.soft_labels import (MANIFEST, METADATA_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION, TeacherInfo, parquet_writer,
+from kd_ray.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, add_shard_groups, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION, TeacherInfo, parquet_writer,
                                 read_soft_label_info, soft_label_schema)
 from kd_ray.storage import filesystem
 from kd_ray.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
@@ -66,7 +67,8 @@ class LabelSummary:
     truncated: int
     seconds: float
     skipped_existing: bool = False
-    kept_rows: int = 0  # rows (labeled or rejected) an interrupted run had committed, kept by this one
+    kept_rows: int = 0  # rows (labeled or rejected) already in the folder, kept by this run
+    grew: str = ""  # what the corpus gained since a finished labeling of this config (kd_ray.growth.Growth.line)
 
     @property
     def rows_per_s(self) -> float:
@@ -76,7 +78,9 @@ class LabelSummary:
     def line(self) -> str:
         if self.skipped_existing:
             return f"kd-ray label: {self.output} already holds {self.rows} rows labeled with this config; nothing to do"
-        resumed = (f"; resumed: {self.kept_rows} rows kept from the interrupted run, "
+        kept = ("grew: {} rows kept from the folder's labeling" if self.grew
+                else "resumed: {} rows kept from the interrupted run")
+        resumed = (f"; {kept.format(self.kept_rows)}, "
                    f"{self.rows + self.rejected - self.kept_rows} done now" if self.kept_rows else "")
         return (f"kd-ray label: {self.rows} rows -> {self.files} files in {self.seconds:.1f} s "
                 f"({self.rows_per_s:.0f} rows/s; {self.truncated} truncated, {self.rejected} rejected{resumed}) "
@@ -140,9 +144,6 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     identity["corpus_config"] = cfg.corpus.model_dump(mode="json")
     metadata["config_hash"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return metadata
-
-
-PART_KEY = b"kd_ray_part"  # a part file's footer entry: the shard of each row group, and the file's counts
 
 
 def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Schema, stats: dict[str, Any]) -> None:
@@ -285,9 +286,15 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | N
                 f"{metadata['config_hash']}. Choose another output.path or set output.overwrite=true to replace it"
             )
         fs.delete_dir(root)
+    _start_run(cfg, metadata)
+    return None, False
+
+
+def _start_run(cfg: LabelConfig, metadata: dict[str, Any]) -> None:
+    """Mark the folder as written by a run of this config (``_run.json``) until its manifest replaces the mark."""
+    fs, root = filesystem(cfg.output.path)
     fs.create_dir(root, recursive=True)
     _write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata["config_hash"], "started": time.time()})
-    return None, False
 
 
 @dataclass
@@ -327,11 +334,7 @@ def read_parts(output: str, metadata: dict[str, Any]) -> Parts:
             except (pa.ArrowInvalid, OSError, KeyError) as e:
                 raise SoftLabelError(f"{info.path} is not a part file this run wrote ({e!r}); something else changed "
                                      f"the folder. Delete the file to relabel its rows") from None
-            for group, key in enumerate(stats["shards"]):
-                files = parts.shards.setdefault(key, [])
-                if not files or files[-1][0] != info.path:
-                    files.append([info.path, []])
-                files[-1][1].append(group)
+            add_shard_groups(parts.shards, info.path, stats)
             if folder != root:
                 parts.rejected += stats["rows"]
                 continue
@@ -372,42 +375,89 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     start = time.perf_counter()
     metadata = build_metadata(cfg)  # validates teachers before any Ray work starts
     done, resume = prepare_output(cfg, metadata)
-    if done is not None:
-        return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"], done["truncated"],
-                            0.0, skipped_existing=True)
+    shards, grew = list_shards(cfg.corpus), None
     kept = read_parts(cfg.output.path, metadata) if resume else None
-    if kept is not None:
+    if done is not None:  # this config finished here: label what the corpus gained since, if anything
+        grew = _growth(cfg, metadata, shards, done)
+        if grew is None:  # changed, and output.overwrite: labeled again from scratch
+            done = None
+        elif not grew.shards:
+            return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"],
+                                done["truncated"], 0.0, skipped_existing=True)
+        else:
+            say(f"kd-ray label: corpus grew: {grew.line()}; labeling them into {cfg.output.path}")
+            kept = read_parts(cfg.output.path, metadata)
+            _start_run(cfg, metadata)
+    elif kept is not None:
         say(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
             f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
             f"only the other rows are labeled")
     init_ray(cfg.ray)
     sink = SoftLabelDatasink(cfg.output.path, metadata, cfg.output.rows_per_file)
-    labeled_dataset(cfg, metadata, kept).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
+    labeled_dataset(cfg, metadata, kept, grew.shards if grew else shards).write_datasink(
+        sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})
     results = getattr(sink, "results", [])
     parts = read_parts(cfg.output.path, metadata)  # this run's files and the kept ones, from their footers
     kept_rows = kept.rows + kept.rejected if kept else 0
     written = sum(r["rows"] + r["rejected"] for r in results)
-    if kept and sum(r["already_labeled"] for r in results) != kept_rows:
+    in_scope = committed_rows(kept, [s.key for s in grew.shards]) if grew else kept_rows
+    if kept and sum(r["already_labeled"] for r in results) != in_scope:
         _fail(cfg.output.path, f"the corpus gave {sum(r['already_labeled'] for r in results)} rows whose ids the "
-              f"interrupted run committed, which committed {kept_rows}: the corpus changed since, or its ids are not "
+              f"interrupted run committed, which committed {in_scope}: the corpus changed since, or its ids are not "
               f"unique")
     if parts.rows + parts.rejected != kept_rows + written:
         parts.problems.append(f"the part files hold {parts.rows + parts.rejected} rows (labeled and rejected), the "
                               f"write tasks wrote {written} and {kept_rows} were kept")
     summary = LabelSummary(output=cfg.output.path, rows=parts.rows, files=parts.files, rejected=parts.rejected,
-                           truncated=parts.truncated, seconds=time.perf_counter() - start, kept_rows=kept_rows)
-    _commit(cfg, metadata, summary, parts)
+                           truncated=parts.truncated, seconds=time.perf_counter() - start, kept_rows=kept_rows,
+                           grew=grew.line() if grew else "")
+    changed = set(grew.new_files + grew.appended) if grew else None  # (the record of every other file stands)
+    corpus = {**(done or {}).get("corpus", {}),
+              **file_records([s for s in shards if changed is None or s.name in changed])}
+    _commit(cfg, metadata, summary, parts, corpus)
     return summary
 
 
-def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | None) -> ray.data.Dataset:
-    """The corpus read into blocks (one read task per file or part of a big file) and run through
-    the teacher actors."""
+def _growth(cfg: LabelConfig, metadata: dict[str, Any], shards: list[Shard], done: dict):
+    """What the corpus gained since this config's finished labeling (kd_ray.growth), or None when it changed
+    in a way only a new labeling covers and output.overwrite asks for one (the folder is then emptied)."""
+    labeled = done.get("shards")
+    if labeled is None:  # a manifest from before kd-ray recorded the shard plan: the part files' footers hold it
+        labeled = read_parts(cfg.output.path, metadata).shards
+    try:
+        return corpus_growth(cfg.corpus, shards, done.get("corpus", {}), set(labeled), cfg.output.path)
+    except CorpusError as e:
+        if not cfg.output.overwrite:
+            raise
+        say(f"kd-ray label: {str(e).splitlines()[0]}; output.overwrite is set: labeling it again from scratch")
+        fs, root = filesystem(cfg.output.path)
+        fs.delete_dir(root)
+        _start_run(cfg, metadata)
+        return None
+
+
+def committed_rows(parts: Parts, keys: list[str]) -> int:
+    """Rows (labeled and rejected) that ``parts`` hold for the shards ``keys``: their row groups' counts, from
+    the footers of the files that hold them."""
+    rows, footers = 0, {}
+    for key in keys:
+        for file, groups in parts.shards.get(key, []):
+            if file not in footers:
+                fs, path = filesystem(file)
+                footers[file] = pq.read_metadata(path, filesystem=fs)
+            rows += sum(footers[file].row_group(g).num_rows for g in groups)
+    return rows
+
+
+def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | None,
+                    shards: list[Shard]) -> ray.data.Dataset:
+    """``shards`` of the corpus read into blocks (one read task per file or part of a big file) and run
+    through the teacher actors."""
     c = cfg.compute
     label_names = metadata["label_names"]
     label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
     task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
-    shards, actors = list_shards(cfg.corpus), actor_count(cfg)
+    actors = actor_count(cfg)
     rows = estimated_rows(shards)
     block_rows = balanced_block_rows(rows and rows * (1 + cfg.augment.copies), actors, c.block_rows)
     ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=block_rows, num_cpus=READ_TASK_CPUS,
@@ -460,9 +510,10 @@ def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
     return problems
 
 
-def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, parts: Parts) -> None:
-    """Check the folder from its footers and per-shard tasks, and write its manifest (the run's
-    completion marker), or mark it failed."""
+def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, parts: Parts,
+            corpus: dict[str, dict]) -> None:
+    """Check the whole folder from its footers and per-shard tasks, and write its manifest (the run's
+    completion marker, with ``corpus``: the record of every input file, kd_ray.growth), or mark it failed."""
     fs, root = filesystem(cfg.output.path)
     if summary.rows == 0:  # before the checks, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""
@@ -480,7 +531,7 @@ def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, p
     files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
                    if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     manifest = {**asdict(summary), "files": files, "config_hash": metadata["config_hash"],
-                "rows_per_s": summary.rows_per_s}
+                "rows_per_s": summary.rows_per_s, "corpus": corpus, "shards": sorted(parts.shards)}
     _write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.delete_file(f"{root}/{RUN_STATE}")
 

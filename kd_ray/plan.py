@@ -89,8 +89,10 @@ class TrainPlan(BaseModel):
 
     @property
     def keeps_best(self) -> bool:
-        """Whether the run exports its best epoch (train.keep 'best', or 'auto' with validation data)."""
-        return self.train.keep == "best" or (self.train.keep == "auto" and self.has_validation)
+        """Whether the run exports its best epoch (train.keep 'best', or 'auto' with validation data and a worker
+        group: local mode keeps only the last checkpoint)."""
+        return self.train.keep == "best" or (self.train.keep == "auto" and self.has_validation
+                                             and self.train.num_workers > 0)
 
 
 def finetune_plan(cfg: FinetuneConfig, rows: int) -> TrainPlan:

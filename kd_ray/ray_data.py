@@ -14,6 +14,7 @@ import ray.data
 from kd_ray.augment import augment_table
 from kd_ray.config import AugmentConfig, CorpusConfig
 from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, list_shards, read_shard
+from kd_ray.soft_labels import SoftLabelInfo
 from kd_ray.storage import filesystem
 
 
@@ -104,4 +105,31 @@ def parquet_files_dataset(files: list[str], columns: list[str], *, num_cpus: flo
     """
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     return ds.map_batches(_read_parquet_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                          fn_kwargs={"columns": columns, "rows_per_block": rows_per_block})
+
+
+def _read_units_udf(batch: pa.Table, columns: list[str], rows_per_block: int):
+    for unit in batch.column("unit").to_pylist():
+        tables = []
+        for file, groups in json.loads(unit):
+            fs, local = filesystem(file)
+            with fs.open_input_file(local) as f:
+                pf = pq.ParquetFile(f)
+                tables.append(pf.read(columns=columns) if groups is None else pf.read_row_groups(groups, columns=columns))
+        table = pa.concat_tables(tables)
+        table = table.take(pc.sort_indices(table.column("id")))  # ids are unique: one order, whatever the files
+        for start in range(0, table.num_rows, rows_per_block):
+            yield table.slice(start, rows_per_block)
+
+
+def soft_label_dataset(info: SoftLabelInfo, columns: list[str], *, num_cpus: float,
+                       rows_per_block: int = 8192) -> ray.data.Dataset:
+    """A soft-label folder's rows in an order that is a function of its rows alone: one light read task per
+    corpus shard (``info.read_units()``, by shard key), its rows sorted by id. Read with
+    ``preserve_order``, a training run then sees the same rows in the same order, however the labeling
+    run's tasks happened to finish. A task holds one shard's rows (the corpus' split_bytes bounds it).
+    """
+    units = [json.dumps(unit) for unit in info.read_units()]
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    return ds.map_batches(_read_units_udf, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"columns": columns, "rows_per_block": rows_per_block})

@@ -57,6 +57,7 @@ from kd_ray.corpus import task_label_column
 from kd_ray.errors import SoftLabelError
 from kd_ray.storage import filesystem
 
+PART_KEY = b"kd_ray_part"  # a part file's footer entry: the corpus shard of each row group, and the file's counts
 SCHEMA_VERSION = 2  # 2: a line file's derived row ids are '<file>@<byte offset>' (1: '<file>:<row>')
 READABLE_VERSIONS = (1, 2)  # the columns are the same: soft labels of either version train a student
 METADATA_KEY = b"kd_ray"
@@ -176,6 +177,15 @@ class SoftLabelInfo:
     num_rows: int
     extra: dict[str, Any] = field(default_factory=dict)
     files_digest: str = ""  # the part files' names, sizes and modification times: a relabeled folder differs
+    # corpus shard key -> [[part file, [row group, ...]], ...] (a file without a kd-ray footer: [[file, None]] under
+    # its own name): what `read_units` reads, per shard, not per row
+    shards: dict[str, list] = field(default_factory=dict)
+
+    def read_units(self) -> list[list]:
+        """The folder's rows as read units in a fixed order: one per corpus shard, by shard key, each the row
+        groups of every part file that hold the shard's rows. Which file a row landed in, and where in it,
+        follows the order labeling tasks finished in; which shard it belongs to does not."""
+        return [self.shards[key] for key in sorted(self.shards)]
 
     @property
     def teachers(self) -> list[TeacherInfo]:
@@ -210,18 +220,32 @@ def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int, pa.Schema]:
+def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int, pa.Schema, dict | None]:
+    """(kd-ray metadata, rows, schema, footer entry PART_KEY or None) of a part file."""
     try:
         with fs.open_input_file(file) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
             num_rows = pf.metadata.num_rows
+            footer = (pf.metadata.metadata or {}).get(PART_KEY)
     except (pa.ArrowInvalid, OSError) as e:
         raise SoftLabelError(f"{file} is not a readable Parquet file ({e})") from e
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise SoftLabelError(f"{file} has no kd_ray metadata: it was not written by `kd-ray label`")
-    return json.loads(raw), num_rows, schema
+    return json.loads(raw), num_rows, schema, json.loads(footer) if footer else None
+
+
+def add_shard_groups(shards: dict[str, list], file: str, footer: dict | None) -> None:
+    """Add ``file``'s row groups to ``shards`` (shard key -> [[file, [row group, ...]], ...]) from its footer."""
+    if footer is None:
+        shards[file.rsplit("/", 1)[-1]] = [[file, None]]
+        return
+    for group, key in enumerate(footer["shards"]):
+        files = shards.setdefault(key, [])
+        if not files or files[-1][0] != file:
+            files.append([file, []])
+        files[-1][1].append(group)
 
 
 def _check_representation(file: str, schema: pa.Schema, teacher: dict[str, Any]) -> None:
@@ -242,9 +266,10 @@ def _check_representation(file: str, schema: pa.Schema, teacher: dict[str, Any])
 def read_soft_label_info(path: str) -> SoftLabelInfo:
     """Read and cross-check the metadata of every part file (cheap: footers only)."""
     fs, files = list_part_files(path)
-    first_meta, total = None, 0
+    first_meta, total, shards = None, 0, {}
     for file in files:
-        meta, rows, schema = _file_metadata(fs, file)
+        meta, rows, schema, footer = _file_metadata(fs, file)
+        add_shard_groups(shards, file, footer)
         if meta.get("schema_version") not in READABLE_VERSIONS:
             raise SoftLabelError(f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray "
                                  f"reads versions {list(READABLE_VERSIONS)}")
@@ -260,7 +285,8 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
         total += rows
     stats = [(f.base_name, f.size, f.mtime_ns) for f in fs.get_file_info(files)]
     digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-    return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total, files_digest=digest)
+    return SoftLabelInfo(path=path, files=files, metadata=first_meta, num_rows=total, files_digest=digest,
+                         shards=shards)
 
 
 def _iter_tables(fs: pafs.FileSystem, files: list[str], columns: list[str] | None = None):

@@ -10,6 +10,7 @@ Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -40,8 +41,6 @@ DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold 
 RUN_INFO = "kd_ray_train.json"
 # train.keep: best ranks checkpoints by this metric: validation macro-recall, -1 for epochs that cannot be kept
 KEEP_SCORE = "keep_score"
-# Tests make a worker fail after this epoch's checkpoint, as a crash would (forwarded like every KD_RAY_ variable)
-FAIL_AFTER_EPOCH = "KD_RAY_TEST_FAIL_AFTER_EPOCH"
 
 
 # ---------------------------------------------------------------------------- per-worker loop
@@ -124,6 +123,7 @@ class Run:
     resumed_from: int = 0
     widths: list[int] = field(default_factory=list)  # feed-forward width after each narrowing step (none: never)
     narrowings: int = 0  # narrowing steps done (a student narrowed after training is wide at first)
+    checkpoint_folder: str | None = None  # the last one reported (local mode: Ray Train copies it nowhere)
     projection: Any = None  # kd_ray.losses.Projections for the representation terms; trained, never exported
 
     @property
@@ -152,11 +152,11 @@ def build(plan: TrainPlan):
     from kd_ray.models import build_model
     from kd_ray.students import feed_forward_width, ffn_neurons, narrowing_widths
 
-    if not plan.train.use_gpu:  # null: the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
+    if not plan.train.use_gpu and plan.train.num_workers:  # the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(plan.train.threads_per_worker or max(1, math.floor(cpus + 0.5)))
     accelerator = Accelerator(cpu=not plan.train.use_gpu, mixed_precision=plan.train.mixed_precision)
-    set_seed(plan.train.seed)
+    set_seed(plan.train.seed, deterministic=plan.train.deterministic)
     model, tokenizer = build_model(plan)
     targets = {t.name: (t.pooling, t.representation_width) for t in plan.tasks if t.representation}
     projection = Projections(hidden_width(model.config), targets) if targets else None
@@ -222,7 +222,7 @@ def prepare(run: Run) -> None:
 
 
 def _steps_per_epoch(plan: TrainPlan) -> int:
-    return math.ceil(plan.rows / plan.train.num_workers / plan.train.batch_size)
+    return math.ceil(plan.rows / max(1, plan.train.num_workers) / plan.train.batch_size)
 
 
 def narrow(run: Run) -> None:
@@ -262,7 +262,7 @@ def train_epoch(run: Run, shard) -> dict[str, Any]:
         rows, loss_sum, steps = rows + batch.num_rows, loss_sum + loss.item(), steps + 1
         if run.rank == 0 and steps % LOG_EVERY_STEPS == 0:  # a progress line: Ray forwards it to the driver
             print(f"kd-ray {plan.mode}: epoch {run.epoch + 1}/{plan.epochs} step {steps}/{_steps_per_epoch(plan)} "
-                  f"loss {loss_sum / steps:.4f} {rows * plan.train.num_workers / (time.perf_counter() - started):.1f} "
+                  f"loss {loss_sum / steps:.4f} {rows * max(1, plan.train.num_workers) / (time.perf_counter() - started):.1f} "
                   f"samples/s", flush=True)
     seconds = time.perf_counter() - started
     return {"epoch": run.epoch + 1, "train_loss": loss_sum / max(steps, 1), "rows": rows,
@@ -322,19 +322,25 @@ def save_checkpoint(run: Run, metrics: dict) -> None:
 
     from kd_ray.multitask import write_layout
 
-    with tempfile.TemporaryDirectory() as folder:
-        if run.rank == 0:
-            run.bare_model.save_pretrained(folder)
-            run.tokenizer.save_pretrained(folder)
-            if run.plan.named_heads:
-                write_layout(folder, run.plan.tasks)
-            projection = run.bare_projection
-            torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                        "epoch": run.epoch, "history": run.history,
-                        "projection": projection.state_dict() if projection is not None else None},
-                       Path(folder) / TRAIN_STATE)
-        torch.save(_rng_state(), Path(folder) / RNG_STATE.format(rank=run.rank))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    folder = tempfile.mkdtemp(prefix="kd-ray-checkpoint-")
+    if run.rank == 0:
+        run.bare_model.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
+        if run.plan.named_heads:
+            write_layout(folder, run.plan.tasks)
+        projection = run.bare_projection
+        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    "epoch": run.epoch, "history": run.history,
+                    "projection": projection.state_dict() if projection is not None else None},
+                   Path(folder) / TRAIN_STATE)
+    torch.save(_rng_state(), Path(folder) / RNG_STATE.format(rank=run.rank))
+    # With a worker group Ray Train copies the folder to storage and deletes it; in local mode the last one
+    # reported is the result's checkpoint, which fit exports and deletes, and the one before goes here.
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     delete_local_checkpoint_after_upload=True)
+    if run.checkpoint_folder:
+        shutil.rmtree(run.checkpoint_folder, ignore_errors=True)
+    run.checkpoint_folder = folder
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -371,8 +377,6 @@ def train_loop_per_worker(config: dict) -> None:
                 f"{k} {metrics[k]:.4g}" for k in ("train_loss", "val_macro_recall", "samples_per_s") if k in metrics),
                 flush=True)
         save_checkpoint(run, metrics)
-        if os.environ.get(FAIL_AFTER_EPOCH) == str(run.epoch):
-            raise RuntimeError(f"{FAIL_AFTER_EPOCH}={run.epoch}: stopping after epoch {run.epoch}, as a crash would")
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -397,11 +401,20 @@ def build_trainer(plan: TrainPlan, datasets: dict, name: str, storage_path: str,
 
     args = plan.train
     env = {k: v for k, v in os.environ.items() if k.startswith("KD_RAY_")}  # kd-ray's own settings reach the workers
+    if args.deterministic:  # cuBLAS reads it when its first handle is made: set before the worker starts
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Blocks reach each worker in the datasets' own order, whatever order Ray's tasks finish in (with several
+    # workers, OutputSplitter then deals them out by row counts alone): the same config gives the same batches.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    if args.num_workers == 0:  # local mode: no worker group, no DataConfig; each dataset's own options apply
+        for ds in datasets.values():
+            ds.context.execution_options = copy.deepcopy(ingest)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.model_dump(mode="json"),
-        scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                               resources_per_worker={"CPU": worker_cpus(args)}),
+        scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, **(
+            {"resources_per_worker": {"CPU": worker_cpus(args)}} if args.num_workers else {})),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=args.max_failures),
@@ -411,7 +424,7 @@ def build_trainer(plan: TrainPlan, datasets: dict, name: str, storage_path: str,
             worker_runtime_env={"env_vars": env} if env else None,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 
 
@@ -440,6 +453,8 @@ def fit(plan: TrainPlan, datasets: dict, output: str, storage_path: str | None, 
     if plan.keeps_best:
         chosen = max(result.best_checkpoints, key=lambda reported: keep_rank(reported[1]))[0]
     export_checkpoint(chosen, output, plan, latest=result.checkpoint)
+    if plan.train.num_workers == 0:  # local mode: the checkpoint folder is this process's own
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return result
 
 
@@ -521,11 +536,11 @@ def run_finetune(cfg: FinetuneConfig):
 
 def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
-    from kd_ray.ray_data import parquet_files_dataset
+    from kd_ray.ray_data import soft_label_dataset
 
     columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns,
                                   *plan.representation_columns]))
-    train_ds = parquet_files_dataset(info.files, columns, num_cpus=DATA_TASK_CPUS)
+    train_ds = soft_label_dataset(info, columns, num_cpus=DATA_TASK_CPUS)
     if plan.gold_only:
         train_ds = train_ds.map_batches(_gold_rows, fn_kwargs={"columns": plan.gold_columns}, batch_format="pyarrow",
                                         num_cpus=DATA_TASK_CPUS)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every 2 s: each short run of the suite waited up to 2 s to start
+# and to end. 0.2 s cut a one-epoch test distillation from 15 s to 10 s (the kd-ray subprocesses inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("KD_RAY_VERBOSE", "1")  # in-process CLI calls print as before; tests/test_console.py runs it quiet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +81,36 @@ def ray_session():
     ray.shutdown()
 
 
+@contextmanager
+def failing_after_epoch(epoch: int, monkeypatch):
+    """Every training worker crashes right after reporting ``epoch``'s checkpoint.
+
+    The fault is injected from here, not from kd-ray: kd_ray.train's per-worker loop is wrapped in a closure,
+    which Ray pickles by value and runs on every worker, and which makes ``ray.train.report`` raise once
+    that epoch's checkpoint is persisted."""
+    import kd_ray.train
+
+    loop = kd_ray.train.train_loop_per_worker
+
+    def crashing_loop(config):
+        import ray.train
+
+        report = ray.train.report
+
+        def report_then_crash(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            if metrics.get("epoch") == epoch:
+                raise RuntimeError(f"test fault: stopping after epoch {epoch}, as a crash would")
+
+        ray.train.report = report_then_crash
+        loop(config)
+
+    monkeypatch.setattr(kd_ray.train, "train_loop_per_worker", crashing_loop)
+    with pytest.raises(Exception, match=f"stopping after epoch {epoch}"):
+        yield
+    monkeypatch.setattr(kd_ray.train, "train_loop_per_worker", loop)
+
+
 def labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
     """Posts whose label follows a word in them, so a model can learn it."""
     import pyarrow as pa
@@ -122,3 +159,81 @@ def require_shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs the shared real data at {path} (../shared/data next to the repository); absent here")
     return path
+
+
+# ---------------------------------------------------------------------------- one finished `kd-ray run`
+
+
+def _csv(path: Path, n: int, seed: int, with_labels: bool = True) -> Path:
+    import csv
+
+    posts = random_posts(n, seed=seed, max_words=10)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label"] if with_labels else ["id", "text"])
+        for i, p in enumerate(posts):
+            label = "negative" if "bad" in p else "positive" if "great" in p else "neutral"
+            w.writerow([f"{path.stem}-{i}", p, label] if with_labels else [f"{path.stem}-{i}", p])
+    return path
+
+
+def pipeline_config(root: Path, tiny_teacher: Path) -> dict:
+    """A small `kd-ray run` config: its data written under ``root``, its output ``root/run``."""
+    data = root / "data"
+    (data / "transfer").mkdir(parents=True)  # a folder, as a corpus that grows by a file a day is
+    files = {name: _csv(data / ("transfer" if name == "transfer" else "") / f"{name}.csv", n, seed, name != "transfer")
+             for name, n, seed in [("train", 150, 1), ("transfer", 250, 2), ("validation", 60, 3), ("test", 80, 4)]}
+    return {
+        "output": str(root / "run"), "labels": LABELS,
+        "data": {"train": {"path": str(files["train"]), "id_column": "id", "label_column": "label", "normalize": True},
+                 "transfer": {"path": str(data / "transfer"), "id_column": "id", "normalize": True},
+                 "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
+        "teacher": {"base_model": str(tiny_teacher),
+                    "train": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5}},
+        "student": {"num_layers": 1, "ffn_size": None},
+        "distill": {"epochs": 2, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
+        "eval": {"max_length": 32, "timing_rows": 50, "timing_repeats": 1},
+    }
+
+
+def kd_ray_command(args: list[str], ray_session, **env) -> subprocess.CompletedProcess:
+    """The kd-ray command in its own process, quiet as a person runs it, joined to the test session's Ray
+    instance (one per machine)."""
+    environment = {k: v for k, v in os.environ.items() if k != "KD_RAY_VERBOSE"} | env
+    command = [str(Path(sys.executable).with_name("kd-ray")), *args,
+               "--ray.address", ray_session.get_runtime_context().gcs_address]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+
+
+class FinishedRun(NamedTuple):
+    root: Path  # run.yaml and data/ beside run/
+    run: Path  # the run's output folder
+    console: subprocess.CompletedProcess  # what the command printed
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_teacher, ray_session) -> FinishedRun:
+    """One small `kd-ray run` of every stage but a search and the export, run once for the whole session by
+    the kd-ray command as a person runs it. Read-only: the console, pipeline and reproducibility tests read
+    it; a test that changes a run makes its own."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "run.yaml").write_text(yaml.safe_dump(pipeline_config(root, tiny_teacher)))
+    result = kd_ray_command(["run", "--config", str(root / "run.yaml")], ray_session)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return FinishedRun(root, root / "run", result)
+
+
+# ---------------------------------------------------------------------------- tiers
+
+RAY_FIXTURE = "ray_session"  # every fixture that labels, trains or runs a pipeline depends on it
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs Ray (the session's instance, or a cluster of its own) must say so with a marker, so that
+    `make test-fast` (-m "not slow and not cluster and not fault") stays Ray-free and quick."""
+    unmarked = [item.nodeid for item in items if RAY_FIXTURE in getattr(item, "fixturenames", ())
+                and not any(item.get_closest_marker(m) for m in ("slow", "cluster", "fault"))]
+    if unmarked:
+        raise pytest.UsageError(f"these tests use Ray but carry no slow/cluster/fault marker: {unmarked}")

@@ -98,6 +98,7 @@ def test_pipeline_passes_augment_to_its_label_stage(tmp_path):
     assert stage_configs(cfg)["label"].augment.copies == 3
 
 
+@pytest.mark.slow
 def test_the_teacher_labels_every_copy(tmp_path, tiny_teacher, ray_session):
     corpus = labeled_corpus(tmp_path / "corpus", 200)
     outputs = []
@@ -126,6 +127,7 @@ def test_the_teacher_labels_every_copy(tmp_path, tiny_teacher, ray_session):
     assert any("[MASK]" in t for t, c in zip(a["text"].to_pylist(), is_copy) if c)
 
 
+@pytest.mark.slow
 def test_a_clashing_id_stops_labeling_before_anything_is_written(tmp_path, tiny_teacher, ray_session):
     corpus = labeled_corpus(tmp_path / "corpus", 50)
     table = pq.read_table(corpus)

@@ -179,9 +179,29 @@ def test_every_shipped_yaml_loads_into_its_stage_config(path):
     assert hasattr(importlib.import_module(module_name), "ENTRY_POINTS")
     if config_name is None:
         pytest.skip(f"stage {stage} takes no config")
-    config_model = getattr(kd_ray.config, config_name)
-    cfg = load_config(config_model, path)
-    assert isinstance(cfg, config_model)
+    cfg = load_config(getattr(kd_ray.config, config_name), path)
+    # every value the file sets reaches the config as written (none dropped, renamed or defaulted)
+    loaded = cfg.model_dump(mode="json")
+    for dotted, value in _leaves(yaml.safe_load(path.read_text())):
+        assert _at(loaded, dotted) == value, f"{path.name}: {dotted} is {value!r} in the file"
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted path, value) of every scalar in a YAML tree; lists of scalars count as one value."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(tree, list) and any(isinstance(v, (dict, list)) for v in tree):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def _at(tree, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+    return tree
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -179,6 +179,7 @@ def test_a_classifier_is_not_an_llm_teacher(tiny_teacher):
         teacher_metadata(llm_teacher(tiny_teacher))
 
 
+@pytest.mark.slow
 def test_an_llm_and_a_classifier_teacher_label_one_corpus_in_one_pass(tmp_path, ray_session, tiny_teacher):
     import pyarrow.parquet as pq
 
@@ -269,6 +270,7 @@ def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
         load_config(PipelineConfig, overrides={**tree, "student": {"kind": "cut"}})
 
 
+@pytest.mark.slow
 def test_kd_ray_run_distills_an_llm_teacher_without_gold_labels(tmp_path, ray_session, tiny_teacher):
     """The whole `kd-ray run` with a prompted LM at its head: no fine-tuning, train rows without gold, gold only in
     the test split; the student is cut from an encoder. A distillation from those soft labels that would cut the

@@ -156,6 +156,7 @@ def two_task_labels(tmp_path_factory, tiny_teacher, ray_session):
     return root, corpus, summary
 
 
+@pytest.mark.slow
 def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_ids(two_task_labels, tiny_teacher):
     import pyarrow.parquet as pq
 
@@ -180,6 +181,7 @@ def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_id
     validate_soft_labels(str(root / "labels"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem, message", [
     ("same task, other labels", "both for task 'sentiment' but predict different labels"),
     ("task without a teacher", "names tasks \\['emotion'\\] that no teacher labels"),
@@ -217,6 +219,7 @@ def _multitask_distill(root, out, **overrides):
         **overrides})
 
 
+@pytest.mark.slow
 def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_labels, tmp_path):
     from transformers import pipeline
 
@@ -241,6 +244,7 @@ def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_la
     assert [max(s, key=lambda x: x["score"])["label"] for s in scores] == joint["reason"]["labels"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     ({"tasks": {"emotion": {}}}, "no label column for task 'emotion'"),
     ({"tasks": {"reason": {"teachers": {"sentiment": 1.0}}}}, "not teachers of task 'reason'"),
@@ -283,16 +287,21 @@ def _multitask_run_config(tmp_path, tiny_teacher) -> dict:
     return config, frame
 
 
-def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per_task(tmp_path, tiny_teacher,
-                                                                                     ray_session):
-    """`kd-ray run` with tasks: both teachers fine-tuned (the reason teacher on its labeled rows
-    only), one labeling pass, a student with two heads and its alpha=0 twin, scored per task."""
+@pytest.mark.slow
+def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_searches_and_reports_per_task(tmp_path, tiny_teacher,
+                                                                                            ray_session):
+    """`kd-ray run` with tasks and a tune section: both teachers fine-tuned (the reason teacher on its labeled
+    rows only), one labeling pass, a search over a task's alpha whose best student (two heads) is evaluated
+    beside its alpha=0 twin, scored per task."""
+    import pandas as pd
     import yaml
 
     from kd_ray.cli import main as cli_main
     from kd_ray.soft_labels import read_soft_label_info
 
     config, frame = _multitask_run_config(tmp_path, tiny_teacher)
+    config["tune"] = {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]}},
+                      "num_samples": 1, "scheduler": "fifo"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
     run = tmp_path / "run"
@@ -300,37 +309,17 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_and_reports_per
     assert reason_job["plan"]["rows"] == int((frame[:100]["reason"] != "").sum())  # rows without a reason skipped
     info = read_soft_label_info(str(run / "soft_labels"))
     assert [t.name for t in info.teachers] == ["sentiment", "reason"] and info.num_rows == 180
+    assert sorted(pd.read_csv(run / "tune" / "trials.csv")["tasks.reason.alpha"]) == [0.3, 0.9]
+    assert not (run / "student").exists()  # the search's best student is the run's
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"]["reason"]["rows"] == int((frame[210:]["reason"] != "").sum())
     for task in ("sentiment", "reason"):
         for name in ("teacher", "student", "student_alpha0"):
             assert 0 <= metrics["tasks"][task][name]["macro_recall"] <= 1
     assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0"}
-    assert MultiTaskClassifier.from_pretrained(run / "student").tasks["reason"] == REASONS
-    assert (run / "report.html").is_file()
-
-
-def test_multitask_run_with_a_tune_section_searches_a_tasks_alpha_and_evaluates_the_best_student(tmp_path,
-                                                                                                tiny_teacher,
-                                                                                                ray_session):
-    import pandas as pd
-    import yaml
-
-    from kd_ray.cli import main as cli_main
-
-    config, _ = _multitask_run_config(tmp_path, tiny_teacher)
-    config.update(baseline_without_distillation=False, tune={
-        "space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]}},
-        "num_samples": 1, "scheduler": "fifo"})
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
-    run = tmp_path / "run"
-    assert sorted(pd.read_csv(run / "tune" / "trials.csv")["tasks.reason.alpha"]) == [0.3, 0.9]
-    assert not (run / "student").exists()  # the search's best student is the run's
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["rows_per_s"]) == {"teachers", "student"} and 0 <= metrics["tasks"]["reason"]["student"][
-        "macro_recall"] <= 1
     assert MultiTaskClassifier.from_pretrained(run / "tune" / "student").tasks["reason"] == REASONS
+    assert MultiTaskClassifier.from_pretrained(run / "student_alpha0").tasks["reason"] == REASONS
+    assert (run / "report.html").is_file()
 
 
 @pytest.mark.parametrize("space, message", [
@@ -347,6 +336,7 @@ def test_tune_search_space_reaches_per_task_settings_and_names_bad_ones(space, m
         load_config(TuneConfig, overrides={**base, "search": {"space": space}})
 
 
+@pytest.mark.slow
 def test_tune_searches_a_tasks_alpha_and_weight_on_the_mean_validation_score(two_task_labels, tmp_path):
     import pandas as pd
     import yaml
@@ -399,6 +389,7 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
     assert mixed.tokenizers.of_teacher == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_single_task_student_of_another_tasks_teacher_is_refused_naming_both_tasks(two_task_labels, tmp_path):
     """`loss.teachers` naming the reason teacher while the gold column 'label' holds sentiment: with alpha < 1
     the reason head would learn from sentiment class indices, so it is refused before training."""

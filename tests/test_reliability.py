@@ -71,6 +71,7 @@ def corpus(tmp_path_factory):
 RESUME = {"corpus.id_column": "id", "compute.block_rows": 250, "output.rows_per_file": 400}
 
 
+@pytest.mark.slow
 def test_rerun_after_an_interruption_keeps_committed_files_and_labels_only_the_rest(
         capsys, ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, ids = corpus
@@ -111,6 +112,7 @@ def split_corpus(tmp_path_factory):
 SPLIT = {"corpus.split_bytes": 32 << 10, "compute.block_rows": 250, "output.rows_per_file": 600}
 
 
+@pytest.mark.slow
 def test_a_split_file_resumes_with_each_ranges_committed_rows_read_by_that_range_alone(
         capsys, ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
     from kd_ray.corpus import list_shards
@@ -140,6 +142,7 @@ def test_a_split_file_resumes_with_each_ranges_committed_rows_read_by_that_range
     assert {n: t for n, t in part_files(out).items() if n in kept} == kept  # committed files untouched
 
 
+@pytest.mark.slow
 def test_a_row_written_twice_is_found_by_its_shards_check(ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
     """A part file copied under another name (what a retried write with other blocks would leave):
     the per-shard check names the duplicated ids and the run is not committed."""
@@ -158,6 +161,7 @@ def test_a_row_written_twice_is_found_by_its_shards_check(ray_session, teacher, 
     assert problems and all("appears more than once (2 rows)" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_of_another_config_is_refused(ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, _ = corpus
     out = tmp_path / "labels"
@@ -170,6 +174,7 @@ def test_an_unfinished_run_of_another_config_is_refused(ray_session, teacher, co
     assert (out / "part-00000-0000.parquet").read_bytes() == b"x"  # nothing touched
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_of_the_row_number_id_scheme_is_not_resumed(ray_session, teacher, corpus, tmp_path):  # noqa: F811
     """Soft-label schema 1 named a line file's rows '<file>:<row>', 2 names them '<file>@<byte offset>': an
     interrupted version-1 folder cannot be resumed (its ids would never match), and says so."""
@@ -186,6 +191,7 @@ def test_an_unfinished_run_of_the_row_number_id_scheme_is_not_resumed(ray_sessio
     assert pq.read_table(out / "part-00000-0000.parquet").equals(old)  # nothing touched
 
 
+@pytest.mark.slow
 def test_a_corpus_that_changed_since_the_interruption_fails_and_is_not_resumed_again(
         ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, _ = corpus
@@ -205,6 +211,7 @@ def test_a_corpus_that_changed_since_the_interruption_fails_and_is_not_resumed_a
     assert summary.rows == 2_000 and summary.kept_rows == 0
 
 
+@pytest.mark.slow
 def test_a_corrupt_parquet_file_among_good_ones_is_named_and_the_fixed_corpus_resumes(
         ray_session, teacher, corpus, tmp_path):  # noqa: F811
     root, ids = corpus
@@ -220,6 +227,7 @@ def test_a_corrupt_parquet_file_among_good_ones_is_named_and_the_fixed_corpus_re
     assert sorted(ids_of(out)) == sorted(ids) and summary.rows == 3_000
 
 
+@pytest.mark.slow
 def test_a_megabyte_text_is_a_bad_row_that_skip_sets_aside(ray_session, teacher, tmp_path):  # noqa: F811
     rows = {"id": ["a", "big", "c"], "text": ["fine post", "x" * 1_048_576, "another post"]}
     (tmp_path / "corpus").mkdir()

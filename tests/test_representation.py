@@ -101,6 +101,7 @@ def rep_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
                         **{"teachers.0.representation": "mean", "compute.block_rows": 128})
 
 
+@pytest.mark.slow
 def test_labeling_stores_the_mean_pooled_representation_with_its_metadata(rep_labels, tiny_teacher):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -123,6 +124,7 @@ def test_labeling_stores_the_mean_pooled_representation_with_its_metadata(rep_la
     np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=2e-3)  # float16 storage
 
 
+@pytest.mark.slow
 def test_a_teacher_without_a_representation_keeps_its_metadata_and_columns(soft_labels):
     info = read_soft_label_info(str(soft_labels))
     assert "representation" not in info.metadata["teachers"][0]  # and so the config hash of such runs stays
@@ -147,6 +149,7 @@ def test_the_labeler_without_ray_pools_the_first_token(tiny_teacher):
     np.testing.assert_allclose(stored, cls, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_a_representation_column_narrower_than_its_metadata_is_refused(rep_labels, tmp_path):
     import shutil
 
@@ -170,12 +173,14 @@ def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
                                                  **overrides})
 
 
+@pytest.mark.slow
 def test_beta_without_a_stored_representation_is_refused_by_name(soft_labels, tmp_path):
     with pytest.raises(SoftLabelError, match="loss.beta=0.5 \\(task 'sentiment'\\).*teachers \\['teacher'\\] stored "
                        "one.*teachers.N.representation: mean"):
         distill_plan(_distill_cfg(soft_labels, tmp_path / "s", **{"loss.beta": 0.5}))
 
 
+@pytest.mark.slow
 def test_the_plan_carries_the_representation_target_per_task(rep_labels, tmp_path):
     plan, _ = distill_plan(_distill_cfg(rep_labels, tmp_path / "s", **{"loss.beta": 0.5,
                                                                         "tasks": {"sentiment": {"beta": 2.0}}}))
@@ -187,9 +192,10 @@ def test_the_plan_carries_the_representation_target_per_task(rep_labels, tmp_pat
     assert plan.tasks[0].representation is None and plan.representation_columns == []
 
 
+@pytest.mark.slow
 def test_distill_with_beta_on_two_workers_resumes_and_exports_no_projection(rep_labels, tmp_path, monkeypatch):
     from safetensors.torch import load_file
-    from test_train import failing_after_epoch
+    from conftest import failing_after_epoch
     from transformers import pipeline
 
     from kd_ray.train import read_run_info, run_distill

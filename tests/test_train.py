@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import LABELS, labeled_corpus
+from conftest import LABELS, failing_after_epoch, labeled_corpus
 
 from kd_ray.config import ConfigError, DistillConfig, FinetuneConfig, load_config
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
@@ -16,6 +15,9 @@ from kd_ray.train import read_run_info, run_distill, run_finetune
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
         "train.num_cpus_per_worker": 0.5, "train.max_failures": 0}
+# The loop's logic needs no worker group: Ray Train's local mode runs it in this process, in about a second
+# (a one-worker run takes ten). Data parallelism, checkpoints, resuming and keep: best keep real workers.
+LOCAL = {"train.num_workers": 0}
 
 
 def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
@@ -24,6 +26,7 @@ def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
                                                  **FAST, **overrides})
 
 
+@pytest.mark.slow
 def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny_teacher, ray_session):
     from transformers import pipeline
 
@@ -32,7 +35,7 @@ def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny
     data = labeled_corpus(tmp_path / "data", 200)
     cfg = load_config(FinetuneConfig, overrides={
         "data.path": str(data), "data.label_column": "label", "base_model": str(tiny_teacher),
-        "labels": LABELS, "output": str(tmp_path / "teacher"), "validation.path": str(data), **FAST})
+        "labels": LABELS, "output": str(tmp_path / "teacher"), "validation.path": str(data), **FAST, **LOCAL})
     run_finetune(cfg)
     info = read_run_info(str(tmp_path / "teacher"))
     assert [h["epoch"] for h in info["history"]] == [1, 2]
@@ -43,18 +46,7 @@ def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny
     assert {p["label"] for p in predictions} <= set(LABELS)
 
 
-@contextmanager
-def failing_after_epoch(epoch: int, monkeypatch):
-    """Every training worker stops after checkpointing ``epoch``, as a crash would (the variable reaches the
-    workers like every KD_RAY_ variable)."""
-    from kd_ray.train import FAIL_AFTER_EPOCH
-
-    monkeypatch.setenv(FAIL_AFTER_EPOCH, str(epoch))
-    with pytest.raises(Exception, match=f"stopping after epoch {epoch}"):
-        yield
-    monkeypatch.delenv(FAIL_AFTER_EPOCH)
-
-
+@pytest.mark.slow
 def test_distill_two_workers_split_the_data(tmp_path, soft_labels):
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.num_workers": 2})
     run_distill(cfg)
@@ -64,18 +56,7 @@ def test_distill_two_workers_split_the_data(tmp_path, soft_labels):
     assert all(399 <= h["rows"] <= 400 for h in history), [h["rows"] for h in history]
 
 
-def test_distill_stopped_after_first_epoch_resumes_from_checkpoint(tmp_path, soft_labels, monkeypatch):
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 3})
-    with failing_after_epoch(1, monkeypatch):
-        run_distill(cfg)
-    assert not (tmp_path / "student").exists()  # nothing exported from a failed run
-    run_distill(cfg)
-    history = read_run_info(str(tmp_path / "student"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    # epochs 2 and 3 ran in the second run, which started from the epoch-1 checkpoint
-    assert [h["resumed_from_epoch"] for h in history] == [0, 1, 1]
-
-
+@pytest.mark.slow
 def test_every_worker_checkpoints_its_own_random_state_and_a_resume_restores_it(tmp_path, soft_labels, monkeypatch):
     import torch
 
@@ -91,24 +72,7 @@ def test_every_worker_checkpoints_its_own_random_state_and_a_resume_restores_it(
     assert not list((tmp_path / "student").glob("rng_state_*"))  # training state stays out of the model folder
 
 
-def test_a_checkpoint_missing_a_weight_is_refused_on_resume_naming_the_key(tmp_path, soft_labels, monkeypatch):
-    from safetensors.torch import load_file, save_file
-
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.epochs": 2})
-    with failing_after_epoch(1, monkeypatch):
-        run_distill(cfg)
-    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
-    weights = load_file(checkpoint / "model.safetensors")
-    key = next(k for k in weights if k.endswith("classifier.weight"))
-    save_file({k: v for k, v in weights.items() if k != key}, checkpoint / "model.safetensors",
-              metadata={"format": "pt"})
-    with pytest.raises(Exception) as err:
-        run_distill(cfg)
-    error = unwrap_user_error(err.value)
-    assert isinstance(error, ModelError) and key in str(error) and "missing keys" in str(error), err.value
-    assert not (tmp_path / "student").exists()
-
-
+@pytest.mark.slow
 def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_two_workers(tmp_path, soft_labels):
     from transformers import AutoModelForSequenceClassification
 
@@ -125,6 +89,7 @@ def test_a_student_narrowed_after_training_is_a_plain_narrow_model_trained_on_tw
     assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
 
 
+@pytest.mark.slow
 def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_path, soft_labels):
     import filecmp
 
@@ -151,15 +116,18 @@ def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_p
                        shallow=False)
 
 
-@pytest.mark.parametrize("keep, validation", [("last", True), ("auto", False)])
-def test_keep_last_or_auto_without_validation_exports_the_last_epoch(tmp_path, soft_labels, keep, validation):
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.keep": keep}, **(
+@pytest.mark.slow
+@pytest.mark.parametrize("keep, validation", [("last", True), ("auto", False), ("auto", True)])
+def test_keep_last_or_auto_without_validation_or_workers_exports_the_last_epoch(tmp_path, soft_labels, keep,
+                                                                                validation):
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"train.keep": keep}, **LOCAL, **(
         {"validation.path": str(labeled_corpus(tmp_path / "val", 100))} if validation else {}))
     run_distill(cfg)
     info = read_run_info(str(tmp_path / "student"))
     assert info["exported_epoch"] == 2 and not any("keep_score" in h for h in info["history"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps, epochs, stop_after, resumed, widths", [(1, 2, 1, [0, 1, 1], [64, 16, 16]),
                                                                        (1, 2, 2, [0, 0, 2], [64, 16, 16]),
                                                                        (2, 1, 2, [0, 0, 2], [64, 32, 16])])
@@ -178,17 +146,32 @@ def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, 
     assert [h["ffn_size"] for h in history] == widths
 
 
-def test_relabeled_soft_labels_start_a_fresh_run_instead_of_resuming(tmp_path, soft_labels, monkeypatch):
-    # the same config over rewritten soft labels (e.g. relabeled after a corpus fix) must not
-    # pick up the checkpoint trained on the old ones
+@pytest.mark.slow
+def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_start_afresh(tmp_path, soft_labels,
+                                                                                         monkeypatch):
+    # a stopped run's checkpoint that lost a weight is refused on resume, naming the key; the same config over
+    # rewritten soft labels (e.g. relabeled after a corpus fix) must not pick up that checkpoint at all
     import os
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     labels = tmp_path / "soft_labels"
     shutil.copytree(soft_labels, labels)
     cfg = _distill_cfg(labels, tmp_path / "student", **{"train.epochs": 2})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
+    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
+    weights = load_file(checkpoint / "model.safetensors")
+    key = next(k for k in weights if k.endswith("classifier.weight"))
+    save_file({k: v for k, v in weights.items() if k != key}, checkpoint / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(Exception) as err:
+        run_distill(cfg)
+    error = unwrap_user_error(err.value)
+    assert isinstance(error, ModelError) and key in str(error) and "missing keys" in str(error), err.value
+    assert not (tmp_path / "student").exists()
+
     for part in labels.glob("part-*.parquet"):
         stat = part.stat()
         os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite would leave it
@@ -196,8 +179,9 @@ def test_relabeled_soft_labels_start_a_fresh_run_instead_of_resuming(tmp_path, s
     assert [h["resumed_from_epoch"] for h in read_run_info(str(tmp_path / "student"))["history"]] == [0, 0]
 
 
+@pytest.mark.slow
 def test_alpha_zero_trains_on_gold_rows_only(tmp_path, soft_labels):
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.alpha": 0.0, "train.epochs": 1})
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.alpha": 0.0, "train.epochs": 1}, **LOCAL)
     run_distill(cfg)
     assert read_run_info(str(tmp_path / "student"))["history"][0]["rows"] == 400
 
@@ -210,37 +194,43 @@ def test_alpha_zero_trains_on_gold_rows_only(tmp_path, soft_labels):
     ({"student.kind": "tiny"}, "student.kind"),
     ({"train.keep": "best"}, "train.keep"),  # needs validation data
     ({"train.keep": "first"}, "train.keep"),
+    ({"train.keep": "best", "validation.path": "v", "train.num_workers": 0}, "train.keep is 'best', but train.num_workers is 0"),
 ])
 def test_bad_distill_config_names_the_field(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(DistillConfig, overrides={"soft_labels": "x", "output": str(tmp_path), **overrides})
 
 
+@pytest.mark.slow
 def test_student_path_that_does_not_exist(tmp_path, soft_labels):
     cfg = _distill_cfg(soft_labels, tmp_path / "student",
-                       **{"student.kind": "pretrained", "student.model": str(tmp_path / "missing")})
+                       **{"student.kind": "pretrained", "student.model": str(tmp_path / "missing")}, **LOCAL)
     with pytest.raises(Exception) as err:
         run_distill(cfg)
     assert isinstance(unwrap_user_error(err.value), ModelError)
     assert "does not exist" in str(unwrap_user_error(err.value))
 
 
+@pytest.mark.slow
 def test_soft_labels_with_another_label_set_are_refused(tmp_path, soft_labels, tiny_teacher):
     from conftest import build_tiny_classifier
 
     other = build_tiny_classifier(tmp_path / "other", labels=["neg", "pos"])
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.kind": "cut", "student.model": str(other)})
+    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.kind": "cut", "student.model": str(other)},
+                       **LOCAL)
     with pytest.raises(Exception) as err:
         run_distill(cfg)
     assert "labels" in str(unwrap_user_error(err.value))
 
 
+@pytest.mark.slow
 def test_unknown_teacher_in_loss_is_refused(tmp_path, soft_labels):
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"loss.teachers": {"nobody": 1.0}})
     with pytest.raises(SoftLabelError, match="nobody"):
         run_distill(cfg)
 
 
+@pytest.mark.slow
 def test_empty_training_set_is_refused(tmp_path, soft_labels):
     # soft labels with no gold at all, then alpha=0: nothing to learn from
     root = tmp_path / "unlabeled"
@@ -260,6 +250,7 @@ def test_missing_soft_label_folder(tmp_path):
         run_distill(cfg)
 
 
+@pytest.mark.slow
 def test_nan_teacher_logits_stop_training_with_the_rows_named(tmp_path, soft_labels):
     import numpy as np
 
@@ -275,7 +266,7 @@ def test_nan_teacher_logits_stop_training_with_the_rows_named(tmp_path, soft_lab
     index = table.schema.get_field_index("teacher_logits")
     bad_id = table.column("id")[5].as_py()
     pq.write_table(table.set_column(index, table.schema.field(index), column), root / parts[0].name)
-    cfg = _distill_cfg(root, tmp_path / "student", **{"train.epochs": 1})
+    cfg = _distill_cfg(root, tmp_path / "student", **{"train.epochs": 1}, **LOCAL)
     with pytest.raises(Exception) as err:
         run_distill(cfg)
     error = unwrap_user_error(err.value)

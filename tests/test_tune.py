@@ -59,6 +59,7 @@ def test_tune_needs_a_validation_set(tmp_path):
         load_config(TuneConfig, overrides={"distill.soft_labels": "x", "search.space": SPACE, "output": str(tmp_path)})
 
 
+@pytest.mark.slow
 def test_search_of_four_trials_writes_table_best_config_and_student(tmp_path, soft_labels):
     from transformers import AutoModelForSequenceClassification
 

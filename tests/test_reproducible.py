@@ -1,0 +1,92 @@
+"""Same config, same seed, same student: nothing a run produces depends on the order Ray's tasks finish in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from conftest import failing_after_epoch
+
+from kd_ray.config import DistillConfig, load_config
+from kd_ray.soft_labels import PART_KEY, SoftLabelInfo, parquet_writer, read_soft_label_info
+from kd_ray.train import run_distill
+
+FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.num_cpus_per_worker": 0.5,
+        "train.max_failures": 0, "student.num_layers": 1, "student.ffn_size": None}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _distill(soft_labels: Path, out: Path, **overrides) -> Path:
+    run_distill(load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(out),
+                                                      **FAST, **overrides}))
+    return out / "model.safetensors"
+
+
+def _rows_by_id(folder: Path) -> pa.Table:
+    table = pq.read_table(sorted(folder.glob("part-*.parquet")))
+    return table.take(pc.sort_indices(table.column("id")))
+
+
+def _relabeled_in_another_order(soft_labels: Path, out: Path) -> Path:
+    """The same rows as another labeling run could have left them: every shard's rows in one file (not the
+    files the run wrote), shards in reverse order, each shard's rows reversed."""
+    info = read_soft_label_info(str(soft_labels))
+    table = _rows_by_id(soft_labels)
+    schema = pq.read_schema(info.files[0])
+    shard_of = {}
+    for key, groups in info.shards.items():
+        for file, row_groups in groups:
+            for rg in row_groups:
+                for i in pq.ParquetFile(file).read_row_group(rg, columns=["id"]).column("id").to_pylist():
+                    shard_of[i] = key
+    out.mkdir()
+    keys = pa.array([shard_of[i] for i in table.column("id").to_pylist()])
+    shards = sorted(info.shards, reverse=True)
+    with parquet_writer(str(out / "part-00007-reordered.parquet"), schema) as writer:
+        for key in shards:
+            rows = table.filter(pc.equal(keys, key))
+            writer.write_table(rows.take(pa.array(range(rows.num_rows - 1, -1, -1))).cast(schema),
+                               row_group_size=rows.num_rows)
+        writer.add_key_value_metadata({PART_KEY: json.dumps({"rows": table.num_rows, "shards": shards})})
+    return out
+
+
+def test_read_units_follow_the_shard_keys_not_the_file_names():
+    info = SoftLabelInfo(path="x", files=["x/part-00001-b.parquet", "x/part-00000-a.parquet"], metadata={},
+                         num_rows=0, shards={"b.csv[0:10]": [["x/part-00000-a.parquet", [1]]],
+                                             "a.csv[0:10]": [["x/part-00001-b.parquet", [0]],
+                                                             ["x/part-00000-a.parquet", [0]]]})
+    assert info.read_units() == [[["x/part-00001-b.parquet", [0]], ["x/part-00000-a.parquet", [0]]],
+                                 [["x/part-00000-a.parquet", [1]]]]
+
+
+@pytest.mark.slow
+def test_soft_labels_written_in_another_order_train_the_same_student(soft_labels, tmp_path):
+    reordered = _relabeled_in_another_order(soft_labels, tmp_path / "reordered")
+    assert _rows_by_id(reordered).equals(_rows_by_id(soft_labels))  # same rows, other files and order
+    first = _distill(soft_labels, tmp_path / "a", **{"train.num_workers": 2, "train.num_cpus_per_worker": 0.25})
+    second = _distill(reordered, tmp_path / "b", **{"train.num_workers": 2, "train.num_cpus_per_worker": 0.25})
+    assert sha256(first) == sha256(second)
+
+
+@pytest.mark.slow
+def test_a_distillation_stopped_and_resumed_ends_with_the_weights_of_one_never_stopped(soft_labels, tmp_path,
+                                                                                         monkeypatch):
+    cfg = load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(tmp_path / "resumed"),
+                                                **FAST, "train.shuffle_buffer": 100})
+    with failing_after_epoch(1, monkeypatch):
+        run_distill(cfg)
+    assert not (tmp_path / "resumed").exists()  # nothing exported from a failed run
+    run_distill(cfg)
+    history = json.loads((tmp_path / "resumed" / "kd_ray_train.json").read_text())["history"]
+    assert [h["resumed_from_epoch"] for h in history] == [0, 1]
+    uninterrupted = _distill(soft_labels, tmp_path / "whole", **{"train.shuffle_buffer": 100})
+    assert sha256(tmp_path / "resumed" / "model.safetensors") == sha256(uninterrupted)
