@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from kd_ray.config import CorpusConfig
@@ -19,6 +20,7 @@ from kd_ray.errors import CorpusError
 from kd_ray.storage import filesystem
 
 TAIL_BYTES = 4096  # a line file's last bytes, digested: an append keeps them, an edit near the end does not
+TAIL_READERS = 16
 
 
 def _appendable(shard: Shard) -> bool:
@@ -35,16 +37,17 @@ def tail_digest(uri: str, size: int) -> str:
 
 
 def file_records(shards: list[Shard]) -> dict[str, dict]:
-    """Per input file (by its name in derived ids): its uri, format, size, modification time and tail digest."""
-    files: dict[str, dict] = {}
+    """Per input file (by its name in derived ids): its uri, format, size, modification time and tail digest
+    (line files; read by a pool of threads: on object stores each is a request of its own)."""
+    first = {}
     for shard in shards:
-        if shard.name in files or shard.format == "hf":
-            continue
-        files[shard.name] = {"uri": shard.uri, "format": shard.format, "size": shard.file_size,
-                             "mtime_ns": shard.mtime_ns,
-                             "tail": tail_digest(shard.uri, shard.file_size) if _appendable(shard)
-                             and shard.file_size else None}
-    return files
+        if shard.format != "hf":
+            first.setdefault(shard.name, shard)
+    appendable = [s for s in first.values() if _appendable(s) and s.file_size]
+    with ThreadPoolExecutor(max_workers=TAIL_READERS) as pool:
+        tails = dict(zip((s.name for s in appendable), pool.map(lambda s: tail_digest(s.uri, s.file_size), appendable)))
+    return {name: {"uri": s.uri, "format": s.format, "size": s.file_size, "mtime_ns": s.mtime_ns,
+                   "tail": tails.get(name)} for name, s in first.items()}
 
 
 @dataclass

@@ -90,3 +90,20 @@ def test_a_distillation_stopped_and_resumed_ends_with_the_weights_of_one_never_s
     assert [h["resumed_from_epoch"] for h in history] == [0, 1]
     uninterrupted = _distill(soft_labels, tmp_path / "whole", **{"train.shuffle_buffer": 100})
     assert sha256(tmp_path / "resumed" / "model.safetensors") == sha256(uninterrupted)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_every_training_run_reads_its_data_in_order_and_deterministic_fixes_the_cublas_workspace(tmp_path,
+                                                                                               deterministic):
+    from kd_ray.config import FinetuneConfig
+    from kd_ray.plan import finetune_plan
+    from kd_ray.train import build_trainer
+
+    cfg = load_config(FinetuneConfig, overrides={"data.path": "x.csv", "base_model": "m", "labels": ["a", "b"],
+                                                 "output": str(tmp_path / "m"), "train.num_cpus_per_worker": 1,
+                                                 "train.deterministic": deterministic})
+    trainer = build_trainer(finetune_plan(cfg, rows=10), {}, "run", str(tmp_path))
+    assert trainer.data_config._resolve_execution_options("train").preserve_order
+    env = (trainer.run_config.worker_runtime_env or {}).get("env_vars", {})
+    assert env.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
+    assert trainer.train_loop_config["train"]["deterministic"] is deterministic
