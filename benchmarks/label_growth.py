@@ -57,7 +57,8 @@ def timed_run(command: list[str]) -> dict:
             found = time.perf_counter() - start
     if proc.wait() != 0:
         raise RuntimeError("\n".join(lines[-40:]))
-    return {"seconds_to_growth_line": found, "seconds": time.perf_counter() - start, **json.loads(lines[-1]),
+    stats = next(json.loads(line) for line in reversed(lines) if line.startswith('{"driver_max_rss_mb"'))
+    return {"seconds_to_growth_line": found, "seconds": time.perf_counter() - start, **stats,
             "growth_line": next((line for line in lines if "corpus grew" in line), None)}
 
 
@@ -82,13 +83,16 @@ def main() -> None:
             write_corpus(corpus, rows, rows // args.files)
             write_corpus(extra, args.new_rows, args.new_rows)
             first = timed_run(label_command(corpus, teacher, out, args.cores))
-            shutil.copy(out / "_manifest.json", root / "manifest-first.json")
             results["runs"].setdefault(str(rows), {})["first"] = first
+        if not (root / "manifest-first.json").exists():  # the first labeling's: each repeat starts from it
+            shutil.copy(out / "_manifest.json", root / "manifest-first.json")
+        results["runs"].setdefault(str(rows), {})
         repeats = []
         for _ in range(args.repeats):
-            for part in set(out.glob("part-*.parquet")) - set(json.loads(
-                    (root / "manifest-first.json").read_text())["files"]):
-                part.unlink()  # the added file's labels, from the repeat before
+            first_files = set(json.loads((root / "manifest-first.json").read_text())["files"])
+            for part in out.glob("part-*.parquet"):
+                if part.name not in first_files:
+                    part.unlink()  # the added file's labels, from the repeat before
             shutil.copy(root / "manifest-first.json", out / "_manifest.json")
             (extra / "posts-0000.parquet").replace(corpus / "posts-new.parquet") if (
                 extra / "posts-0000.parquet").exists() else None
