@@ -11,6 +11,7 @@ order (or null), and ``reject_reason`` (null for good rows).
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -82,6 +83,11 @@ class Shard:
     def key(self) -> str:
         """Names the shard among a run's shards: a resumed run finds each shard's committed rows by it."""
         return self.name if self.stop is None else f"{self.name}[{self.start}:{self.stop}]"
+
+    @staticmethod
+    def file_of(key: str) -> str:
+        """The file name a shard ``key`` names (the inverse of ``key`` up to the range)."""
+        return re.sub(r"\[\d+:\d+\]$", "", key)
 
     @property
     def by_bytes(self) -> bool:

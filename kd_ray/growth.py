@@ -10,7 +10,6 @@ or vanished is refused by name. Pure functions of the listing and the record; kd
 from __future__ import annotations
 
 import hashlib
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -59,10 +58,8 @@ class Growth:
     appended: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        parts = [f"{len(self.new_files):,} new file{'s' * (len(self.new_files) != 1)}"] if self.new_files else []
-        parts += [f"{len(self.appended):,} file{'s' * (len(self.appended) != 1)} with appended records"
-                  if self.appended else ""]
-        return ", ".join(p for p in parts if p)
+        counts = [(len(self.new_files), "new file{}"), (len(self.appended), "file{} with appended records")]
+        return ", ".join(f"{n:,} {what.format('s' * (n != 1))}" for n, what in counts if n)
 
 
 def corpus_growth(cfg: CorpusConfig, shards: list[Shard], recorded: dict[str, dict], labeled_keys: set[str],
@@ -73,7 +70,7 @@ def corpus_growth(cfg: CorpusConfig, shards: list[Shard], recorded: dict[str, di
     by_file: dict[str, list[Shard]] = {}
     for shard in shards:
         by_file.setdefault(shard.name, []).append(shard)
-    labeled_files = {re.sub(r"\[\d+:\d+\]$", "", key) for key in labeled_keys}
+    labeled_files = {Shard.file_of(key) for key in labeled_keys}
     problems, growth = [], Growth()
     for name, old in recorded.items():
         shard = by_file.get(name, [None])[0]

@@ -29,15 +29,24 @@ def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
     return table.set_column(1, "text", texts).set_column(3, "reject_reason", reasons)
 
 
+def read_shard_rows(groups: list, columns: list[str]) -> pa.Table | None:
+    """One corpus shard's rows in a soft-label folder: the row groups ``[[part file, [row group, ...] or None
+    (the whole file)], ...]`` name (SoftLabelInfo.shards, Parts.shards), ``columns`` only; None for none."""
+    tables = []
+    for file, row_groups in groups:
+        fs, path = filesystem(file)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            tables.append(pf.read(columns=columns) if row_groups is None else
+                          pf.read_row_groups(row_groups, columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
 def committed_ids(committed: str | None) -> pa.Array | None:
     """Ids of the rows an interrupted run committed from one shard: only that shard's row groups of
     the part files that hold some (``[[file, [row group, ...]], ...]`` as JSON) are read."""
-    ids = []
-    for file, groups in json.loads(committed) if committed else []:
-        fs, path = filesystem(file)
-        with fs.open_input_file(path) as f:
-            ids += pq.ParquetFile(f).read_row_groups(groups, columns=["id"]).column("id").chunks
-    return pa.chunked_array(ids, pa.string()).combine_chunks() if ids else None
+    table = read_shard_rows(json.loads(committed), ["id"]) if committed else None
+    return table.column("id").combine_chunks() if table is not None and table.num_rows else None
 
 
 def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: dict | None, tag_shards: bool,
@@ -110,13 +119,7 @@ def parquet_files_dataset(files: list[str], columns: list[str], *, num_cpus: flo
 
 def _read_units_udf(batch: pa.Table, columns: list[str], rows_per_block: int):
     for unit in batch.column("unit").to_pylist():
-        tables = []
-        for file, groups in json.loads(unit):
-            fs, local = filesystem(file)
-            with fs.open_input_file(local) as f:
-                pf = pq.ParquetFile(f)
-                tables.append(pf.read(columns=columns) if groups is None else pf.read_row_groups(groups, columns=columns))
-        table = pa.concat_tables(tables)
+        table = read_shard_rows(json.loads(unit), columns)
         table = table.take(pc.sort_indices(table.column("id")))  # ids are unique: one order, whatever the files
         for start in range(0, table.num_rows, rows_per_block):
             yield table.slice(start, rows_per_block)

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import random_posts
+from test_reproducible import sha256
 from test_corpus import line_ids, write_jsonl
 
 from kd_ray.config import CorpusConfig, LabelConfig, load_config
@@ -153,12 +154,6 @@ def test_a_rerun_labels_only_the_new_file_and_the_appended_lines_and_keeps_the_o
         line_ids(a, "a.jsonl") + line_ids(corpus / "c.jsonl", "c.jsonl"))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.slow
 def test_a_second_run_on_a_copy_of_the_data_trains_the_same_models_then_labels_a_new_day_and_distills_again(
         finished_run, tmp_path, capsys):
@@ -184,13 +179,13 @@ def test_a_second_run_on_a_copy_of_the_data_trains_the_same_models_then_labels_a
 
     assert rows(first / "soft_labels").equals(rows(run / "soft_labels"))
     for model in ("teacher", "student", "student_alpha0"):
-        assert _sha256(first / model / "model.safetensors") == _sha256(run / model / "model.safetensors"), model
+        assert sha256(first / model / "model.safetensors") == sha256(run / model / "model.safetensors"), model
     metrics = [json.loads((r / "metrics.json").read_text()) for r in (first, run)]
     assert [m[k]["macro_recall"] for m in metrics for k in ("teacher", "student", "student_alpha0")] == [
         metrics[0][k]["macro_recall"] for k in ("teacher", "student", "student_alpha0")] * 2
 
     old_parts = {p.name: p.read_bytes() for p in (run / "soft_labels").glob("part-*.parquet")}
-    students = {p: _sha256(p) for p in (run / "student" / "model.safetensors", run / "student_alpha0" / "model.safetensors")}
+    students = {p: sha256(p) for p in (run / "student" / "model.safetensors", run / "student_alpha0" / "model.safetensors")}
     (tmp_path / "data" / "transfer" / "day2.csv").write_text("id,text\n" + "".join(
         f"day2-{i},{t}\n" for i, t in enumerate(random_posts(60, seed=11, max_words=10))))
     capsys.readouterr()
@@ -203,4 +198,4 @@ def test_a_second_run_on_a_copy_of_the_data_trains_the_same_models_then_labels_a
         == old_parts
     info = json.loads((run / "student" / "kd_ray_train.json").read_text())
     assert info["plan"]["rows"] == 460 and info["history"][0]["resumed_from_epoch"] == 0
-    assert _sha256(run / "student" / "model.safetensors") != students[run / "student" / "model.safetensors"]
+    assert sha256(run / "student" / "model.safetensors") != students[run / "student" / "model.safetensors"]
