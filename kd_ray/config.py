@@ -584,6 +584,10 @@ class SearchConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of the random search.")
 
 
+LOCAL_MODE_TRIALS = ("{field} is 0 (Ray Train's local mode), which a Ray Tune trial cannot run (each trial is a "
+                     "Ray Train run with a worker group); set {field}: 1 or more")
+
+
 class TuneConfig(Section):
     """`kd-ray tune`: search temperature, alpha and learning rate with Ray Tune, one Ray Train run per trial."""
 
@@ -609,6 +613,8 @@ class TuneConfig(Section):
         """Every searched name must be a field of the distill config, and every value one it accepts."""
         if self.distill.validation is None:
             raise ValueError("distill.validation is required: it scores every trial (flag --distill.validation.path)")
+        if self.distill.train.num_workers == 0:
+            raise ValueError(LOCAL_MODE_TRIALS.format(field="distill.train.num_workers"))
         base = self.distill.model_dump(mode="json")
         problems = []
         for name, spec in self.search.space.items():
@@ -855,6 +861,8 @@ class PipelineConfig(Section):
         self.student.check_source(field, llm=first.kind == "llm")
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
+        if self.tune is not None and self.distill.num_workers == 0:
+            raise ValueError(LOCAL_MODE_TRIALS.format(field="distill.num_workers"))
         if self.loss.beta > 0 and self.teacher_representation is None:
             raise ValueError(f"loss.beta={self.loss.beta} matches the student to the teacher's stored representation; "
                              "set teacher_representation: mean (or cls) so that labeling stores it, or beta: 0")

@@ -110,8 +110,10 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         students["student_alpha0"] = str(out / "student_alpha0")
     if cfg.export:  # the served student, in the same evaluation
         # no parity bar here: the evaluation reports the int8 file's quality and agreement beside the student's
+        # its parity check reads the test texts only (with tasks, data.test has no column 'label')
+        parity = CorpusConfig(**cfg.data.test.model_dump(exclude={"label_column", "task_label_columns"}))
         stages["export"] = ExportConfig(model=students["student"], output=str(out / "student_onnx"),
-                                        parity=cfg.data.test, max_length=cfg.eval.max_length, min_agreement=0.0)
+                                        parity=parity, max_length=cfg.eval.max_length, min_agreement=0.0)
         students["student_int8"] = str(out / "student_onnx" / "model.int8.onnx")
     # an LLM teacher is scored through its prompt, as it labeled
     stages["evaluate"] = {"teachers": {t.task: t.teacher.labeling(t.labels, model=t.path, task=t.task)

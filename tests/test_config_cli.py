@@ -115,6 +115,16 @@ def test_pipeline_transfer_set_is_read_like_the_labeled_set_and_without_gold(ove
     assert (corpus.path, corpus.unlabeled_path, corpus.label_column) == ("l.csv", "u.csv", "y")
 
 
+def test_a_pipeline_search_in_ray_trains_local_mode_is_refused_by_field():
+    from kd_ray.config import PipelineConfig
+
+    tuned = {**PIPELINE, "data.validation.path": "v.csv",
+             "tune.space": {"alpha": {"distribution": "uniform", "low": 0.1, "high": 0.9}}}
+    with pytest.raises(ConfigError, match=r"distill.num_workers is 0 \(Ray Train's local mode\)"):
+        load_config(PipelineConfig, overrides={**tuned, "distill.num_workers": 0})
+    assert load_config(PipelineConfig, overrides={**tuned, "distill.num_workers": 1}).tune is not None
+
+
 @pytest.mark.parametrize("field", ["distill.keep", "teacher.train.keep"])
 def test_pipeline_keeping_the_best_epoch_needs_validation_data(field):
     from kd_ray.config import PipelineConfig

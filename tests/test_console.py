@@ -16,8 +16,8 @@ def test_a_run_prints_its_stages_progress_and_result_and_logs_the_rest(finished_
     assert result.stderr == "" and 10 < len(lines) <= 60, result.stdout + result.stderr
     for stage in ("finetune", "label", "distill", "distill_alpha0", "evaluate"):
         assert f"kd-ray run: stage {stage} started" in result.stdout and f"kd-ray run: stage {stage} done" in result.stdout
-    assert "kd-ray distill: epoch 2/2" in result.stdout  # a training worker's progress, forwarded by Ray
-    assert "kd-ray label: wrote part-" in result.stdout  # a write task's progress
+    assert "kd-ray distill: epoch 2/2" in result.stdout  # the training loop's progress (local mode: this process)
+    assert "kd-ray label: wrote part-" in result.stdout  # a Ray write task's progress, forwarded by Ray
     assert "student keeps" in lines[-2] and "report.html" in lines[-1]
     assert not [line for line in lines if "INFO" in line or "pid=" in line or "Warning" in line], result.stdout
     log = (finished_run.run / "kd-ray.log").read_text()

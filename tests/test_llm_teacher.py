@@ -295,7 +295,7 @@ def test_kd_ray_run_distills_an_llm_teacher_without_gold_labels(tmp_path, ray_se
                        "test": {"path": str(tmp_path / "test.csv")}},
               "teacher": {"model": str(lm), "kind": "llm", "prompt": PROMPT},
               "student": {"model": str(tiny_teacher), "num_layers": 1, "ffn_size": None},
-              "distill": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5},
+              "distill": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_workers": 0},
               "eval": {"max_length": 48, "timing_rows": 20, "timing_repeats": 1}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0

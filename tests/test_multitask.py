@@ -226,7 +226,7 @@ def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_la
     from kd_ray.train import read_run_info, run_distill
 
     root, corpus, _ = two_task_labels
-    run_distill(_multitask_distill(root, tmp_path / "student"))
+    run_distill(_multitask_distill(root, tmp_path / "student", **{"train.num_workers": 0}))
     info = read_run_info(str(tmp_path / "student"))
     last = info["history"][-1]
     for key in ("val_sentiment_macro_recall", "val_reason_macro_recall", "val_macro_recall"):
@@ -271,7 +271,8 @@ def _multitask_run_config(tmp_path, tiny_teacher) -> dict:
                        "test": frame[210:]}.items():
         files[name] = tmp_path / "data" / f"{name}.csv"
         (part[["id", "text"]] if name == "transfer" else part).to_csv(files[name], index=False)
-    fast = {"epochs": 1, "batch_size": 16, "max_length": 32, "num_cpus_per_worker": 0.5}
+    # the teachers train in Ray Train's local mode; the student on a worker group, as a search's trials must
+    fast = {"epochs": 1, "batch_size": 16, "max_length": 32, "num_workers": 0}
     config = {
         "output": str(tmp_path / "run"),
         "tasks": {"sentiment": {"label_column": "sentiment", "labels": ["negative", "neutral", "positive"],
@@ -281,18 +282,21 @@ def _multitask_run_config(tmp_path, tiny_teacher) -> dict:
         "data": {"train": {"path": str(files["train"]), "id_column": "id"},
                  "transfer": {"path": str(files["transfer"]), "id_column": "id"},
                  "validation": {"path": str(files["validation"])}, "test": {"path": str(files["test"])}},
-        "student": {"num_layers": 1, "ffn_size": None}, "distill": fast,
+        "student": {"num_layers": 1, "ffn_size": None},
+        "distill": {**fast, "num_workers": 1, "num_cpus_per_worker": 0.5},
         "eval": {"max_length": 32, "timing_rows": 40, "timing_repeats": 1},
     }
     return config, frame
 
 
 @pytest.mark.slow
-def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_searches_and_reports_per_task(tmp_path, tiny_teacher,
-                                                                                            ray_session):
-    """`kd-ray run` with tasks and a tune section: both teachers fine-tuned (the reason teacher on its labeled
-    rows only), one labeling pass, a search over a task's alpha whose best student (two heads) is evaluated
-    beside its alpha=0 twin, scored per task."""
+def test_a_multitask_run_searches_exports_and_scores_each_task_and_a_rerun_skips_every_stage(
+        tmp_path, tiny_teacher, ray_session, capsys):
+    """`kd-ray run` with tasks, a search and export: both teachers fine-tuned (the reason teacher on its labeled
+    rows only), one labeling pass, a search over one task's alpha and weight, scored on the mean validation
+    score, whose best student (two heads) is exported to ONNX and evaluated per task beside its int8 file and
+    its alpha=0 twin. The same command again finds every stage done."""
+    pytest.importorskip("onnxruntime", reason="needs the export extra: pip install -e '.[export]'")
     import pandas as pd
     import yaml
 
@@ -300,26 +304,53 @@ def test_multitask_run_fine_tunes_a_teacher_per_task_labels_once_searches_and_re
     from kd_ray.soft_labels import read_soft_label_info
 
     config, frame = _multitask_run_config(tmp_path, tiny_teacher)
-    config["tune"] = {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]}},
-                      "num_samples": 1, "scheduler": "fifo"}
+    config["tune"] = {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]},
+                                "tasks.reason.weight": {"distribution": "choice", "values": [0.25]}},
+                      "num_samples": 1, "include_default": False, "scheduler": "fifo"}
+    config["export"] = True
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr().out
     run = tmp_path / "run"
+    assert f"report: {run / 'report.html'}" in out and "stage export done" in out
     reason_job = json.loads((run / "teachers" / "reason" / "kd_ray_train.json").read_text())
     assert reason_job["plan"]["rows"] == int((frame[:100]["reason"] != "").sum())  # rows without a reason skipped
     info = read_soft_label_info(str(run / "soft_labels"))
     assert [t.name for t in info.teachers] == ["sentiment", "reason"] and info.num_rows == 180
-    assert sorted(pd.read_csv(run / "tune" / "trials.csv")["tasks.reason.alpha"]) == [0.3, 0.9]
+
+    # the search: both grid values, the chosen weight, the best trial's values in its config and its student
+    table = pd.read_csv(run / "tune" / "trials.csv")
+    assert sorted(table["tasks.reason.alpha"]) == [0.3, 0.9] and set(table["tasks.reason.weight"]) == {0.25}
+    summary = json.loads((run / "tune" / "tune_summary.json").read_text())
+    assert summary["trials"] == 2 and summary["student"] == str((run / "tune" / "student").resolve())
+    best = yaml.safe_load((run / "tune" / "best_config.yaml").read_text())
+    assert best["tasks"]["reason"]["alpha"] == summary["best_values"]["tasks.reason.alpha"]
+    assert best["tasks"]["reason"]["weight"] == 0.25 and best["tasks"]["sentiment"]["weight"] == 1.0
+    job = json.loads((run / "tune" / "student" / "kd_ray_train.json").read_text())
+    assert {t["name"]: t["alpha"] for t in job["plan"]["tasks"]}["reason"] == summary["best_values"]["tasks.reason.alpha"]
     assert not (run / "student").exists()  # the search's best student is the run's
+    assert MultiTaskClassifier.from_pretrained(run / "tune" / "student").tasks["reason"] == REASONS
+    assert MultiTaskClassifier.from_pretrained(run / "student_alpha0").tasks["reason"] == REASONS
+
+    # the export stage checks the ONNX files against PyTorch on every head; the evaluation scores the int8 file
+    parity = json.loads((run / "student_onnx" / "export.json").read_text())["parity"]
+    assert parity["fp32"]["argmax_agreement"] == 1.0 and parity["rows"] == 30
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"]["reason"]["rows"] == int((frame[210:]["reason"] != "").sum())
     for task in ("sentiment", "reason"):
-        for name in ("teacher", "student", "student_alpha0"):
+        for name in ("teacher", "student", "student_alpha0", "student_int8"):
             assert 0 <= metrics["tasks"][task][name]["macro_recall"] <= 1
-    assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0"}
-    assert MultiTaskClassifier.from_pretrained(run / "tune" / "student").tasks["reason"] == REASONS
-    assert MultiTaskClassifier.from_pretrained(run / "student_alpha0").tasks["reason"] == REASONS
-    assert (run / "report.html").is_file()
+    assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0", "student_int8"}
+    page = (run / "report.html").read_text()
+    assert "Best of 2 trials" in page and "No tuning" not in page
+    assert {"tuning_landscape.png", "trial_curves.png"} <= {p.name for p in (run / "report").glob("*.png")}
+
+    # the same config again: every stage is found done, no model is written again
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
+    assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "skipping finetune_sentiment" in out and "skipping distill_alpha0" in out and "nothing to do" in out
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")} and len(before) >= 4
 
 
 @pytest.mark.parametrize("space, message", [
@@ -334,31 +365,6 @@ def test_tune_search_space_reaches_per_task_settings_and_names_bad_ones(space, m
             "output": "o"}
     with pytest.raises(ConfigError, match=message):
         load_config(TuneConfig, overrides={**base, "search": {"space": space}})
-
-
-@pytest.mark.slow
-def test_tune_searches_a_tasks_alpha_and_weight_on_the_mean_validation_score(two_task_labels, tmp_path):
-    import pandas as pd
-    import yaml
-
-    from kd_ray.config import TuneConfig, load_config
-    from kd_ray.tune import run_tune
-
-    root, _, _ = two_task_labels
-    distill = _multitask_distill(root, tmp_path / "unused").model_dump(mode="json")
-    distill.pop("output")
-    cfg = load_config(TuneConfig, overrides={
-        "distill": distill, "output": str(tmp_path / "tune"),
-        "search": {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.2, 0.9]},
-                             "tasks.reason.weight": {"distribution": "choice", "values": [0.25]}},
-                   "num_samples": 1, "include_default": False, "scheduler": "fifo"}})
-    summary = run_tune(cfg)
-    table = pd.read_csv(tmp_path / "tune" / "trials.csv")
-    assert sorted(table["tasks.reason.alpha"]) == [0.2, 0.9] and set(table["tasks.reason.weight"]) == {0.25}
-    best = yaml.safe_load((tmp_path / "tune" / "best_config.yaml").read_text())
-    assert best["tasks"]["reason"]["alpha"] == summary["best_values"]["tasks.reason.alpha"]
-    assert best["tasks"]["reason"]["weight"] == 0.25 and best["tasks"]["sentiment"] == distill["tasks"]["sentiment"]
-    assert MultiTaskClassifier.from_pretrained(tmp_path / "tune" / "student").tasks["reason"] == REASONS
 
 
 def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_logits(tmp_path, tiny_teacher):

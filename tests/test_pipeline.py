@@ -1,6 +1,7 @@
 """`kd-ray run` end to end with a tiny model: the exact files and row counts a run produces.
 
-Most tests read the session's one finished run (conftest.finished_run); the tuned run is a run of its own."""
+The tests read the session's one finished run (conftest.finished_run); a run with a search and export, and its
+rerun, is tests/test_multitask.py's (the same stages, with two tasks)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, pipeline_config
-from kd_ray.cli import main as cli_main
+from conftest import REPO
 
 
 @pytest.mark.slow
@@ -72,40 +72,3 @@ def test_run_ends_with_a_report_that_says_it_has_no_tuning(finished_run):
     assert "No tuning in this run" in page
     metrics = json.loads((run / "metrics.json").read_text())
     assert f"{metrics['retention']['macro_recall']:.1%}" in page
-
-
-@pytest.mark.slow
-@pytest.mark.slow
-def test_run_with_a_tune_section_and_export_evaluates_the_best_trial_and_its_int8_file_and_a_rerun_skips_every_stage(
-        tmp_path, tiny_teacher, ray_session, capsys):
-    pytest.importorskip("onnxruntime", reason="needs the export extra: pip install -e '.[export]'")
-    import yaml
-
-    config = pipeline_config(tmp_path, tiny_teacher)
-    config["tune"] = {"space": {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0}},
-                      "num_samples": 2, "scheduler": "fifo"}
-    config["export"] = True
-    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(config))
-    assert cli_main(["run", "--config", str(tmp_path / "tuned.yaml")]) == 0
-    out = capsys.readouterr().out
-    run = tmp_path / "run"
-    assert f"report: {run / 'report.html'}" in out and "stage export done" in out
-    # the export stage checks the ONNX files against PyTorch, and the evaluation scores the int8 file
-    parity = json.loads((run / "student_onnx" / "export.json").read_text())["parity"]
-    assert parity["fp32"]["argmax_agreement"] == 1.0 and parity["rows"] == 80
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["student_int8"]["size_mb"] < metrics["student"]["size_mb"] and metrics["student_int8"]["rows_per_s"] > 0
-    summary = json.loads((run / "tune" / "tune_summary.json").read_text())
-    assert summary["trials"] == 2 and summary["student"] == str((run / "tune" / "student").resolve())
-    best = json.loads((run / "tune" / "student" / "kd_ray_train.json").read_text())
-    assert best["plan"]["tasks"][0]["temperature"] == pytest.approx(summary["best_values"]["temperature"])
-    page = (run / "report.html").read_text()
-    assert "Best of 2 trials" in page and "No tuning" not in page
-    assert {"tuning_landscape.png", "trial_curves.png"} <= {p.name for p in (run / "report").glob("*.png")}
-
-    # the same config again: every stage is found done, no model is written again
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
-    assert cli_main(["run", "--config", str(tmp_path / "tuned.yaml")]) == 0
-    out = capsys.readouterr().out
-    assert "skipping finetune" in out and "skipping distill_alpha0" in out and "nothing to do" in out
-    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")} and len(before) >= 3

@@ -337,8 +337,8 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp
     from kd_ray.train import read_run_info, run_distill
 
     overrides = {"train.epochs": 4, "train.max_failures": 2, "train.seed": 1}
-    plain = tmp_path / "uninterrupted"
-    run_distill(_distill_cfg(soft_labels, plain / "student", **overrides))
+    plain = tmp_path / "uninterrupted"  # the reference needs no worker group: Ray Train's local mode, same loop
+    run_distill(_distill_cfg(soft_labels, plain / "student", **overrides, **{"train.num_workers": 0}))
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **overrides)
     thread, box = run_in_thread(run_distill, cfg)
     deadline, killed = time.time() + 300, None

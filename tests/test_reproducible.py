@@ -78,17 +78,27 @@ def test_soft_labels_written_in_another_order_train_the_same_student(soft_labels
 
 
 @pytest.mark.slow
-def test_a_distillation_stopped_and_resumed_ends_with_the_weights_of_one_never_stopped(soft_labels, tmp_path,
-                                                                                         monkeypatch):
+def test_a_distillation_stopped_and_resumed_on_two_workers_ends_with_the_weights_of_one_never_stopped(
+        soft_labels, tmp_path, monkeypatch):
+    """Each worker checkpoints its own random state (python, numpy, torch, cuda) beside the model; a resume
+    restores it, with the data order, so the resumed run ends where one never stopped ends."""
+    import torch
+
+    two_workers = {"train.num_workers": 2, "train.num_cpus_per_worker": 0.25, "train.shuffle_buffer": 100}
     cfg = load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(tmp_path / "resumed"),
-                                                **FAST, "train.shuffle_buffer": 100})
+                                                **FAST, **two_workers})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
     assert not (tmp_path / "resumed").exists()  # nothing exported from a failed run
+    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
+    states = [torch.load(checkpoint / f"rng_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(set(s) == {"python", "numpy", "torch", "cuda"} for s in states)
+    assert states[0]["torch"].ne(states[1]["torch"]).any() or states[0]["python"] != states[1]["python"]
     run_distill(cfg)
     history = json.loads((tmp_path / "resumed" / "kd_ray_train.json").read_text())["history"]
     assert [h["resumed_from_epoch"] for h in history] == [0, 1]
-    uninterrupted = _distill(soft_labels, tmp_path / "whole", **{"train.shuffle_buffer": 100})
+    assert not list((tmp_path / "resumed").glob("rng_state_*"))  # training state stays out of the model folder
+    uninterrupted = _distill(soft_labels, tmp_path / "whole", **two_workers)
     assert sha256(tmp_path / "resumed" / "model.safetensors") == sha256(uninterrupted)
 
 
