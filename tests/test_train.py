@@ -47,40 +47,25 @@ def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_two_workers_split_the_data_and_a_student_narrowed_after_training_is_a_plain_narrow_model(tmp_path,
-                                                                                                   soft_labels):
-    from transformers import AutoModelForSequenceClassification
-
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
-        "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 1, "train.epochs": 2,
-        "train.num_workers": 2, "train.num_cpus_per_worker": 0.25,
-        "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
-    run_distill(cfg)
-    history = read_run_info(str(tmp_path / "student"))["history"]
-    assert [(h["epoch"], h["ffn_size"]) for h in history] == [(1, 64), (2, 16), (3, 16)]
-    assert all("val_macro_recall" in h for h in history)
-    # rank 0's rows: half of the 800, not all of them (an equal split may drop num_workers - 1 rows)
-    assert all(399 <= h["rows"] <= 400 for h in history), [h["rows"] for h in history]
-    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
-    assert student.config.intermediate_size == 16
-    assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
-
-
-@pytest.mark.slow
-def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_path, soft_labels):
+def test_two_workers_split_the_data_and_keep_best_exports_the_best_narrow_epoch_as_a_plain_narrow_model(tmp_path,
+                                                                                                       soft_labels):
     import filecmp
 
     import torch
+    from transformers import AutoModelForSequenceClassification
 
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
         "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 2, "train.epochs": 2,
-        "train.keep": "best", "train.learning_rate": 3e-3,
+        "train.num_workers": 2, "train.num_cpus_per_worker": 0.25, "train.keep": "best", "train.learning_rate": 3e-3,
         "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
     run_distill(cfg)
     info = read_run_info(str(tmp_path / "student"))
     history = info["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the whole run's history, whichever epoch is kept
     assert [h["ffn_size"] for h in history] == [64, 32, 16, 16]
+    assert all("val_macro_recall" in h for h in history)
+    # rank 0's rows: half of the 800, not all of them (an equal split may drop num_workers - 1 rows)
+    assert all(399 <= h["rows"] <= 400 for h in history), [h["rows"] for h in history]
     assert history[0]["keep_score"] == history[1]["keep_score"] == -1.0  # wide or half-narrowed: never the student
     narrow = [h for h in history if h["ffn_size"] == 16]
     best = max(narrow, key=lambda h: (h["val_macro_recall"], -h["epoch"]))
@@ -91,6 +76,9 @@ def test_keep_best_exports_the_narrow_epoch_with_the_best_validation_score(tmp_p
     assert best["epoch"] in kept and 4 in kept
     assert filecmp.cmp(kept[best["epoch"]] / "model.safetensors", tmp_path / "student" / "model.safetensors",
                        shallow=False)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")  # a plain narrow model
+    assert student.config.intermediate_size == 16
+    assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
 
 
 @pytest.mark.slow
@@ -105,21 +93,21 @@ def test_keep_last_or_auto_without_validation_or_workers_exports_the_last_epoch(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps, epochs, stop_after, resumed, widths", [(1, 2, 1, [0, 1, 1], [64, 16, 16]),
-                                                                       (2, 1, 2, [0, 0, 2], [64, 32, 16])])
-def test_a_narrowed_student_stopped_before_or_after_narrowing_resumes(tmp_path, soft_labels, steps, epochs,
-                                                                       stop_after, resumed, widths, monkeypatch):
-    # stopped after the wide epoch: resumes wide and narrows; stopped after the first of two narrowing steps:
-    # the checkpoint holds a narrowed model, which the resumed run must rebuild before loading it (at the first
-    # step's width) and then narrow on (one step to the final width rebuilds the same way: narrow() once)
+def test_a_narrowed_student_stopped_before_and_after_a_narrowing_step_resumes_at_its_width(tmp_path, soft_labels,
+                                                                                          monkeypatch):
+    # one wide epoch, then two narrowing steps (64 -> 32 -> 16). Stopped after the wide epoch: resumes wide and
+    # narrows; stopped again after the first step: the checkpoint holds a narrowed model, which the resumed run must
+    # rebuild (narrow() once, to the first step's width) before loading it, and then narrow on
     cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
-                                                             "student.narrow_steps": steps, "train.epochs": epochs})
-    with failing_after_epoch(stop_after, monkeypatch):
+                                                             "student.narrow_steps": 2, "train.epochs": 1})
+    with failing_after_epoch(1, monkeypatch):
+        run_distill(cfg)
+    with failing_after_epoch(2, monkeypatch):
         run_distill(cfg)
     run_distill(cfg)
     history = read_run_info(str(tmp_path / "student"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == resumed
-    assert [h["ffn_size"] for h in history] == widths
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == [0, 1, 2]
+    assert [h["ffn_size"] for h in history] == [64, 32, 16]
 
 
 @pytest.mark.slow
@@ -131,6 +119,9 @@ def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_star
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from kd_ray.plan import distill_plan
+    from kd_ray.train import run_name
 
     labels = tmp_path / "soft_labels"
     shutil.copytree(soft_labels, labels)
@@ -148,11 +139,13 @@ def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_star
     assert isinstance(error, ModelError) and key in str(error) and "missing keys" in str(error), err.value
     assert not (tmp_path / "student").exists()
 
+    # a run resumes the Ray Train run of its name, which the plan names, soft labels' files included
+    (run,) = [d.name for d in (tmp_path / "ray_train").iterdir() if d.is_dir()]
+    assert run == run_name(cfg.output, distill_plan(cfg)[0])
     for part in labels.glob("part-*.parquet"):
         stat = part.stat()
         os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite would leave it
-    run_distill(cfg)
-    assert [h["resumed_from_epoch"] for h in read_run_info(str(tmp_path / "student"))["history"]] == [0, 0]
+    assert run_name(cfg.output, distill_plan(cfg)[0]) != run  # so this config starts afresh, not from it
 
 
 @pytest.mark.slow
