@@ -56,18 +56,30 @@ def _field_help(field) -> str:
     return " | ".join(p for p in parts if p).replace("%", "%%")
 
 
-def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "") -> None:
-    group = parser.add_argument_group(prefix.rstrip(".") or "options", model.__doc__ if prefix else None)
+def config_sections(model: type[BaseModel], prefix: str = ""):
+    """(dotted prefix, section class, [(dotted path, field)]) for ``model`` and every section inside it, in
+    declaration order: what the flags and the generated reference (docs/gen_config_reference.py) list."""
+    fields, nested = [], []
     for name, field in model.model_fields.items():
         dotted = prefix + name
         section = config.section_in(field.annotation)
         list_section = config.section_in(field.annotation, list)
         if section is not None:
-            _add_flags(parser, section, dotted + ".")
+            nested.append((section, dotted + "."))
         elif list_section is not None:
             # documented for the first element; any index works (see _parse_overrides)
-            _add_flags(parser, list_section, dotted + ".0.")
+            nested.append((list_section, dotted + ".0."))
         else:
+            fields.append((dotted, field))
+    yield prefix, model, fields
+    for section, dotted in nested:
+        yield from config_sections(section, dotted)
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for prefix, section, fields in config_sections(model):
+        group = parser.add_argument_group(prefix.rstrip(".") or "options", section.__doc__ if prefix else None)
+        for dotted, field in fields:
             group.add_argument(
                 "--" + dotted, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=_field_help(field)
             )
