@@ -505,15 +505,11 @@ def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
                 for p in found]
     if id_column and not problems and len(parts.shards) > 1:
         files = sorted({file for groups in parts.shards.values() for file, _ in groups})
-        context = ray.data.DataContext.get_current()
-        strategy, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        try:
-            counts = parquet_files_dataset(files, ["id"], num_cpus=WRITE_TASK_CPUS).groupby("id").count()
-            repeated = counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)),
-                                          batch_format="pyarrow").take(5)
-        finally:
-            context.shuffle_strategy = strategy
-        problems += [f"id {r['id']!r} appears more than once ({r['count()']} rows)" for r in repeated]
+        ids = parquet_files_dataset(files, ["id"], num_cpus=WRITE_TASK_CPUS)
+        ids.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # this dataset's own context
+        repeated = ids.groupby("id").count().map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)),
+                                                         batch_format="pyarrow")
+        problems += [f"id {r['id']!r} appears more than once ({r['count()']} rows)" for r in repeated.take(5)]
     return problems
 
 
