@@ -1,13 +1,13 @@
 """The README's result tables, rendered from the committed results files.
 
-    python benchmarks/readme_tables.py     # print them; paste each under README "Results"
+    python benchmarks/readme_tables.py     # print them; paste each under README "Results" and in docs/performance.md
 
 - the demo table from benchmarks/results/demo.json (a `make demo` run's metrics);
 - the airline quality table from benchmarks/results/quality-airline-keep.json (benchmarks/quality.py);
 - the airline student-recipe table from benchmarks/results/quality-airline-gradual.json (quality.py --variant).
 
-tests/test_readme.py checks that the README holds exactly these tables, so a rerun that changes a
-figure also changes the README, or the test fails.
+tests/test_readme.py checks that the README holds exactly these tables (tests/test_docs.py: docs/performance.md
+too), so a rerun that changes a figure also changes the README and the page, or the tests fail.
 """
 
 from __future__ import annotations
