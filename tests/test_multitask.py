@@ -306,7 +306,8 @@ def test_a_multitask_run_searches_exports_and_scores_each_task_and_a_rerun_skips
     config, frame = _multitask_run_config(tmp_path, tiny_teacher)
     config["tune"] = {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]},
                                 "tasks.reason.weight": {"distribution": "choice", "values": [0.25]}},
-                      "num_samples": 1, "include_default": False, "scheduler": "fifo"}
+                      "num_samples": 1, "include_default": False, "scheduler": "fifo",
+                      "max_concurrent_trials": 2}  # both trials at once: each starts its own worker group
     config["export"] = True
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # task order is the YAML's
     assert cli_main(["run", "--config", str(tmp_path / "run.yaml")]) == 0

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import LABELS, build_tiny_classifier, label_folder, random_posts
+from conftest import LABELS, build_tiny_classifier, random_posts
 
 from kd_ray.config import DistillConfig, StudentConfig, load_config
 from kd_ray.errors import SoftLabelError
@@ -92,13 +92,6 @@ def test_multitask_loss_adds_the_term_only_to_tasks_that_have_one():
 
 
 # ---------------------------------------------------------------------------- labeling
-
-
-@pytest.fixture(scope="module")
-def rep_labels(tmp_path_factory, tiny_teacher, ray_session) -> Path:
-    """Soft labels with the tiny teacher's mean-pooled representation (400 labeled rows + 200 without gold)."""
-    return label_folder(tmp_path_factory.mktemp("rep"), tiny_teacher, unlabeled_rows=200,
-                        **{"teachers.0.representation": "mean", "compute.block_rows": 128})
 
 
 @pytest.mark.slow
@@ -190,33 +183,6 @@ def test_the_plan_carries_the_representation_target_per_task(rep_labels, tmp_pat
     assert plan.representation_columns == ["teacher_representation"]
     plan, _ = distill_plan(_distill_cfg(rep_labels, tmp_path / "s"))
     assert plan.tasks[0].representation is None and plan.representation_columns == []
-
-
-@pytest.mark.slow
-def test_distill_with_beta_on_two_workers_resumes_and_exports_no_projection(rep_labels, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-    from conftest import failing_after_epoch
-    from transformers import pipeline
-
-    from kd_ray.train import read_run_info, run_distill
-
-    cfg = _distill_cfg(rep_labels, tmp_path / "student", **{
-        "loss.beta": 1.0, "train.num_workers": 2, "train.num_cpus_per_worker": 0.25,
-        "student.kind": "cut", "student.layer_selection": "bottom"})
-    with failing_after_epoch(1, monkeypatch):
-        run_distill(cfg)
-    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
-    projection = torch.load(checkpoint / "train_state.pt", weights_only=False)["projection"]
-    assert projection["maps.sentiment.weight"].shape == (32, 32)
-    run_distill(cfg)
-    info = read_run_info(str(tmp_path / "student"))
-    assert [h["resumed_from_epoch"] for h in info["history"]] == [0, 1]
-    assert info["plan"]["tasks"][0]["beta"] == 1.0
-    weights = load_file(tmp_path / "student" / "model.safetensors")
-    assert not [k for k in weights if "maps." in k or "projection" in k]
-    assert not (tmp_path / "student" / "train_state.pt").exists()
-    predictions = pipeline("text-classification", model=str(tmp_path / "student"))(["great flight", "awful seat"])
-    assert {p["label"] for p in predictions} <= set(LABELS)
 
 
 # ---------------------------------------------------------------------------- student starts

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import failing_after_epoch
+from conftest import LABELS, failing_after_epoch
 
 from kd_ray.config import DistillConfig, load_config
 from kd_ray.soft_labels import PART_KEY, SoftLabelInfo, parquet_writer, read_soft_label_info
@@ -70,15 +70,19 @@ def test_read_units_follow_the_shard_keys_not_the_file_names():
 
 @pytest.mark.slow
 def test_stopped_and_resumed_or_from_soft_labels_written_in_another_order_two_workers_train_the_same_student(
-        soft_labels, tmp_path, monkeypatch):
-    """Each worker checkpoints its own random state (python, numpy, torch, cuda) beside the model; a resume
-    restores it, with the data order, so the resumed run ends where one never stopped ends. That one reads the
-    same rows as another labeling run could have left them (other files, shards and rows in reverse order):
-    the data order follows the shards and ids, not the files or the order Ray's tasks finished in."""
+        rep_labels, tmp_path, monkeypatch):
+    """Each worker checkpoints its own random state (python, numpy, torch, cuda) beside the model, and the
+    representation term's projection beside the optimizer; a resume restores them, with the data order, so the
+    resumed run ends where one never stopped ends. That one reads the same rows as another labeling run could
+    have left them (other files, shards and rows in reverse order): the data order follows the shards and ids,
+    not the files or the order Ray's tasks finished in. The student exported has no projection in it."""
     import torch
+    from safetensors.torch import load_file
+    from transformers import pipeline
 
-    two_workers = {"train.num_workers": 2, "train.num_cpus_per_worker": 0.25, "train.shuffle_buffer": 100}
-    cfg = load_config(DistillConfig, overrides={"soft_labels": str(soft_labels), "output": str(tmp_path / "resumed"),
+    two_workers = {"train.num_workers": 2, "train.num_cpus_per_worker": 0.25, "train.shuffle_buffer": 100,
+                   "loss.beta": 1.0}
+    cfg = load_config(DistillConfig, overrides={"soft_labels": str(rep_labels), "output": str(tmp_path / "resumed"),
                                                 **FAST, **two_workers})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
@@ -87,12 +91,20 @@ def test_stopped_and_resumed_or_from_soft_labels_written_in_another_order_two_wo
     states = [torch.load(checkpoint / f"rng_state_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(set(s) == {"python", "numpy", "torch", "cuda"} for s in states)
     assert states[0]["torch"].ne(states[1]["torch"]).any() or states[0]["python"] != states[1]["python"]
+    projection = torch.load(checkpoint / "train_state.pt", weights_only=False)["projection"]
+    assert projection["maps.sentiment.weight"].shape == (32, 32)  # student width -> the teacher's
     run_distill(cfg)
-    history = json.loads((tmp_path / "resumed" / "kd_ray_train.json").read_text())["history"]
-    assert [h["resumed_from_epoch"] for h in history] == [0, 1]
+    info = json.loads((tmp_path / "resumed" / "kd_ray_train.json").read_text())
+    assert [h["resumed_from_epoch"] for h in info["history"]] == [0, 1]
+    assert info["plan"]["tasks"][0]["beta"] == 1.0
     assert not list((tmp_path / "resumed").glob("rng_state_*"))  # training state stays out of the model folder
-    reordered = _relabeled_in_another_order(soft_labels, tmp_path / "reordered")
-    assert _rows_by_id(reordered).equals(_rows_by_id(soft_labels))  # same rows, other files and order
+    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    assert not [k for k in load_file(tmp_path / "resumed" / "model.safetensors") if "maps." in k or "projection" in k]
+    predictions = pipeline("text-classification", model=str(tmp_path / "resumed"))(["great flight", "awful seat"])
+    assert {p["label"] for p in predictions} <= set(LABELS)
+
+    reordered = _relabeled_in_another_order(rep_labels, tmp_path / "reordered")
+    assert _rows_by_id(reordered).equals(_rows_by_id(rep_labels))  # same rows, other files and order
     uninterrupted = _distill(reordered, tmp_path / "whole", **two_workers)
     assert sha256(tmp_path / "resumed" / "model.safetensors") == sha256(uninterrupted)
 

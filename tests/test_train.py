@@ -93,31 +93,17 @@ def test_keep_last_or_auto_without_validation_or_workers_exports_the_last_epoch(
 
 
 @pytest.mark.slow
-def test_a_narrowed_student_stopped_before_and_after_a_narrowing_step_resumes_at_its_width(tmp_path, soft_labels,
-                                                                                          monkeypatch):
+def test_a_narrowed_student_stopped_before_and_after_a_narrowing_step_resumes_at_its_width_unless_a_weight_is_lost(
+        tmp_path, soft_labels, monkeypatch):
     # one wide epoch, then two narrowing steps (64 -> 32 -> 16). Stopped after the wide epoch: resumes wide and
     # narrows; stopped again after the first step: the checkpoint holds a narrowed model, which the resumed run must
-    # rebuild (narrow() once, to the first step's width) before loading it, and then narrow on
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
-                                                             "student.narrow_steps": 2, "train.epochs": 1})
-    with failing_after_epoch(1, monkeypatch):
-        run_distill(cfg)
-    with failing_after_epoch(2, monkeypatch):
-        run_distill(cfg)
-    run_distill(cfg)
-    history = read_run_info(str(tmp_path / "student"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == [0, 1, 2]
-    assert [h["ffn_size"] for h in history] == [64, 32, 16]
-
-
-@pytest.mark.slow
-def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_start_afresh(tmp_path, soft_labels,
-                                                                                         monkeypatch):
-    # a stopped run's checkpoint that lost a weight is refused on resume, naming the key; the same config over
-    # rewritten soft labels (e.g. relabeled after a corpus fix) must not pick up that checkpoint at all
+    # rebuild (narrow() once, to the first step's width) before loading it, and then narrow on. A checkpoint that
+    # lost a weight is refused on resume, naming the key; the same config over rewritten soft labels (e.g.
+    # relabeled after a corpus fix) must not pick up that run's checkpoints at all.
     import os
     import shutil
 
+    import torch
     from safetensors.torch import load_file, save_file
 
     from kd_ray.plan import distill_plan
@@ -125,10 +111,17 @@ def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_star
 
     labels = tmp_path / "soft_labels"
     shutil.copytree(soft_labels, labels)
-    cfg = _distill_cfg(labels, tmp_path / "student", **{"train.epochs": 2})
+    cfg = _distill_cfg(labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
+                                                        "student.narrow_steps": 2, "train.epochs": 1})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
-    (checkpoint,) = [c for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()]
+    with failing_after_epoch(2, monkeypatch):
+        run_distill(cfg)
+
+    saved = {torch.load(c / "train_state.pt", weights_only=False)["epoch"]: c
+             for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()}
+    checkpoint = saved[max(saved)]  # the one a resume loads: after the first narrowing step
+    intact = (checkpoint / "model.safetensors").read_bytes()
     weights = load_file(checkpoint / "model.safetensors")
     key = next(k for k in weights if k.endswith("classifier.weight"))
     save_file({k: v for k, v in weights.items() if k != key}, checkpoint / "model.safetensors",
@@ -138,6 +131,12 @@ def test_a_checkpoint_missing_a_weight_is_refused_and_relabeled_soft_labels_star
     error = unwrap_user_error(err.value)
     assert isinstance(error, ModelError) and key in str(error) and "missing keys" in str(error), err.value
     assert not (tmp_path / "student").exists()
+    (checkpoint / "model.safetensors").write_bytes(intact)
+
+    run_distill(cfg)
+    history = read_run_info(str(tmp_path / "student"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == [0, 1, 2]
+    assert [h["ffn_size"] for h in history] == [64, 32, 16]
 
     # a run resumes the Ray Train run of its name, which the plan names, soft labels' files included
     (run,) = [d.name for d in (tmp_path / "ray_train").iterdir() if d.is_dir()]

@@ -1,5 +1,5 @@
-"""`kd-ray tune`: search-space errors before any trial, a whole search with tiny models, and a
-search killed midway then resumed without re-running finished trials."""
+"""`kd-ray tune`: search-space errors before any trial, and a whole search with tiny models killed midway
+then resumed without re-running finished trials."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import labeled_corpus
 from kd_ray.cli import main as cli_main
 from kd_ray.config import DistillConfig, TuneConfig, load_config
 from kd_ray.report import write_report
-from kd_ray.tune import run_tune, trial_starts
+from kd_ray.tune import trial_starts
 
 SPACE = {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
          "alpha": {"distribution": "uniform", "low": 0.2, "high": 1.0}}
@@ -66,15 +66,60 @@ def test_trials_in_ray_trains_local_mode_are_refused_by_field(tmp_path):
                                            "distill.train.num_workers": 0, "search.space": SPACE, "output": str(tmp_path)})
 
 
-@pytest.mark.slow
-def test_search_of_three_trials_writes_table_best_config_and_student(tmp_path, soft_labels):
+def _terminated_trials(experiment: Path) -> set[str]:
+    """Trials Tune's saved experiment state records as finished: what a restore will keep."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return set()
+    done = set()
+    for trial_json, _ in data["trial_data"]:
+        trial = json.loads(trial_json)
+        if trial["status"] == "TERMINATED":
+            done.add(f"trial_{trial['trial_id'].rsplit('_', 1)[-1]}")
+    return done
+
+
+@pytest.mark.fault
+def test_a_search_of_three_trials_killed_midway_resumes_and_writes_table_best_config_and_student(
+        tmp_path, soft_labels, ray_session):
+    """`kd-ray tune` with ASHA over 3 trials, SIGKILLed (no clean-up) once Tune's saved state records a trial
+    done, then the same command again: finished trials are kept, not run again, and the search ends with its
+    tables, best config, student and report as an uninterrupted one."""
     from transformers import AutoModelForSequenceClassification
 
     validation = labeled_corpus(tmp_path / "val", 120, seed=3)
-    cfg = load_config(TuneConfig, overrides=_overrides(soft_labels, validation, tmp_path / "tune"))
-    summary = run_tune(cfg)
-
     out = tmp_path / "tune"
+    # Both runs are drivers of their own in the session's Ray instance: killing one ends its job, and
+    # Ray frees everything the job held, as on a cluster when `ray job submit`'s driver dies.
+    overrides = _overrides(soft_labels, validation, out, **{
+        "ray.address": ray_session.get_runtime_context().gcs_address})
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
+    flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) or v is None else v}" for k, v in overrides.items()]
+    command = [sys.executable, "-m", "kd_ray.cli", "tune", "--config", str(config), *flags]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save Tune's state often, so a kill finds it recent
+    experiment = out / "experiment"
+
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 420
+    while not _terminated_trials(experiment) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    finished_before = _terminated_trials(experiment)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert len(finished_before) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "trials.csv").exists()  # it never got to the end
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+    summary = json.loads((out / "tune_summary.json").read_text())
+
     table = pd.read_csv(out / "trials.csv")
     epochs = pd.read_csv(out / "trial_epochs.csv")
     assert list(table["trial"]) == [f"trial_0000{i}" for i in range(3)]
@@ -85,14 +130,19 @@ def test_search_of_three_trials_writes_table_best_config_and_student(tmp_path, s
         ran = epochs[epochs["trial"] == row.trial]["epoch"].tolist()
         assert ran == list(range(1, row.epochs + 1))
         assert row.status == ("completed" if row.epochs == 2 else "stopped early")
-        assert row.starts == 1
     assert (table["status"] == "stopped early").sum() == summary["stopped_early"]
+    # the trial finished before the kill is kept, not run again; at most the one running then starts twice
+    starts = trial_starts(out)
+    assert set(starts) == set(table["trial"])
+    for trial in finished_before:
+        assert starts[trial] == 1 and table.loc[table["trial"] == trial, "starts"].item() == 1
+    assert sum(starts.values()) <= 3 + 1
     completed = table[table["status"] == "completed"]
     assert summary["best_value"] == pytest.approx(completed["val_macro_recall"].max())
     best = table[table["trial"] == summary["best_trial"]].iloc[0]
 
     # one Ray Train run per trial, all reading the same soft labels
-    assert len(list((out / "ray_train").glob("trial-*"))) == 3
+    assert len(list((out / "ray_train").glob("trial-*"))) == 3  # a restarted trial resumes its own
     best_cfg = load_config(DistillConfig, out / "best_config.yaml")
     assert best_cfg.loss.temperature == pytest.approx(best["temperature"])
     assert best_cfg.loss.alpha == pytest.approx(best["alpha"])
@@ -113,64 +163,6 @@ def test_search_of_three_trials_writes_table_best_config_and_student(tmp_path, s
     assert page.count("src='data:image/png;base64,") == 2
     assert f"Best of 3 trials: <b>val_macro_recall {summary['best_value']:.4f}</b>" in page
     assert "No evaluation in this run folder" in page
-
-
-def _terminated_trials(experiment: Path) -> set[str]:
-    """Trials Tune's saved experiment state records as finished: what a restore will keep."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
-    if not states:
-        return set()
-    try:
-        data = json.loads(states[-1].read_text())
-    except json.JSONDecodeError:  # caught mid-write
-        return set()
-    done = set()
-    for trial_json, _ in data["trial_data"]:
-        trial = json.loads(trial_json)
-        if trial["status"] == "TERMINATED":
-            done.add(f"trial_{trial['trial_id'].rsplit('_', 1)[-1]}")
-    return done
-
-
-@pytest.mark.fault
-def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path, soft_labels, ray_session):
-    validation = labeled_corpus(tmp_path / "val", 120, seed=3)
-    # Both runs are drivers of their own in the session's Ray instance: killing one ends its job, and
-    # Ray frees everything the job held, as on a cluster when `ray job submit`'s driver dies.
-    overrides = _overrides(soft_labels, validation, tmp_path / "tune", **{
-        "distill.train.epochs": 1, "search.scheduler": "fifo", "search.num_samples": 2,
-        "ray.address": ray_session.get_runtime_context().gcs_address})
-    config = tmp_path / "tune.yaml"
-    config.write_text(yaml.safe_dump({"search": {"space": SPACE}}))
-    flags = [f"--{k}={json.dumps(v) if isinstance(v, dict) or v is None else v}" for k, v in overrides.items()]
-    command = [sys.executable, "-m", "kd_ray.cli", "tune", "--config", str(config), *flags]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # save Tune's state often, so a kill finds it recent
-    experiment = tmp_path / "tune" / "experiment"
-
-    # First run: killed (SIGKILL, no clean-up) once Tune's saved state records a trial done.
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 420
-    while not _terminated_trials(experiment) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    finished_before = _terminated_trials(experiment)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert len(finished_before) == 1, (tmp_path / "first.log").read_text()[-3000:]
-    assert not (tmp_path / "tune" / "trials.csv").exists()  # it never got to the end
-
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the search" in second.stdout
-
-    table = pd.read_csv(tmp_path / "tune" / "trials.csv")
-    assert len(table) == 2 and (table["status"] == "completed").all()
-    starts = trial_starts(tmp_path / "tune")
-    assert set(starts) == set(table["trial"])
-    for trial in finished_before:  # kept, not run again
-        assert starts[trial] == 1 and table.loc[table["trial"] == trial, "starts"].item() == 1
-    assert sum(starts.values()) <= 2 + (2 - len(finished_before))  # at most the unfinished one started twice
-    assert (tmp_path / "tune" / "student" / "model.safetensors").is_file()
 
 
 def test_a_search_saved_before_a_config_field_existed_still_matches_its_config(tmp_path):
