@@ -71,34 +71,6 @@ def corpus(tmp_path_factory):
 RESUME = {"corpus.id_column": "id", "compute.block_rows": 250, "output.rows_per_file": 400}
 
 
-@pytest.mark.slow
-def test_rerun_after_an_interruption_keeps_committed_files_and_labels_only_the_rest(
-        capsys, ray_session, teacher, corpus, tmp_path):  # noqa: F811
-    root, ids = corpus
-    out = tmp_path / "labels"
-    first = run_label(label_cfg(root, teacher, out, **RESUME))
-    before = read_parts(out)
-    kept = as_interrupted(out, drop_parts=3)
-    kept_rows = sum(pq.read_metadata(out / name).num_rows for name in kept)
-    assert 0 < kept_rows < 3_000
-
-    capsys.readouterr()
-    summary = run_label(label_cfg(root, teacher, out, **RESUME))
-    assert f"resuming: {out} holds {kept_rows} rows in {len(kept)} committed files" in capsys.readouterr().out
-    assert summary.kept_rows == kept_rows and summary.rows == 3_000 == first.rows
-    assert f"resumed: {kept_rows} rows kept from the interrupted run, {3_000 - kept_rows} done now" in summary.line()
-    assert sorted(ids_of(out)) == sorted(ids)  # every row exactly once
-    assert {n: t for n, t in part_files(out).items() if n in kept} == kept  # committed files untouched
-    assert not list(out.glob(".tmp-*")) and not (out / RUN_STATE).exists()
-    manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["rows"] == 3_000 and manifest["kept_rows"] == kept_rows
-    assert sorted(manifest["files"]) == sorted(part_files(out))
-    # the rows labeled again got the same logits as the first time
-    again = read_parts(out).sort_by("id")
-    np.testing.assert_allclose(np.array(again.column("teacher_logits").to_pylist()),
-                               np.array(before.sort_by("id").column("teacher_logits").to_pylist()), atol=1e-5)
-
-
 @pytest.fixture(scope="module")
 def split_corpus(tmp_path_factory):
     """One JSON Lines file of 4,000 posts (no ids: derived from byte offsets), read as >= 4 byte ranges."""
@@ -113,10 +85,10 @@ SPLIT = {"corpus.split_bytes": 32 << 10, "compute.block_rows": 250, "output.rows
 
 
 @pytest.mark.slow
-def test_a_split_file_resumes_with_each_ranges_committed_rows_read_by_that_range_alone(
+def test_a_split_file_resumes_by_range_and_a_row_written_twice_is_found_by_its_shards_check(
         capsys, ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
     from kd_ray.corpus import list_shards
-    from kd_ray.label import build_metadata, read_parts
+    from kd_ray.label import _duplicate_ids, build_metadata, read_parts
 
     root, ids = split_corpus
     out = tmp_path / "labels"
@@ -141,22 +113,10 @@ def test_a_split_file_resumes_with_each_ranges_committed_rows_read_by_that_range
     assert sorted(ids_of(out)) == sorted(ids)  # every line exactly once
     assert {n: t for n, t in part_files(out).items() if n in kept} == kept  # committed files untouched
 
-
-@pytest.mark.slow
-def test_a_row_written_twice_is_found_by_its_shards_check(ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
-    """A part file copied under another name (what a retried write with other blocks would leave):
-    the per-shard check names the duplicated ids and the run is not committed."""
-    import shutil
-
-    from kd_ray.label import _duplicate_ids, build_metadata, read_parts
-
-    root, _ = split_corpus
-    out = tmp_path / "labels"
-    cfg = label_cfg(root, teacher, out, **SPLIT)
-    run_label(cfg)
+    # A part file copied under another name (what a retried write with other blocks would leave): the
+    # per-shard check names the duplicated ids, so such a run is not committed.
     assert _duplicate_ids(read_parts(str(out), build_metadata(cfg)), None) == []
-    first = sorted(out.glob("part-*.parquet"))[0]
-    shutil.copy(first, out / "part-99999-0000000000000000.parquet")
+    shutil.copy(sorted(out.glob("part-*.parquet"))[0], out / "part-99999-0000000000000000.parquet")
     problems = _duplicate_ids(read_parts(str(out), build_metadata(cfg)), None)
     assert problems and all("appears more than once (2 rows)" in p for p in problems)
 
@@ -192,14 +152,36 @@ def test_an_unfinished_run_of_the_row_number_id_scheme_is_not_resumed(ray_sessio
 
 
 @pytest.mark.slow
-def test_a_corpus_that_changed_since_the_interruption_fails_and_is_not_resumed_again(
-        ray_session, teacher, corpus, tmp_path):  # noqa: F811
-    root, _ = corpus
+def test_a_rerun_after_an_interruption_labels_only_the_rest_unless_the_corpus_changed_since(
+        capsys, ray_session, teacher, corpus, tmp_path):  # noqa: F811
+    root, ids = corpus
     changed = shutil.copytree(root, tmp_path / "corpus")
     out = tmp_path / "labels"
-    run_label(label_cfg(changed, teacher, out, **RESUME))
+    first = run_label(label_cfg(changed, teacher, out, **RESUME))
+    before = read_parts(out)
+    kept = as_interrupted(out, drop_parts=3)
+    kept_rows = sum(pq.read_metadata(out / name).num_rows for name in kept)
+    assert 0 < kept_rows < 3_000
+
+    capsys.readouterr()
+    summary = run_label(label_cfg(changed, teacher, out, **RESUME))
+    assert f"resuming: {out} holds {kept_rows} rows in {len(kept)} committed files" in capsys.readouterr().out
+    assert summary.kept_rows == kept_rows and summary.rows == 3_000 == first.rows
+    assert f"resumed: {kept_rows} rows kept from the interrupted run, {3_000 - kept_rows} done now" in summary.line()
+    assert sorted(ids_of(out)) == sorted(ids)  # every row exactly once
+    assert {n: t for n, t in part_files(out).items() if n in kept} == kept  # committed files untouched
+    assert not list(out.glob(".tmp-*")) and not (out / RUN_STATE).exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["rows"] == 3_000 and manifest["kept_rows"] == kept_rows
+    assert sorted(manifest["files"]) == sorted(part_files(out))
+    # the rows labeled again got the same logits as the first time
+    again = read_parts(out).sort_by("id")
+    np.testing.assert_allclose(np.array(again.column("teacher_logits").to_pylist()),
+                               np.array(before.sort_by("id").column("teacher_logits").to_pylist()), atol=1e-5)
+
+    # interrupted again, and a file whose rows were committed is gone before the rerun
     as_interrupted(out, drop_parts=1)
-    (changed / "posts-0.parquet").unlink()  # rows committed from this file are no longer in the corpus
+    (changed / "posts-0.parquet").unlink()
     with pytest.raises(SoftLabelError, match=r"the corpus gave \d+ rows whose ids the interrupted run committed, "
                                              r"which committed \d+: the corpus changed since, or its ids are not unique"):
         run_label(label_cfg(changed, teacher, out, **RESUME))

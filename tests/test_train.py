@@ -47,41 +47,6 @@ def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_two_workers_split_the_data_and_keep_best_exports_the_best_narrow_epoch_as_a_plain_narrow_model(tmp_path,
-                                                                                                       soft_labels):
-    import filecmp
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    cfg = _distill_cfg(soft_labels, tmp_path / "student", **{
-        "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 2, "train.epochs": 2,
-        "train.num_workers": 2, "train.num_cpus_per_worker": 0.25, "train.keep": "best", "train.learning_rate": 3e-3,
-        "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
-    run_distill(cfg)
-    info = read_run_info(str(tmp_path / "student"))
-    history = info["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the whole run's history, whichever epoch is kept
-    assert [h["ffn_size"] for h in history] == [64, 32, 16, 16]
-    assert all("val_macro_recall" in h for h in history)
-    # rank 0's rows: half of the 800, not all of them (an equal split may drop num_workers - 1 rows)
-    assert all(399 <= h["rows"] <= 400 for h in history), [h["rows"] for h in history]
-    assert history[0]["keep_score"] == history[1]["keep_score"] == -1.0  # wide or half-narrowed: never the student
-    narrow = [h for h in history if h["ffn_size"] == 16]
-    best = max(narrow, key=lambda h: (h["val_macro_recall"], -h["epoch"]))
-    assert info["exported_epoch"] == best["epoch"]
-    # the exported weights are that epoch's checkpoint, which Ray Train kept besides the latest
-    kept = {torch.load(c / "train_state.pt", weights_only=False)["epoch"]: c
-            for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()}
-    assert best["epoch"] in kept and 4 in kept
-    assert filecmp.cmp(kept[best["epoch"]] / "model.safetensors", tmp_path / "student" / "model.safetensors",
-                       shallow=False)
-    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")  # a plain narrow model
-    assert student.config.intermediate_size == 16
-    assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("keep, validation", [("last", True), ("auto", False), ("auto", True)])
 def test_keep_last_or_auto_without_validation_or_workers_exports_the_last_epoch(tmp_path, soft_labels, keep,
                                                                                 validation):
@@ -93,34 +58,41 @@ def test_keep_last_or_auto_without_validation_or_workers_exports_the_last_epoch(
 
 
 @pytest.mark.slow
-def test_a_narrowed_student_stopped_before_and_after_a_narrowing_step_resumes_at_its_width_unless_a_weight_is_lost(
+def test_a_narrowed_student_resumes_at_its_width_refuses_a_lost_weight_and_exports_the_best_narrow_epoch(
         tmp_path, soft_labels, monkeypatch):
-    # one wide epoch, then two narrowing steps (64 -> 32 -> 16). Stopped after the wide epoch: resumes wide and
-    # narrows; stopped again after the first step: the checkpoint holds a narrowed model, which the resumed run must
-    # rebuild (narrow() once, to the first step's width) before loading it, and then narrow on. A checkpoint that
-    # lost a weight is refused on resume, naming the key; the same config over rewritten soft labels (e.g.
-    # relabeled after a corpus fix) must not pick up that run's checkpoints at all.
+    """One wide epoch, then two narrowing steps (64 -> 32 -> 16), then one more epoch at 16. Stopped after the wide epoch: resumes wide and narrows; stopped again after the first step:
+    the checkpoint holds a narrowed model, which the resumed run must rebuild (narrow() once, to the first
+    step's width) before loading it, and then narrow on. A checkpoint that lost a weight is refused on resume,
+    naming the key. keep: best exports the best narrow epoch, which Ray Train kept beside the latest across the
+    restarts, as a plain narrow model. The same config over rewritten soft labels (e.g. relabeled after a
+    corpus fix) must not pick up that run's checkpoints at all."""
+    import filecmp
     import os
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
 
     from kd_ray.plan import distill_plan
     from kd_ray.train import run_name
 
     labels = tmp_path / "soft_labels"
     shutil.copytree(soft_labels, labels)
-    cfg = _distill_cfg(labels, tmp_path / "student", **{"student.ffn_size": 16, "student.wide_epochs": 1,
-                                                        "student.narrow_steps": 2, "train.epochs": 1})
+    cfg = _distill_cfg(labels, tmp_path / "student", **{
+        "student.ffn_size": 16, "student.wide_epochs": 1, "student.narrow_steps": 2, "train.epochs": 2,
+        "train.keep": "best", "train.learning_rate": 3e-3,
+        "validation.path": str(labeled_corpus(tmp_path / "val", 100))})
     with failing_after_epoch(1, monkeypatch):
         run_distill(cfg)
     with failing_after_epoch(2, monkeypatch):
         run_distill(cfg)
 
-    saved = {torch.load(c / "train_state.pt", weights_only=False)["epoch"]: c
-             for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()}
-    checkpoint = saved[max(saved)]  # the one a resume loads: after the first narrowing step
+    def checkpoints() -> dict:
+        return {torch.load(c / "train_state.pt", weights_only=False)["epoch"]: c
+                for c in (tmp_path / "ray_train").glob("*/checkpoint_*") if (c / "train_state.pt").is_file()}
+
+    checkpoint = checkpoints()[2]  # the one a resume loads: after the first narrowing step
     intact = (checkpoint / "model.safetensors").read_bytes()
     weights = load_file(checkpoint / "model.safetensors")
     key = next(k for k in weights if k.endswith("classifier.weight"))
@@ -134,9 +106,23 @@ def test_a_narrowed_student_stopped_before_and_after_a_narrowing_step_resumes_at
     (checkpoint / "model.safetensors").write_bytes(intact)
 
     run_distill(cfg)
-    history = read_run_info(str(tmp_path / "student"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["resumed_from_epoch"] for h in history] == [0, 1, 2]
-    assert [h["ffn_size"] for h in history] == [64, 32, 16]
+    info = read_run_info(str(tmp_path / "student"))
+    history = info["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the whole run's history, whichever epoch is kept
+    assert [h["resumed_from_epoch"] for h in history] == [0, 1, 2, 2]
+    assert [h["ffn_size"] for h in history] == [64, 32, 16, 16]
+    assert all("val_macro_recall" in h for h in history)
+    assert all(h["rows"] == 800 for h in history)  # one worker: every row (two split them: test_reproducible.py)
+    assert history[0]["keep_score"] == history[1]["keep_score"] == -1.0  # wide or half-narrowed: never the student
+    best = max(history[2:], key=lambda h: (h["val_macro_recall"], -h["epoch"]))
+    assert info["exported_epoch"] == best["epoch"]
+    kept = checkpoints()
+    assert best["epoch"] in kept and 4 in kept
+    assert filecmp.cmp(kept[best["epoch"]] / "model.safetensors", tmp_path / "student" / "model.safetensors",
+                       shallow=False)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")  # a plain narrow model
+    assert student.config.intermediate_size == 16
+    assert student.bert.encoder.layer[0].intermediate.dense.weight.shape == (16, 32)
 
     # a run resumes the Ray Train run of its name, which the plan names, soft labels' files included
     (run,) = [d.name for d in (tmp_path / "ray_train").iterdir() if d.is_dir()]
