@@ -729,17 +729,32 @@ class ExportConfig(Section):
 
     model: str = Field(description="Model folder to export: a kd-ray student (multi-task too) or any sequence "
         "classifier folder.")
-    output: str = Field(description="Folder for model.onnx, model.int8.onnx, the tokenizer, config.json (the labels) "
-        "and export.json (the parity check).")
+    output: str = Field(description="Folder for model.onnx, model.int8.onnx, the tokenizer, config.json (the labels), "
+        "export.json (the parity check, the optimizer's fusions, the int8 candidates) and, with trim_vocab, trimmed/.")
     parity: CorpusConfig = Field(description="Held-out texts the ONNX files are compared with the PyTorch model on "
         "(e.g. the test split; gold labels are not read).")
     parity_rows: int = Field(1000, ge=1, description="Texts of `parity` compared, the first ones.")
     quantize: bool = Field(True, description="Also write model.int8.onnx: onnxruntime's dynamic 8-bit quantization "
-        "of the linear layers' weights (uint8, a scale per output channel; activations quantized at run time).")
+        "of the weights (activations quantized at run time), in the setting (uint8 or int8 weights, a scale per "
+        "output channel or per tensor) that runs fastest on this CPU among those meeting min_agreement on the parity "
+        "texts.")
     min_agreement: float = Field(0.99, ge=0, le=1, description="Fail the export when a file predicts PyTorch's "
         "class on a smaller share of the parity texts than this.")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text in the parity check.")
     opset: int = Field(17, ge=14, le=23, description="ONNX opset of the exported graph.")
+    trim_vocab: bool = Field(False, description="Also write trimmed/: the model with only the vocabulary trim_corpus "
+        "uses (special tokens and one-character pieces kept; embedding rows sliced), as an HF folder (fp32) with its "
+        "ONNX files, checked against the untrimmed model on the parity texts. WordPiece and BPE tokenizers only.")
+    trim_corpus: CorpusConfig | None = Field(None, description="Texts whose tokens trim_vocab keeps (e.g. the soft "
+        "labels' folder: its text column). null: the soft labels the model was distilled from, found as the run's "
+        "soft_labels/ folder beside the model.")
+
+    @model_validator(mode="after")
+    def _trim_corpus_needs_trim_vocab(self) -> ExportConfig:
+        if self.trim_corpus is not None and not self.trim_vocab:
+            raise ValueError("export.trim_corpus is set but export.trim_vocab is false: set trim_vocab true to trim "
+                             "the vocabulary to it, or remove trim_corpus")
+        return self
 
 
 class PipelineTeacherConfig(Section):
