@@ -17,7 +17,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from kd_ray.config import DistillConfig, load_config
-    from kd_ray.train import read_run_info, run_distill
+    from kd_ray.stages.train import read_run_info, run_distill
 
     parser = argparse.ArgumentParser()
     parser.add_argument("soft_labels")

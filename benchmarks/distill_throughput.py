@@ -33,10 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_ray.config import DistillConfig, load_config  # noqa: E402
-from kd_ray.train import read_run_info  # noqa: E402
+from kd_ray.config import DistillConfig, load_config
+from kd_ray.stages.train import read_run_info
 
 VARIANTS = {"plain": None, "plain, fused AdamW": "fused", "kd-ray 1 worker": (1, True), "kd-ray 2 workers": (2, True),
             "kd-ray 1 worker, no grouping": (1, False), "kd-ray 2 workers, no grouping": (2, False)}
@@ -56,9 +54,9 @@ def plain_main(argv: list[str]) -> None:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from kd_ray.losses import compute_loss
-    from kd_ray.models import build_student
-    from kd_ray.soft_labels import read_soft_label_info
+    from kd_ray.data.soft_labels import read_soft_label_info
+    from kd_ray.models.loading import build_student
+    from kd_ray.models.losses import compute_loss
 
     cfg = load_config(DistillConfig, args.config)
     torch.set_num_threads(args.cores)
@@ -135,7 +133,7 @@ def run_variant(name: str, args, base: DistillConfig, work: Path, run: int) -> d
 def test_quality(runs: dict, base: DistillConfig, test: str) -> dict:
     """Test macro-recall of each kd-ray variant's last student (one epoch): grouping must not cost quality."""
     from kd_ray.config import EvalArgs, EvalSetConfig
-    from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
+    from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models, metrics_report
 
     students = {name: rs[-1]["output"] for name, rs in runs.items() if "output" in rs[-1]}
     teacher = read_run_info(next(iter(students.values())))["plan"]["tasks"][0]["teacher_model"]

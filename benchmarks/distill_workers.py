@@ -4,7 +4,7 @@
         --test data/vader/test.csv --seeds 0 1 --out benchmarks/results/distill_workers.json
 
 Runs `kd-ray distill` for each (workers, seed), alternating worker counts, then scores every
-student on the test set with `kd_ray.evaluate`. Data parallelism should not change quality
+student on the test set with `kd_ray.stages.evaluate`. Data parallelism should not change quality
 beyond seed noise; the table shows both.
 """
 
@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 
 from kd_ray.config import DistillConfig, EvalArgs, EvalSetConfig, load_config
-from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
-from kd_ray.train import read_run_info, run_distill
+from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models, metrics_report
+from kd_ray.stages.train import read_run_info, run_distill
 
 
 def main() -> None:

@@ -40,13 +40,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_ray.config import ExportConfig  # noqa: E402
-from kd_ray.errors import ModelError  # noqa: E402
-from kd_ray.export import FILES, REPORT, TRIMMED, cpu_has_vnni, run_export  # noqa: E402
-from kd_ray.metrics import classification_metrics  # noqa: E402
-from kd_ray.normalize import normalize_post  # noqa: E402
+from kd_ray.config import ExportConfig
+from kd_ray.data.normalize import normalize_post
+from kd_ray.errors import ModelError
+from kd_ray.models.metrics import classification_metrics
+from kd_ray.stages.export import FILES, REPORT, TRIMMED, cpu_has_vnni, run_export
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from label_memory import write_corpus  # benchmarks/ is on sys.path when a script there runs
+# a script's own folder (benchmarks/) is on sys.path when it runs
+from label_memory import write_corpus
 from label_scale import tiny_teacher
 
 
@@ -35,7 +36,7 @@ def label_command(corpus: Path, teacher: Path, out: Path, cores: int) -> list[st
 def label_in_this_process(corpus: str, teacher: str, out: str, cores: str) -> None:
     """The driver of one `kd-ray label` run; prints its peak RSS last, as JSON."""
     from kd_ray.config import LabelConfig, load_config
-    from kd_ray.label import run_label
+    from kd_ray.stages.label import run_label
 
     cfg = load_config(LabelConfig, overrides={
         "corpus.path": corpus, "teachers.0.model": teacher, "output.path": out,

@@ -27,7 +27,9 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-from label_scale import tiny_teacher  # benchmarks/ is on sys.path when a script there runs
+
+# a script's own folder (benchmarks/) is on sys.path when it runs
+from label_scale import tiny_teacher
 
 WORDS = ("the flight was late again and my bag is lost great crew thanks for the upgrade worst service ever "
          "seat food delayed gate agent helpful rude customer phone hold hours cancelled refund miles boarding "

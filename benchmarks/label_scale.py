@@ -322,8 +322,8 @@ def shard_peaks(path: Path) -> list[dict]:
     import pyarrow as pa
 
     from kd_ray.config import CorpusConfig
-    from kd_ray.corpus import list_shards
-    from kd_ray.ray_data import _read_shards_udf
+    from kd_ray.data.corpus import list_shards
+    from kd_ray.data.ray_data import _read_shards_udf
 
     def anon() -> int:
         return rollup(os.getpid()).get("Anonymous", 0)
@@ -353,8 +353,8 @@ def read_pipeline_main(args) -> None:
     import ray
 
     from kd_ray.config import CorpusConfig
-    from kd_ray.label import READ_TASK_CPUS
-    from kd_ray.ray_data import corpus_dataset
+    from kd_ray.data.ray_data import corpus_dataset
+    from kd_ray.stages.label import READ_TASK_CPUS
 
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     split = None if args.split_bytes == 0 else args.split_bytes

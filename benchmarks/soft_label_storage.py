@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,9 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_ray.soft_labels import logits_column, parquet_writer, read_soft_label_info, soft_label_schema  # noqa: E402
+from kd_ray.data.soft_labels import (
+    logits_column,
+    parquet_writer,
+    read_soft_label_info,
+    soft_label_schema,
+)
 
 
 def column_bytes(path: Path) -> dict[str, int]:

@@ -53,13 +53,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from quality import compare, tfidf_row, timed_stage, write_splits
 
-from kd_ray.config import DistillConfig, FinetuneConfig, LabelConfig, load_config  # noqa: E402
-from quality import compare, timed_stage, tfidf_row, write_splits  # noqa: E402
+from kd_ray.config import DistillConfig, FinetuneConfig, LabelConfig, load_config
 
 MPNET = ROOT / "data" / "models" / "all-mpnet-base-v2"
 MINILM = ROOT / "data" / "models" / "all-MiniLM-L6-v2"
@@ -144,8 +142,8 @@ def distill(data: Path, labels: Path, out: Path, seed: int, update: dict) -> Dis
 
 def run_seed(data: Path, out: Path, seed: int, args) -> dict:
     from kd_ray.config import EvalArgs, EvalSetConfig
-    from kd_ray.label import run_label
-    from kd_ray.train import run_distill, run_finetune
+    from kd_ray.stages.label import run_label
+    from kd_ray.stages.train import run_distill, run_finetune
 
     run, timings = out / f"seed{seed}", {}
     timed_stage("teacher", run / "teacher", run_finetune, finetune(data, MPNET, run / "teacher", seed, 3e-5), timings)

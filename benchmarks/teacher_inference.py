@@ -9,7 +9,7 @@ measured by the labeling benchmark), so it also runs where only torch and transf
 Labeling (same texts, batch size and max length; A/B runs alternate, medians of --repeats):
   plain-fp32   a transformers loop in corpus order, tokenizer(batch, padding=True), fp32
   plain-amp    the same under bf16 autocast (GPU only): the fair GPU baseline
-  kd-ray       kd_ray.teacher.TeacherLabeler over Arrow blocks of --block-rows rows: texts
+  kd-ray       kd_ray.models.teacher.TeacherLabeler over Arrow blocks of --block-rows rows: texts
                sorted by token length inside each block, bf16 autocast on GPU, fp32 on CPU
 Reported: rows/s, real tokens/s, padding efficiency (real / padded tokens), and useful FLOP/s
 (the model's FLOPs on the real tokens) as a fraction of a matmul peak measured in the same run.
@@ -35,10 +35,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_ray.config import TeacherConfig  # noqa: E402
-from kd_ray.teacher import TeacherLabeler  # noqa: E402
+from kd_ray.config import TeacherConfig
+from kd_ray.models.teacher import TeacherLabeler
 
 LABELS = 3
 
@@ -86,8 +84,8 @@ def flops_per_sequence(config, length: np.ndarray) -> np.ndarray:
 def padding_efficiency(lengths: np.ndarray, batch_size: int, block_rows: int | None,
                        batch_tokens: int | None = None) -> float:
     """Real tokens / padded tokens when batches are cut in corpus order (block_rows None) or,
-    as kd-ray does, from each block sorted by length (kd_ray.inference.length_groups)."""
-    from kd_ray.inference import length_groups
+    as kd-ray does, from each block sorted by length (kd_ray.models.inference.length_groups)."""
+    from kd_ray.models.inference import length_groups
 
     if block_rows is None:
         return float(lengths.sum() / sum(b.max() * len(b) for b in np.array_split(

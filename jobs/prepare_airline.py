@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from kd_ray.normalize import normalize_post  # noqa: E402
+from kd_ray.data.normalize import normalize_post  # noqa: E402
 
 SENTIMENTS = ["negative", "neutral", "positive"]
 REASONS = ["Bad Flight", "Can't Tell", "Cancelled Flight", "Customer Service Issue", "Damaged Luggage",

@@ -23,20 +23,20 @@ from kd_ray.errors import unwrap_user_error
 # subcommand -> (module with ENTRY_POINTS, config model in kd_ray.config or None, one-line help). Only
 # kd_ray.config is imported to build the parser: `kd-ray --help` does not load Ray, torch or a stage.
 STAGES: dict[str, tuple[str, str | None, str]] = {
-    "label": ("kd_ray.label", "LabelConfig",
+    "label": ("kd_ray.stages.label", "LabelConfig",
               "Run teacher model(s) over a corpus with Ray Data; write raw logits as Parquet."),
-    "finetune": ("kd_ray.train", "FinetuneConfig",
+    "finetune": ("kd_ray.stages.train", "FinetuneConfig",
                  "Fine-tune a teacher classifier on gold labels with Ray Train + Accelerate."),
-    "distill": ("kd_ray.train", "DistillConfig", "Train a small student on soft labels with Ray Train + Accelerate."),
-    "tune": ("kd_ray.tune", "TuneConfig",
+    "distill": ("kd_ray.stages.train", "DistillConfig", "Train a small student on soft labels with Ray Train + Accelerate."),
+    "tune": ("kd_ray.stages.tune", "TuneConfig",
              "Search temperature, alpha and learning rate with Ray Tune (ASHA), one Train run per trial."),
-    "evaluate": ("kd_ray.evaluate", "EvaluateConfig",
+    "evaluate": ("kd_ray.stages.evaluate", "EvaluateConfig",
                  "Compare teacher and student on a held-out labeled set; write metrics.json."),
-    "run": ("kd_ray.pipeline", "PipelineConfig", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
-    "export": ("kd_ray.export", "ExportConfig",
+    "run": ("kd_ray.stages.pipeline", "PipelineConfig", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
+    "export": ("kd_ray.stages.export", "ExportConfig",
                "Export a trained model to ONNX (and int8) with its tokenizer and labels; check it against PyTorch."),
-    "report": ("kd_ray.report", None, "Write an HTML page with plots (and the plots as PNG) for a run folder."),
-    "validate": ("kd_ray.soft_labels", None, "Check a soft-label folder: schema, metadata, ids, finite logits."),
+    "report": ("kd_ray.stages.report", None, "Write an HTML page with plots (and the plots as PNG) for a run folder."),
+    "validate": ("kd_ray.data.soft_labels", None, "Check a soft-label folder: schema, metadata, ids, finite logits."),
 }
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -176,7 +183,7 @@ class LabelOutputConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Perturbed copies of the posts the teacher labels (kd_ray.augment): more transfer text where the
+    """Perturbed copies of the posts the teacher labels (kd_ray.data.augment): more transfer text where the
     corpus is small. The copies carry no gold; only the teacher's soft labels train on them."""
 
     copies: int = Field(0, ge=0, le=64, description="Perturbed copies of every post (0: none). Each is labeled by "

@@ -36,8 +36,19 @@ def random_posts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 30)
 def build_tiny_classifier(folder: Path, *, num_layers: int = 2, labels=LABELS, seed: int = 0) -> Path:
     """A 2-layer BERT sequence classifier with a WordPiece tokenizer trained on a few lines."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -85,12 +96,12 @@ def ray_session():
 def failing_after_epoch(epoch: int, monkeypatch):
     """Every training worker crashes right after reporting ``epoch``'s checkpoint.
 
-    The fault is injected from here, not from kd-ray: kd_ray.train's per-worker loop is wrapped in a closure,
+    The fault is injected from here, not from kd-ray: kd_ray.stages.train's per-worker loop is wrapped in a closure,
     which Ray pickles by value and runs on every worker, and which makes ``ray.train.report`` raise once
     that epoch's checkpoint is persisted."""
-    import kd_ray.train
+    import kd_ray.stages.train
 
-    loop = kd_ray.train.train_loop_per_worker
+    loop = kd_ray.stages.train.train_loop_per_worker
 
     def crashing_loop(config):
         import ray.train
@@ -105,10 +116,10 @@ def failing_after_epoch(epoch: int, monkeypatch):
         ray.train.report = report_then_crash
         loop(config)
 
-    monkeypatch.setattr(kd_ray.train, "train_loop_per_worker", crashing_loop)
+    monkeypatch.setattr(kd_ray.stages.train, "train_loop_per_worker", crashing_loop)
     with pytest.raises(Exception, match=f"stopping after epoch {epoch}"):
         yield
-    monkeypatch.setattr(kd_ray.train, "train_loop_per_worker", loop)
+    monkeypatch.setattr(kd_ray.stages.train, "train_loop_per_worker", loop)
 
 
 def labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
@@ -128,7 +139,7 @@ def labeled_corpus(folder: Path, n: int, seed: int = 0) -> Path:
 def label_folder(root: Path, teacher: Path, *, unlabeled_rows: int = 400, **overrides) -> Path:
     """400 labeled rows + ``unlabeled_rows`` without gold, labeled by ``teacher`` into root/labels."""
     from kd_ray.config import LabelConfig, load_config
-    from kd_ray.label import run_label
+    from kd_ray.stages.label import run_label
 
     labeled = labeled_corpus(root / "corpus", 400)
     unlabeled = root / "corpus" / "unlabeled.txt"

@@ -11,15 +11,15 @@ import pytest
 from conftest import labeled_corpus, random_posts
 from test_label import direct_logits
 
-from kd_ray.augment import SEPARATOR, augment_table
 from kd_ray.config import AugmentConfig, LabelConfig, PipelineConfig, load_config
+from kd_ray.data.augment import SEPARATOR, augment_table
+from kd_ray.data.soft_labels import METADATA_KEY
 from kd_ray.errors import CorpusError
-from kd_ray.label import run_label
-from kd_ray.soft_labels import METADATA_KEY
+from kd_ray.stages.label import run_label
 
 
 def corpus_rows(n: int) -> pa.Table:
-    """Rows as kd_ray.corpus reads them, with one rejected row and one task label column."""
+    """Rows as kd_ray.data.corpus reads them, with one rejected row and one task label column."""
     texts = random_posts(n, seed=3, min_words=4)
     reasons = [None] * n
     reasons[1] = "empty text"
@@ -88,7 +88,7 @@ def test_bad_augment_settings_are_refused(fields, message):
 
 
 def test_pipeline_passes_augment_to_its_label_stage(tmp_path):
-    from kd_ray.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stage_configs
 
     cfg = load_config(PipelineConfig, overrides={
         "output": str(tmp_path / "run"), "labels": ["negative", "neutral", "positive"],

@@ -36,8 +36,8 @@ from conftest import random_posts
 
 from kd_ray.cli import main
 from kd_ray.config import LabelConfig, load_config
-from kd_ray.label import run_label
-from kd_ray.soft_labels import MANIFEST
+from kd_ray.data.soft_labels import MANIFEST
+from kd_ray.stages.label import run_label
 
 pytestmark = pytest.mark.cluster
 

@@ -107,7 +107,7 @@ PIPELINE = {"output": "o", "labels": ["a", "b"], "teacher.base_model": "m", "dat
 ])
 def test_pipeline_transfer_set_is_read_like_the_labeled_set_and_without_gold(override, expected):
     from kd_ray.config import PipelineConfig
-    from kd_ray.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stage_configs
 
     with pytest.raises(ConfigError, match=expected):
         load_config(PipelineConfig, overrides={**PIPELINE, **override})
@@ -167,7 +167,7 @@ def test_cli_config_errors_exit_2_with_the_message(capsys, argv, expected):
 
 def _stage_of(path: Path) -> str:
     """Stage of a shipped YAML: its file name starts with the stage or its module (label-demo.yaml,
-    pipeline-gpu.yaml for `run` in kd_ray.pipeline), else a top-level `stage:` key says it."""
+    pipeline-gpu.yaml for `run` in kd_ray.stages.pipeline), else a top-level `stage:` key says it."""
     prefixes = {stage: stage for stage in STAGES}
     modules = [module.rsplit(".", 1)[-1] for module, _, _ in STAGES.values()]
     prefixes.update({m: stage for stage, (module, _, _) in STAGES.items()
@@ -238,7 +238,7 @@ def test_help_imports_only_the_config_models():
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        main(argv)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'transformers', 'pyarrow')"
-            " or m in ('kd_ray.train', 'kd_ray.pipeline', 'kd_ray.label')))")
+            " or m in ('kd_ray.stages.train', 'kd_ray.stages.pipeline', 'kd_ray.stages.label')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

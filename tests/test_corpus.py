@@ -1,4 +1,4 @@
-"""Reading corpora without Ray: kd_ray.corpus.list_shards and read_shard on files built in tmp_path."""
+"""Reading corpora without Ray: kd_ray.data.corpus.list_shards and read_shard on files built in tmp_path."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kd_ray.config import CorpusConfig
-from kd_ray.corpus import ROW_SCHEMA, estimated_rows, list_shards, read_shard
+from kd_ray.data.corpus import ROW_SCHEMA, estimated_rows, list_shards, read_shard
+from kd_ray.data.normalize import normalize_post
 from kd_ray.errors import CorpusError
-from kd_ray.normalize import normalize_post
 
 TEACHER_ORDER = {"negative": 0, "neutral": 1, "positive": 2}
 
@@ -351,11 +351,11 @@ def test_a_csv_with_quoted_newlines_is_read_whole_and_right(tmp_path):
 
 
 def test_a_quoted_newline_past_the_sniffed_head_stops_a_split_csv_with_the_byte(tmp_path, monkeypatch):
-    import kd_ray.corpus
+    import kd_ray.data.corpus
 
     texts = [f"post {i}" for i in range(400)] + ["two\nlines"] + [f"post {i}" for i in range(400)]
     path = write_big(tmp_path, "csv", texts)
-    monkeypatch.setattr(kd_ray.corpus, "SNIFF_BYTES", 512)
+    monkeypatch.setattr(kd_ray.data.corpus, "SNIFF_BYTES", 512)
     with pytest.raises(CorpusError, match=r"big.csv: a quoted field spans lines near byte \d+, so this file cannot be "
                                           r"read in byte ranges; set corpus.split_bytes: null"):
         read_all(path=str(path), split_bytes=1024)
@@ -387,9 +387,9 @@ def test_a_big_parquet_file_reads_in_runs_of_row_groups(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "text", "parquet"])
 def test_the_corpus_size_is_estimated_from_its_bytes_and_one_sample(tmp_path, fmt, monkeypatch):
-    import kd_ray.corpus
+    import kd_ray.data.corpus
 
-    monkeypatch.setattr(kd_ray.corpus, "SNIFF_BYTES", 4096)  # a sample smaller than the file, as in real corpora
+    monkeypatch.setattr(kd_ray.data.corpus, "SNIFF_BYTES", 4096)  # a sample smaller than the file, as in real corpora
     texts = posts(3000)
     if fmt == "parquet":
         pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=200)
@@ -419,7 +419,7 @@ def test_a_compressed_corpus_has_no_size_estimate(tmp_path):
     (None, 2, 8192, 8192),     # size unknown: blocks as configured
 ])
 def test_blocks_are_evened_out_over_the_actors(rows, actors, most, expected):
-    from kd_ray.label import balanced_block_rows
+    from kd_ray.stages.label import balanced_block_rows
 
     size = balanced_block_rows(rows, actors, most)
     assert size == expected and size <= most

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import LABELS, build_tiny_classifier, random_posts
+
 from kd_ray.config import ExportConfig, load_config
 
 pytest.importorskip("onnxruntime", reason="needs the export extra: pip install -e '.[export]'")
@@ -22,7 +22,7 @@ def _posts(folder, n: int = 120):
 
 
 def _export(model, out, texts, **overrides):
-    from kd_ray.export import run_export
+    from kd_ray.stages.export import run_export
 
     return run_export(load_config(ExportConfig, overrides={"model": str(model), "output": str(out),
                                                            "parity.path": str(texts), **overrides}))
@@ -36,9 +36,10 @@ def exported(tmp_path_factory, tiny_teacher):
 
 
 def test_the_onnx_files_predict_the_pytorch_models_logits_on_mixed_length_batches(exported, tiny_teacher):
-    from kd_ray.export import OnnxModel
-    from kd_ray.inference import predict_logits
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kd_ray.models.inference import predict_logits
+    from kd_ray.models.onnx import OnnxModel
 
     out, report = exported
     assert report["parity"]["rows"] == 120 and report["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
@@ -69,7 +70,7 @@ def test_the_fp32_graph_is_fused_by_onnx_runtimes_transformer_optimizer(exported
 
 
 def test_every_quantization_candidate_is_recorded_and_the_fastest_passing_one_is_kept(exported):
-    from kd_ray.export import cpu_has_vnni
+    from kd_ray.stages.export import cpu_has_vnni
 
     out, report = exported
     record = report["quantization"]
@@ -88,7 +89,7 @@ def _measured(monkeypatch, figures: list[tuple[int, float]]):
     is the fp32 graph, and its logits are PyTorch's with that many rows' predictions moved to another class."""
     import shutil
 
-    import kd_ray.export as export
+    import kd_ray.stages.export as export
 
     real = export.ParityTexts.onnx_logits
 
@@ -129,7 +130,7 @@ def test_no_setting_meeting_the_bar_is_refused_with_every_figure(tmp_path, tiny_
 
 
 def test_vnni_is_read_from_the_cpu_flags_and_without_it_int8_weights_are_also_tried_at_7_bits(tmp_path):
-    from kd_ray.export import cpu_has_vnni, quantization_candidates
+    from kd_ray.stages.export import cpu_has_vnni, quantization_candidates
 
     for flags, vnni in (("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True), ("fpu avx2 avx512f", False)):
         (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags\t\t: {flags}\n")
@@ -141,7 +142,7 @@ def test_vnni_is_read_from_the_cpu_flags_and_without_it_int8_weights_are_also_tr
 
 
 def test_a_trimmed_vocabulary_student_is_written_beside_and_checked_against_the_untrimmed_one(tmp_path, tiny_teacher):
-    from kd_ray.multitask import MultiTaskClassifier
+    from kd_ray.models.multitask import MultiTaskClassifier
 
     posts = _posts(tmp_path / "data")
     corpus = tmp_path / "corpus.txt"
@@ -178,9 +179,9 @@ def test_a_roberta_student_is_fused_and_trimmed_with_its_bpe_vocabulary(tmp_path
 def test_trimming_defaults_to_the_soft_labels_the_model_was_distilled_from(tmp_path, tiny_teacher):
     import shutil
 
+    from kd_ray.data.soft_labels import soft_label_schema
     from kd_ray.errors import ModelError
-    from kd_ray.export import corpus_texts, trim_corpus
-    from kd_ray.soft_labels import soft_label_schema
+    from kd_ray.stages.export import corpus_texts, trim_corpus
 
     run = tmp_path / "run"
     shutil.copytree(tiny_teacher, run / "student")
@@ -214,8 +215,13 @@ def test_trim_corpus_without_trim_vocab_is_refused_and_the_flag_parses(tmp_path)
 
 
 def test_a_multitask_student_exports_with_every_head(tmp_path):
-    from kd_ray.export import OnnxModel
-    from kd_ray.multitask import MultiTaskClassifier, joint_labels, task_layout, write_layout
+    from kd_ray.models.multitask import (
+        MultiTaskClassifier,
+        joint_labels,
+        task_layout,
+        write_layout,
+    )
+    from kd_ray.models.onnx import OnnxModel
 
     layout = task_layout({"sentiment": LABELS, "reason": ["late", "lost bag", "other"]})
     folder = build_tiny_classifier(tmp_path / "student", labels=joint_labels(layout))
@@ -234,8 +240,9 @@ def test_a_multitask_student_exports_with_every_head(tmp_path):
 
 def test_evaluate_scores_an_exported_file_as_one_more_model(tmp_path, tiny_teacher, exported):
     from conftest import labeled_corpus
+
     from kd_ray.config import EvalArgs, EvalSetConfig
-    from kd_ray.evaluate import SINGLE_TASK, evaluate_models, metrics_report
+    from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models, metrics_report
 
     test = EvalSetConfig(path=str(labeled_corpus(tmp_path / "test", 60)))
     report = metrics_report(evaluate_models({SINGLE_TASK: str(tiny_teacher)},

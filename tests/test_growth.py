@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import random_posts
-from test_reproducible import sha256
 from test_corpus import line_ids, write_jsonl
+from test_reproducible import sha256
 
 from kd_ray.config import CorpusConfig, LabelConfig, load_config
-from kd_ray.corpus import list_shards
+from kd_ray.data.corpus import list_shards
+from kd_ray.data.growth import corpus_growth, file_records
+from kd_ray.data.soft_labels import MANIFEST
 from kd_ray.errors import CorpusError
-from kd_ray.growth import corpus_growth, file_records
-from kd_ray.label import run_label
-from kd_ray.soft_labels import MANIFEST
+from kd_ray.stages.label import run_label
 
 
 def _posts(path: Path, n: int, seed: int) -> Path:

@@ -24,11 +24,23 @@ from test_corpus import BAD_INPUT, line_ids, write_bad_corpus
 import kd_ray
 from kd_ray.cli import main
 from kd_ray.config import LabelConfig, TeacherConfig, load_config
-from kd_ray.errors import CorpusError, KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
-from kd_ray.label import run_label
-from kd_ray.normalize import normalize_post
-from kd_ray.soft_labels import MANIFEST, METADATA_KEY, REJECTED_DIR, soft_label_schema, validate_soft_labels
-from kd_ray.teacher import weights_sha256
+from kd_ray.data.normalize import normalize_post
+from kd_ray.data.soft_labels import (
+    MANIFEST,
+    METADATA_KEY,
+    REJECTED_DIR,
+    soft_label_schema,
+    validate_soft_labels,
+)
+from kd_ray.errors import (
+    CorpusError,
+    KdRayUserError,
+    ModelError,
+    SoftLabelError,
+    unwrap_user_error,
+)
+from kd_ray.models.teacher import weights_sha256
+from kd_ray.stages.label import run_label
 
 MAX_LENGTH = 48
 ROWS_PER_FILE = 5_000
@@ -158,7 +170,7 @@ def big_run(ray_session, teacher, big_corpus, tmp_path_factory):
 
 
 def test_every_file_of_the_big_run_is_read_in_several_parts(big_corpus):
-    from kd_ray.corpus import list_shards
+    from kd_ray.data.corpus import list_shards
 
     corpus, _ = big_corpus
     shards = list_shards(LabelConfig.model_validate(
@@ -193,7 +205,7 @@ def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
     """The labeler pads its length-sorted batches itself; they must equal the tokenizer's own padding."""
     from transformers import AutoTokenizer
 
-    from kd_ray.teacher import TeacherLabeler
+    from kd_ray.models.teacher import TeacherLabeler
 
     folder = tmp_path / "teacher"
     shutil.copytree(teacher, folder)
@@ -213,7 +225,7 @@ def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
 def test_tokenized_rows_label_as_raw_rows_do_with_batches_cut_by_tokens(teacher):
     """The tokenize stage's output fed to the labeler gives what the labeler gives tokenizing itself;
     batch_tokens changes the batches, not the logits; rejected rows carry no tokens and NaN logits."""
-    from kd_ray.teacher import Tokenizers, TeacherLabeler
+    from kd_ray.models.teacher import TeacherLabeler, Tokenizers
 
     texts = random_posts(300, seed=11, max_words=60)
     rows = pa.table({"id": [str(i) for i in range(300)], "text": texts, "label": pa.nulls(300, pa.int32()),
@@ -491,7 +503,7 @@ def test_save_to_disk_dataset_is_labeled_with_stable_ids(ray_session, teacher, t
     import datasets
 
     from kd_ray.config import CorpusConfig
-    from kd_ray.corpus import list_shards, read_shard
+    from kd_ray.data.corpus import list_shards, read_shard
 
     texts = random_posts(40, seed=3)
     datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(40)]}).save_to_disk(tmp_path / "tweets")

@@ -13,7 +13,7 @@ from conftest import LABELS, random_posts
 
 from kd_ray.config import TeacherConfig
 from kd_ray.errors import ModelError
-from kd_ray.teacher import CALIBRATION, TeacherLabeler, teacher_metadata
+from kd_ray.models.teacher import CALIBRATION, TeacherLabeler, teacher_metadata
 
 PROMPT = "Tweet: {text}\nSentiment:"
 CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
@@ -23,7 +23,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
 def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
     """A random causal LM whose byte-level BPE tokenizer has ' negative', ' neutral', ' positive' as tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -184,8 +189,8 @@ def test_an_llm_and_a_classifier_teacher_label_one_corpus_in_one_pass(tmp_path, 
     import pyarrow.parquet as pq
 
     from kd_ray.config import LabelConfig, load_config
-    from kd_ray.label import run_label
-    from kd_ray.soft_labels import read_soft_label_info
+    from kd_ray.data.soft_labels import read_soft_label_info
+    from kd_ray.stages.label import run_label
 
     lm = build_tiny_causal_lm(tmp_path / "lm", "llama")
     texts = random_posts(300, seed=12)
@@ -212,7 +217,7 @@ def test_evaluate_scores_an_llm_teacher_against_a_student(tmp_path, causal_lm, t
     import json
 
     from kd_ray.config import EvaluateConfig, load_config
-    from kd_ray.evaluate import run_evaluate
+    from kd_ray.stages.evaluate import run_evaluate
 
     texts = random_posts(40, seed=14)
     gold = [LABELS[i % 3] for i in range(40)]
@@ -247,7 +252,7 @@ def test_evaluate_takes_one_teacher(tree, message):
 
 def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
     from kd_ray.config import PipelineConfig, load_config
-    from kd_ray.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stage_configs
 
     tree = {"output": "runs/llm", "labels": LABELS,
             "data": {"train": {"path": "posts.txt", "label_column": None}, "test": {"path": "test.csv"}},
@@ -283,7 +288,7 @@ def test_kd_ray_run_distills_an_llm_teacher_without_gold_labels(tmp_path, ray_se
     from kd_ray.cli import main as cli_main
     from kd_ray.config import DistillConfig, load_config
     from kd_ray.errors import KdRayUserError
-    from kd_ray.plan import distill_plan
+    from kd_ray.stages.plan import distill_plan
 
     lm = build_tiny_causal_lm(tmp_path / "lm", "llama")
     posts = random_posts(200, seed=21, max_words=12)

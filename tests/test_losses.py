@@ -1,4 +1,4 @@
-"""Property tests for kd_ray.losses (plain torch, CPU, fast)."""
+"""Property tests for kd_ray.models.losses (plain torch, CPU, fast)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_ray.losses import (
+from kd_ray.models.losses import (
     LOSSES,
     combine_teacher_logits,
     compute_loss,

@@ -7,11 +7,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_tiny_classifier, random_posts
-from kd_ray.losses import distill_loss, multitask_loss
-from kd_ray.multitask import MultiTaskClassifier, export_task, joint_labels, read_layout, task_layout, write_layout
-from kd_ray.plan import TaskPlan
+
+from kd_ray.models.losses import distill_loss, multitask_loss
+from kd_ray.models.multitask import (
+    MultiTaskClassifier,
+    export_task,
+    joint_labels,
+    read_layout,
+    task_layout,
+    write_layout,
+)
+from kd_ray.stages.plan import TaskPlan
 
 TASKS = {"sentiment": ["negative", "neutral", "positive"],
          "reason": ["Late Flight", "Lost Luggage", "Customer Service Issue", "Other"]}
@@ -141,7 +148,7 @@ def _airline_like_corpus(folder, n: int = 300):
 @pytest.fixture(scope="module")
 def two_task_labels(tmp_path_factory, tiny_teacher, ray_session):
     from kd_ray.config import LabelConfig, load_config
-    from kd_ray.label import run_label
+    from kd_ray.stages.label import run_label
 
     root = tmp_path_factory.mktemp("two-task")
     reason_teacher = build_tiny_classifier(root / "reason-teacher", labels=REASONS, seed=3)
@@ -160,7 +167,7 @@ def two_task_labels(tmp_path_factory, tiny_teacher, ray_session):
 def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_ids(two_task_labels, tiny_teacher):
     import pyarrow.parquet as pq
 
-    from kd_ray.soft_labels import read_soft_label_info, validate_soft_labels
+    from kd_ray.data.soft_labels import read_soft_label_info, validate_soft_labels
 
     root, corpus, summary = two_task_labels
     source = pq.read_table(corpus).to_pylist()
@@ -189,7 +196,7 @@ def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_id
 def test_labeling_config_errors_come_before_any_work(two_task_labels, tiny_teacher, tmp_path, problem, message):
     from kd_ray.config import LabelConfig, load_config
     from kd_ray.errors import KdRayUserError
-    from kd_ray.label import run_label
+    from kd_ray.stages.label import run_label
 
     root, corpus, _ = two_task_labels
     second = {"model": str(root / "reason-teacher"), "name": "other", "task": "sentiment"}
@@ -223,7 +230,7 @@ def _multitask_distill(root, out, **overrides):
 def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_labels, tmp_path):
     from transformers import pipeline
 
-    from kd_ray.train import read_run_info, run_distill
+    from kd_ray.stages.train import read_run_info, run_distill
 
     root, corpus, _ = two_task_labels
     run_distill(_multitask_distill(root, tmp_path / "student", **{"train.num_workers": 0}))
@@ -252,7 +259,7 @@ def test_multitask_student_trains_one_head_per_task_and_exports_them(two_task_la
 def test_student_tasks_the_soft_labels_cannot_feed_are_refused_before_training(two_task_labels, tmp_path, overrides,
                                                                               message):
     from kd_ray.errors import SoftLabelError
-    from kd_ray.train import run_distill
+    from kd_ray.stages.train import run_distill
 
     root, _, _ = two_task_labels
     with pytest.raises(SoftLabelError, match=message):
@@ -301,7 +308,7 @@ def test_a_multitask_run_searches_exports_and_scores_each_task_and_a_rerun_skips
     import yaml
 
     from kd_ray.cli import main as cli_main
-    from kd_ray.soft_labels import read_soft_label_info
+    from kd_ray.data.soft_labels import read_soft_label_info
 
     config, frame = _multitask_run_config(tmp_path, tiny_teacher)
     config["tune"] = {"space": {"tasks.reason.alpha": {"distribution": "grid", "values": [0.3, 0.9]},
@@ -375,7 +382,7 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
     import pyarrow as pa
 
     from kd_ray.config import TeacherConfig
-    from kd_ray.teacher import TeacherLabeler
+    from kd_ray.models.teacher import TeacherLabeler
 
     other = build_tiny_classifier(tmp_path / "reason", labels=REASONS, seed=3)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # fine-tuned from one base: one tokenizer
@@ -402,7 +409,7 @@ def test_a_single_task_student_of_another_tasks_teacher_is_refused_naming_both_t
     the reason head would learn from sentiment class indices, so it is refused before training."""
     from kd_ray.config import DistillConfig, load_config
     from kd_ray.errors import SoftLabelError
-    from kd_ray.train import run_distill
+    from kd_ray.stages.train import run_distill
 
     root, _, _ = two_task_labels
     base = {"soft_labels": str(root / "labels"), "output": str(tmp_path / "student"),

@@ -24,9 +24,9 @@ import pytest
 from conftest import random_posts
 from test_label import label_cfg, read_parts, teacher  # noqa: F401  (teacher is a fixture)
 
+from kd_ray.data.soft_labels import MANIFEST, REJECTED_DIR
 from kd_ray.errors import KdRayUserError, SoftLabelError
-from kd_ray.label import RUN_STATE, run_label
-from kd_ray.soft_labels import MANIFEST, REJECTED_DIR
+from kd_ray.stages.label import RUN_STATE, run_label
 
 
 def write_corpus(folder: Path, files: int, rows_per_file: int, seed: int = 0) -> set[str]:
@@ -87,8 +87,8 @@ SPLIT = {"corpus.split_bytes": 32 << 10, "compute.block_rows": 250, "output.rows
 @pytest.mark.slow
 def test_a_split_file_resumes_by_range_and_a_row_written_twice_is_found_by_its_shards_check(
         capsys, ray_session, teacher, split_corpus, tmp_path):  # noqa: F811
-    from kd_ray.corpus import list_shards
-    from kd_ray.label import _duplicate_ids, build_metadata, read_parts
+    from kd_ray.data.corpus import list_shards
+    from kd_ray.stages.label import _duplicate_ids, build_metadata, read_parts
 
     root, ids = split_corpus
     out = tmp_path / "labels"
@@ -316,7 +316,7 @@ def test_a_labeling_driver_killed_then_rerun_finishes_with_every_row_once(ray_se
 def test_a_training_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, soft_labels):
     from test_train import _distill_cfg
 
-    from kd_ray.train import read_run_info, run_distill
+    from kd_ray.stages.train import read_run_info, run_distill
 
     overrides = {"train.epochs": 4, "train.max_failures": 2, "train.seed": 1}
     plain = tmp_path / "uninterrupted"  # the reference needs no worker group: Ray Train's local mode, same loop

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from kd_ray.report import write_report
+from kd_ray.stages.report import write_report
 
 
 def _tune_folder(folder, space: dict[str, list]) -> None:
@@ -47,7 +47,7 @@ def test_report_of_searches_over_dotted_and_non_numeric_parameters(tmp_path, spa
 
 def test_the_landscape_is_titled_by_the_epoch_whose_score_trials_csv_holds(tmp_path):
     """trials.csv holds each trial's kept epoch's score (train.keep), not its last epoch's: the plot says so."""
-    from kd_ray.report import plot_landscape
+    from kd_ray.stages.report import plot_landscape
 
     _tune_folder(tmp_path / "tune", {"temperature": [1.0, 2.0, 4.0], "alpha": [0.1, 0.5, 0.9]})
     trials = pd.read_csv(tmp_path / "tune" / "trials.csv")

@@ -14,10 +14,10 @@ import torch
 from conftest import LABELS, build_tiny_classifier, random_posts
 
 from kd_ray.config import DistillConfig, StudentConfig, load_config
+from kd_ray.data.soft_labels import METADATA_KEY, read_soft_label_info
 from kd_ray.errors import SoftLabelError
-from kd_ray.losses import Projections, multitask_loss, pool, representation_loss
-from kd_ray.plan import TaskPlan, distill_plan
-from kd_ray.soft_labels import METADATA_KEY, read_soft_label_info
+from kd_ray.models.losses import Projections, multitask_loss, pool, representation_loss
+from kd_ray.stages.plan import TaskPlan, distill_plan
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
         "train.num_cpus_per_worker": 0.5, "train.max_failures": 0, "student.num_layers": 1, "student.ffn_size": None}
@@ -128,7 +128,7 @@ def test_the_labeler_without_ray_pools_the_first_token(tiny_teacher):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from kd_ray.config import TeacherConfig
-    from kd_ray.teacher import TeacherLabeler
+    from kd_ray.models.teacher import TeacherLabeler
 
     texts = random_posts(10, seed=3)
     labeler = TeacherLabeler([TeacherConfig(model=str(tiny_teacher), representation="cls")], batch_size=4)
@@ -199,7 +199,7 @@ def test_listed_layers_set_num_layers_and_bad_lists_are_refused():
 def test_a_cut_of_another_pretrained_encoder_gets_a_fresh_head_and_its_own_tokenizer(tmp_path, tiny_teacher):
     from transformers import AutoTokenizer, BertModel
 
-    from kd_ray.models import build_student
+    from kd_ray.models.loading import build_student
 
     other = build_tiny_classifier(tmp_path / "other", num_layers=3, labels=["a", "b"], seed=7)
     encoder = tmp_path / "encoder"  # a bare encoder, as sentence-transformers ship MiniLM-L6
@@ -218,7 +218,7 @@ def test_a_cut_of_another_pretrained_encoder_gets_a_fresh_head_and_its_own_token
 
 def test_a_pipeline_stores_representations_for_beta_and_refuses_beta_without():
     from kd_ray.config import PipelineConfig
-    from kd_ray.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stage_configs
 
     tree = {"output": "runs/x", "labels": LABELS, "data": {"train": {"path": "t.csv"}, "test": {"path": "test.csv"}},
             "teacher": {"model": "some/teacher"}, "loss": {"beta": 0.5}}

@@ -13,8 +13,13 @@ import pytest
 from conftest import LABELS, failing_after_epoch
 
 from kd_ray.config import DistillConfig, load_config
-from kd_ray.soft_labels import PART_KEY, SoftLabelInfo, parquet_writer, read_soft_label_info
-from kd_ray.train import run_distill
+from kd_ray.data.soft_labels import (
+    PART_KEY,
+    SoftLabelInfo,
+    parquet_writer,
+    read_soft_label_info,
+)
+from kd_ray.stages.train import run_distill
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.num_cpus_per_worker": 0.5,
         "train.max_failures": 0, "student.num_layers": 1, "student.ffn_size": None}
@@ -115,8 +120,8 @@ def test_stopped_and_resumed_or_from_soft_labels_written_in_another_order_two_wo
 def test_every_training_run_reads_its_data_in_order_and_deterministic_fixes_the_cublas_workspace(tmp_path,
                                                                                                deterministic):
     from kd_ray.config import FinetuneConfig
-    from kd_ray.plan import finetune_plan
-    from kd_ray.train import build_trainer
+    from kd_ray.stages.plan import finetune_plan
+    from kd_ray.stages.train import build_trainer
 
     cfg = load_config(FinetuneConfig, overrides={"data.path": "x.csv", "base_model": "m", "labels": ["a", "b"],
                                                  "output": str(tmp_path / "m"), "train.num_cpus_per_worker": 1,

@@ -1,4 +1,4 @@
-"""Tests for kd_ray.students on tiny models built offline."""
+"""Tests for kd_ray.models.students on tiny models built offline."""
 
 import copy
 
@@ -19,7 +19,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from kd_ray.students import (
+from kd_ray.models.students import (
     count_parameters,
     cut_student_from_teacher,
     narrowing_widths,
@@ -284,7 +284,7 @@ def test_a_student_config_with_a_bad_ffn_size_is_refused_with_the_field_named(tm
 
     from kd_ray.config import StudentConfig
     from kd_ray.errors import ModelError
-    from kd_ray.models import build_student
+    from kd_ray.models.loading import build_student
 
     with pytest.raises(ValidationError, match="wide_epochs and narrow_steps narrow a 'cut' student; a 'config'"):
         StudentConfig(kind="config", ffn_size=64)

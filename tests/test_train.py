@@ -11,7 +11,7 @@ from conftest import LABELS, failing_after_epoch, labeled_corpus
 
 from kd_ray.config import ConfigError, DistillConfig, FinetuneConfig, load_config
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
-from kd_ray.train import read_run_info, run_distill, run_finetune
+from kd_ray.stages.train import read_run_info, run_distill, run_finetune
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
         "train.num_cpus_per_worker": 0.5, "train.max_failures": 0}
@@ -30,7 +30,7 @@ def _distill_cfg(soft_labels: Path, out: Path, **overrides) -> DistillConfig:
 def test_finetune_exports_a_folder_that_label_and_pipeline_accept(tmp_path, tiny_teacher, ray_session):
     from transformers import pipeline
 
-    from kd_ray.teacher import describe_model
+    from kd_ray.models.teacher import describe_model
 
     data = labeled_corpus(tmp_path / "data", 200)
     cfg = load_config(FinetuneConfig, overrides={
@@ -74,8 +74,8 @@ def test_a_narrowed_student_resumes_at_its_width_refuses_a_lost_weight_and_expor
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForSequenceClassification
 
-    from kd_ray.plan import distill_plan
-    from kd_ray.train import run_name
+    from kd_ray.stages.plan import distill_plan
+    from kd_ray.stages.train import run_name
 
     labels = tmp_path / "soft_labels"
     shutil.copytree(soft_labels, labels)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import labeled_corpus
+
 from kd_ray.cli import main as cli_main
 from kd_ray.config import DistillConfig, TuneConfig, load_config
-from kd_ray.report import write_report
-from kd_ray.tune import trial_starts
+from kd_ray.stages.report import write_report
+from kd_ray.stages.tune import trial_starts
 
 SPACE = {"temperature": {"distribution": "loguniform", "low": 1.0, "high": 8.0},
          "alpha": {"distribution": "uniform", "low": 0.2, "high": 1.0}}
@@ -170,7 +170,7 @@ def test_a_search_saved_before_a_config_field_existed_still_matches_its_config(t
     today's models they take their defaults, so the same command resumes instead of refusing."""
     import json
 
-    from kd_ray.tune import _saved_spec, _spec
+    from kd_ray.stages.tune import _saved_spec, _spec
 
     cfg = load_config(TuneConfig, overrides=_overrides(tmp_path / "labels", tmp_path / "val.csv", tmp_path / "tune"))
     old = _spec(cfg)
@@ -188,7 +188,7 @@ def test_a_trial_is_named_by_its_index_also_when_tune_suffixed_its_folder():
     """A resumed search re-creates a trial that started after Tune's last saved state; the killed run's
     folder is in the way, so Tune names the new one ``trial_00002_6d8d``. trials.csv and the starts log
     must still agree on ``trial_00002``."""
-    from kd_ray.tune import trial_of_dir
+    from kd_ray.stages.tune import trial_of_dir
 
     assert trial_of_dir("trial_00002") == "trial_00002"
     assert trial_of_dir("trial_00002_6d8d") == "trial_00002"
@@ -196,7 +196,7 @@ def test_a_trial_is_named_by_its_index_also_when_tune_suffixed_its_folder():
 
 
 def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_path):
-    from kd_ray.tune import grace_period
+    from kd_ray.stages.tune import grace_period
 
     def grace(**overrides):
         return grace_period(load_config(TuneConfig, overrides={"distill.soft_labels": "x", "search.space": SPACE,
@@ -211,7 +211,7 @@ def test_asha_judges_a_student_narrowed_after_training_once_it_is_narrowed(tmp_p
 
 
 def test_a_trial_exports_and_is_scored_by_the_epoch_train_keep_picks():
-    from kd_ray.tune import kept_epoch
+    from kd_ray.stages.tune import kept_epoch
 
     history = [{"epoch": 1, "keep_score": -1.0, "val_macro_recall": 0.90},  # wide: scored but never kept
                {"epoch": 2, "keep_score": 0.70, "val_macro_recall": 0.70},

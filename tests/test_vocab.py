@@ -1,4 +1,4 @@
-"""Vocabulary trimming (kd_ray.vocab): corpus texts keep their pieces and logits; unseen words fall back as
+"""Vocabulary trimming (kd_ray.models.vocab): corpus texts keep their pieces and logits; unseen words fall back as
 the original tokenizer's algorithm would; WordPiece and byte-level BPE; any other tokenizer is refused."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import WORDS, build_tiny_classifier, random_posts
 
 KNOWN = WORDS[:20]  # the trimming corpus uses these words only; held-out posts use them all
@@ -20,8 +19,19 @@ SPECIALS = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
 def build_tiny_roberta(folder):
     """A 2-layer RoBERTa classifier with a byte-level BPE trained on a few lines."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        PreTrainedTokenizerFast,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +55,7 @@ def build_tiny_roberta(folder):
 
 @pytest.fixture(scope="module")
 def wordpiece(tmp_path_factory):
-    from kd_ray.vocab import trim_vocabulary
+    from kd_ray.models.vocab import trim_vocabulary
 
     root = tmp_path_factory.mktemp("wordpiece")
     model = build_tiny_classifier(root / "model")
@@ -55,7 +65,7 @@ def wordpiece(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    from kd_ray.vocab import trim_vocabulary
+    from kd_ray.models.vocab import trim_vocabulary
 
     root = tmp_path_factory.mktemp("bpe")
     model = build_tiny_roberta(root / "model")
@@ -72,7 +82,7 @@ def _tokenizers(pair):
 def _logits(folder, texts):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kd_ray.inference import predict_logits
+    from kd_ray.models.inference import predict_logits
 
     return predict_logits(AutoModelForSequenceClassification.from_pretrained(folder),
                           AutoTokenizer.from_pretrained(folder), texts, max_length=64, batch_size=16)
@@ -157,7 +167,7 @@ def test_the_trimmed_folder_loads_in_a_transformers_pipeline(wordpiece):
 @pytest.mark.parametrize("kind", ["WordLevel", "Unigram"])
 def test_other_tokenizer_models_are_refused_by_name(tmp_path, kind):
     from kd_ray.errors import ModelError
-    from kd_ray.vocab import trim_vocabulary
+    from kd_ray.models.vocab import trim_vocabulary
 
     vocab = {"WordLevel": {"[UNK]": 0, "hello": 1}, "Unigram": [["<unk>", 0.0], ["hello", -1.0]]}[kind]
     model = {"type": kind, "vocab": vocab, **({"unk_token": "[UNK]"} if kind == "WordLevel" else {"unk_id": 0})}
@@ -168,7 +178,7 @@ def test_other_tokenizer_models_are_refused_by_name(tmp_path, kind):
 
 def test_a_folder_without_a_fast_tokenizer_is_refused(tmp_path):
     from kd_ray.errors import ModelError
-    from kd_ray.vocab import trim_vocabulary
+    from kd_ray.models.vocab import trim_vocabulary
 
     with pytest.raises(ModelError, match="no tokenizer.json"):
         trim_vocabulary(tmp_path, [["hello"]], tmp_path / "out")

@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kd_ray.errors import ModelError
-from kd_ray.multitask import label_maps, with_head
-from kd_ray.students import cut_student_from_teacher, ffn_neurons, student_from_config
+from kd_ray.models.inference import is_classifier_config
+from kd_ray.models.multitask import label_maps
+from kd_ray.models.students import (
+    cut_student_from_teacher,
+    ffn_neurons,
+    student_from_config,
+)
 
 if TYPE_CHECKING:
     from kd_ray.config import StudentConfig
-    from kd_ray.plan import TrainPlan
 
 
 def _check_path(model: str, what: str) -> None:
@@ -22,8 +26,6 @@ def _check_path(model: str, what: str) -> None:
 def is_classifier(model: str) -> bool:
     """Whether ``model``'s config says it is a sequence classifier (a bare encoder is not)."""
     from transformers import AutoConfig
-
-    from kd_ray.inference import is_classifier_config
 
     try:
         return is_classifier_config(AutoConfig.from_pretrained(model))
@@ -45,18 +47,6 @@ def load_classifier(model: str, labels: list[str], *, what: str = "model"):
                                                                  **label_maps(labels))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load {what} from {model!r}: {e}") from e
-    return net, tokenizer
-
-
-def build_model(plan: TrainPlan):
-    """The model a plan trains, and its tokenizer: the base model with the plan's labels (finetune), or
-    the student for its first task, its output widened to every task's labels."""
-    if plan.student is None:
-        return load_classifier(plan.base_model, plan.labels, what="base model")
-    first = plan.tasks[0]
-    net, tokenizer = build_student(plan.student, first.teacher_model, list(first.labels))
-    if plan.labels != list(first.labels):  # one head per task: the cut teacher's head becomes the first's
-        net = with_head(net, plan.labels, rows=range(len(first.labels)))
     return net, tokenizer
 
 

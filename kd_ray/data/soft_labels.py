@@ -34,7 +34,7 @@ and ``width``), ``label_task`` and ``label_names``
 (the gold labels' task and names, in ``id2label`` order), ``task_labels`` (task -> label names
 of each ``label_<task>`` column), ``normalize``,
 ``logits_dtype``, ``corpus`` and ``config_hash``; and, in its footer, ``kd_ray_part``: the corpus
-shard of each row group and the file's counts (see kd_ray.label).
+shard of each row group and the file's counts (see kd_ray.stages.label).
 """
 
 from __future__ import annotations
@@ -50,12 +50,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
 from pydantic import BaseModel, ConfigDict
 
-from kd_ray.corpus import task_label_column
+from kd_ray.data.corpus import task_label_column
+from kd_ray.data.storage import filesystem
 from kd_ray.errors import SoftLabelError
-from kd_ray.storage import filesystem
 
 PART_KEY = b"kd_ray_part"  # a part file's footer entry: the corpus shard of each row group, and the file's counts
 SCHEMA_VERSION = 2  # 2: a line file's derived row ids are '<file>@<byte offset>' (1: '<file>:<row>')
@@ -66,7 +65,7 @@ REJECTED_DIR = "_rejected"
 
 
 class ModelInfo(BaseModel):
-    """A sequence classifier's provenance, as ``kd_ray.teacher.describe_model`` reads it."""
+    """A sequence classifier's provenance, as ``kd_ray.models.teacher.describe_model`` reads it."""
 
     model_config = ConfigDict(frozen=True)
 

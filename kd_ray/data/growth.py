@@ -4,7 +4,7 @@
 file, a digest of its last bytes) and the shards it was read as. A rerun of the same config compares
 today's listing with that record, per file (never per row): a new file is labeled, a line file that
 grew by appended records has its new byte range labeled, and a file that shrank, changed in place
-or vanished is refused by name. Pure functions of the listing and the record; kd_ray.label acts on them.
+or vanished is refused by name. Pure functions of the listing and the record; kd_ray.stages.label acts on them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from kd_ray.config import CorpusConfig
-from kd_ray.corpus import COMPRESSIONS, LINE_FORMATS, Shard
+from kd_ray.data.corpus import COMPRESSIONS, LINE_FORMATS, Shard
+from kd_ray.data.storage import filesystem
 from kd_ray.errors import CorpusError
-from kd_ray.storage import filesystem
 
 TAIL_BYTES = 4096  # a line file's last bytes, digested: an append keeps them, an edit near the end does not
 TAIL_READERS = 16

@@ -1,7 +1,7 @@
 """Reading corpora: find the input shards, then read one shard into checked, normalised rows.
 
 Ray-free: ``list_shards`` runs on the driver, ``read_shard`` inside whatever runs it
-(a Ray Data task in ``kd_ray.label``). A file over ``corpus.split_bytes`` is several shards:
+(a Ray Data task in ``kd_ray.stages.label``). A file over ``corpus.split_bytes`` is several shards:
 line-aligned byte ranges (a range owns the records that start in it), or runs of Parquet row
 groups; each is streamed in bounded memory. Every row leaves here with a stable id, its
 (optionally normalised) text, its gold label as an index into the teacher's label
@@ -24,9 +24,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from kd_ray.config import CorpusConfig
+from kd_ray.data.normalize import normalize_post
+from kd_ray.data.storage import filesystem
 from kd_ray.errors import CorpusError
-from kd_ray.normalize import normalize_post
-from kd_ray.storage import filesystem
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -43,8 +43,8 @@ LINE_FORMATS = ("jsonl", "csv", "tsv", "text")  # one record per line (a CSV's q
 READ_ROWS = 65_536  # rows per Arrow batch while reading a Parquet file or dataset
 CHUNK_BYTES = 8 << 20  # bytes of whole records parsed at a time from a line file
 SNIFF_BYTES = 1 << 20  # bytes of a big CSV checked for quoted newlines before it is split
-ALREADY_LABELED = "already labeled"  # reject_reason of rows an interrupted run committed (kd_ray.label)
-SHARD_COLUMN = "shard"  # while labeling: the key of the shard a row was read from (kd_ray.label)
+ALREADY_LABELED = "already labeled"  # reject_reason of rows an interrupted run committed (kd_ray.stages.label)
+SHARD_COLUMN = "shard"  # while labeling: the key of the shard a row was read from (kd_ray.stages.label)
 ROW_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -77,7 +77,7 @@ class Shard:
     gold: bool = True  # False: a file of corpus.unlabeled_path, read without its gold labels
     size: int | None = None  # bytes of the file the shard covers, where known (estimated_rows)
     file_size: int | None = None  # the whole file's bytes and modification time, where known: what a rerun
-    mtime_ns: int | None = None  # compares to find a file that grew or changed (kd_ray.growth)
+    mtime_ns: int | None = None  # compares to find a file that grew or changed (kd_ray.data.growth)
 
     @property
     def key(self) -> str:

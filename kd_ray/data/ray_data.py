@@ -11,11 +11,17 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from kd_ray.augment import augment_table
 from kd_ray.config import AugmentConfig, CorpusConfig
-from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, list_shards, read_shard
-from kd_ray.soft_labels import SoftLabelInfo
-from kd_ray.storage import filesystem
+from kd_ray.data.augment import augment_table
+from kd_ray.data.corpus import (
+    ALREADY_LABELED,
+    SHARD_COLUMN,
+    Shard,
+    list_shards,
+    read_shard,
+)
+from kd_ray.data.soft_labels import SoftLabelInfo
+from kd_ray.data.storage import filesystem
 
 
 def _mark_already_labeled(table: pa.Table, done: pa.Array) -> pa.Table:
@@ -72,14 +78,14 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
                    task_labels: dict[str, dict[str, int]] | None = None, augment: AugmentConfig | None = None,
                    mask_token: str | None = None, shards: list[Shard] | None = None) -> ray.data.Dataset:
     """Rows ``id, text, label, reject_reason`` (and ``label_<task>`` per task_labels; see
-    kd_ray.corpus), one read task per shard (a file, or a part of a big one).
+    kd_ray.data.corpus), one read task per shard (a file, or a part of a big one).
 
     block_rows: cut each shard's rows into blocks of at most this many rows, so that a
     single big file still spreads over many downstream actors.
     committed: for labeling: each row also carries its shard's key (column ``shard``), and the
     rows an earlier, interrupted run committed (shard key -> ``[[part file, [row groups]], ...]``)
     come out marked ALREADY_LABELED, without text. Only a shard's own read task reads its ids.
-    augment: add perturbed copies of every accepted row after it (kd_ray.augment).
+    augment: add perturbed copies of every accepted row after it (kd_ray.data.augment).
     shards: ``list_shards(cfg)`` where the caller already has them.
     """
     shards = list_shards(cfg) if shards is None else shards
@@ -92,7 +98,7 @@ def corpus_dataset(cfg: CorpusConfig, label_to_index: dict[str, int] | None, *, 
                                    "augment": augment, "mask_token": mask_token})
     if block_rows:
         # Ray fuses this into the read task when both ask for the same resources (a whole CPU: see
-        # kd_ray.label.READ_TASK_CPUS); else it is an operator of its own that copies every block again.
+        # kd_ray.stages.label.READ_TASK_CPUS); else it is an operator of its own that copies every block again.
         ds = ds.repartition(target_num_rows_per_block=block_rows)
     return ds
 

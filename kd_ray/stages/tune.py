@@ -31,9 +31,18 @@ from kd_ray.config import (
     dump_config,
 )
 from kd_ray.console import say
+from kd_ray.data.storage import absolute_if_local
 from kd_ray.errors import KdRayUserError, unwrap_user_error
-from kd_ray.storage import absolute_if_local
-from kd_ray.train import KEEP_SCORE, keep_rank
+from kd_ray.runtime import init_ray
+from kd_ray.stages.plan import distill_plan
+from kd_ray.stages.train import (
+    KEEP_SCORE,
+    build_trainer,
+    distill_datasets,
+    export_checkpoint,
+    keep_rank,
+    run_name,
+)
 
 EXPERIMENT = "experiment"
 SPEC_FILE = "tune_spec.json"
@@ -78,9 +87,6 @@ def _trial(values: dict[str, Any], base: dict, storage_path: str, starts_log: st
     """One Tune trial: a whole Ray Train distillation run with this trial's values (the Train V2 driver)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from kd_ray.plan import distill_plan
-    from kd_ray.train import build_trainer, distill_datasets, run_name
 
     cfg = trial_config(base, values)
     plan, info = distill_plan(cfg)
@@ -234,7 +240,7 @@ def trials_tables(grid, cfg: TuneConfig):
 
 
 def kept_epoch(history: list[dict], best: bool) -> dict:
-    """The epoch whose model a trial exports, picked as ``kd_ray.train.fit`` picks it; the last where
+    """The epoch whose model a trial exports, picked as ``kd_ray.stages.train.fit`` picks it; the last where
     no epoch was scored (a trial trained before train.keep existed, resumed now: only its last
     checkpoints are kept)."""
     scored = best and any(keep_rank(r)[0] >= 0 for r in history)
@@ -258,10 +264,6 @@ def _error_line(error: BaseException | None) -> str | None:
 def run_tune(cfg: TuneConfig) -> dict:
     import ray.train
     from ray import tune
-
-    from kd_ray.plan import distill_plan
-    from kd_ray.runtime import init_ray
-    from kd_ray.train import export_checkpoint
 
     out = Path(cfg.output).resolve()
     distill_plan(cfg.distill)  # checks the soft labels and the student before any trial starts

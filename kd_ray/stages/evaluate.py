@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.config import EvalArgs, EvaluateConfig, EvalSetConfig, TeacherConfig
+from kd_ray.config import EvalArgs, EvalSetConfig, EvaluateConfig, TeacherConfig
 from kd_ray.console import say
-from kd_ray.corpus import list_shards, read_shard, task_label_column
+from kd_ray.data.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
-from kd_ray.metrics import agreement, classification_metrics
+from kd_ray.models.metrics import agreement, classification_metrics
+from kd_ray.models.multitask import MultiTaskClassifier
+from kd_ray.models.students import count_parameters
+from kd_ray.models.teacher import PromptedLM, describe_model
 
 SINGLE_TASK = "task"  # the one task of `kd-ray evaluate` (its name appears nowhere in the report)
 
@@ -57,9 +60,6 @@ def folder_size_mb(model: str) -> float | None:
 def _load(path: str | TeacherConfig, what: str, task: str | None, args: EvalArgs):
     """A model of ``task`` (a multi-task folder: of its tasks), checked first so that errors name ``what``;
     an LLM teacher (a TeacherConfig of kind llm) runs through its labeler."""
-    from kd_ray.multitask import MultiTaskClassifier
-    from kd_ray.teacher import PromptedLM, describe_model
-
     if isinstance(path, TeacherConfig):
         describe_model(path.model, what=what, hash_weights=False, labels=path.labels)
         return PromptedLM(path.model_copy(update={"max_length": args.max_length}), batch_size=args.batch_size)
@@ -108,8 +108,6 @@ def evaluate_models(teachers: dict[str, str | TeacherConfig], students: dict[str
 
 def _speed(refs: dict, models: dict, texts: list[str], args: EvalArgs) -> dict:
     """rows/s, parameters and size of the teachers together and of each student; speed-up and compression."""
-    from kd_ray.students import count_parameters
-
     timing_texts = (texts * (args.timing_rows // len(texts) + 1))[: args.timing_rows]
     runs = {"teachers": lambda: [ref.logits(timing_texts, args.batch_size) for ref in refs.values()],
             **{name: (lambda m=m: m.logits(timing_texts, args.batch_size)) for name, m in models.items()}}

@@ -9,7 +9,7 @@ beside the weights records the slices; ``export_task`` writes one standard singl
 
 Load and run, one forward pass per batch for all tasks::
 
-    from kd_ray.multitask import MultiTaskClassifier
+    from kd_ray.models.multitask import MultiTaskClassifier
     results = MultiTaskClassifier.from_pretrained("runs/multitask/student").predict(["my flight was late"])
     results["sentiment"]["labels"], results["sentiment"]["probs"]   # ['negative'], (1, 3) array
 """
@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from kd_ray.errors import ModelError
-from kd_ray.inference import predict_logits
+from kd_ray.models.inference import predict_logits
+from kd_ray.models.onnx import OnnxModel
 
 TASKS_FILE = "kd_ray_tasks.json"
 SEPARATOR = ":"
@@ -144,8 +145,6 @@ class MultiTaskClassifier:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if str(path).endswith(".onnx"):
-            from kd_ray.export import OnnxModel
-
             model, folder = OnnxModel(path), Path(path).parent
         else:
             model, folder = AutoModelForSequenceClassification.from_pretrained(path), path

@@ -271,7 +271,7 @@ def multitask_loss(
     Args:
         logits: (batch, total) student outputs; one task may own all of them.
         tasks: each with ``name``, ``of(logits)`` (its slice), ``kind``, ``temperature``, ``alpha`` and
-            ``weight`` (kd_ray.plan.TaskPlan).
+            ``weight`` (kd_ray.stages.plan.TaskPlan).
         teacher_logits: task -> (batch, C_k) teacher logits (several teachers already combined), or None
             for a task learned from gold labels alone (fine-tuning a teacher): plain cross-entropy.
         gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:

@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 
 from kd_ray.errors import ModelError
+from kd_ray.models.multitask import TASKS_FILE
 
 SUPPORTED = ("WordPiece", "BPE")
 TOKENIZER_FILE = "tokenizer.json"
@@ -197,8 +198,6 @@ def trim_vocabulary(model_dir: str | Path, corpus: Iterable[list[str]], output: 
     uses, fp32, loadable by ``AutoModelForSequenceClassification`` and ``transformers.pipeline``; return the
     counts (tokens before and after, corpus texts, parameters before and after)."""
     from transformers import AutoModelForSequenceClassification
-
-    from kd_ray.multitask import TASKS_FILE
 
     source, output = Path(model_dir), Path(output)
     spec = tokenizer_spec(source)

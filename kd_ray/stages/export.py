@@ -5,7 +5,7 @@ A student serves the stream of posts for months, usually through ONNX Runtime on
 with ``quantize``, ``model.int8.onnx``: onnxruntime's dynamic int8 quantization in the setting (uint8 or int8
 weights, a scale per output channel or per tensor) that runs fastest on this CPU among those predicting PyTorch's
 class on ``min_agreement`` of the held-out texts. With ``trim_vocab``, ``trimmed/`` holds the model cut to the
-vocabulary a corpus uses (kd_ray.vocab) as an HF folder, with its own ONNX files. Beside the files: the tokenizer,
+vocabulary a corpus uses (kd_ray.models.vocab) as an HF folder, with its own ONNX files. Beside the files: the tokenizer,
 ``config.json`` (the label names) and, for a multi-task model, ``kd_ray_tasks.json``. ``export.json`` records the
 optimizer's fusions, every quantization candidate's agreement and rows/s, and per file its agreement with the
 PyTorch model's predictions, the largest logit difference and its size. ``OnnxModel`` runs an exported file
@@ -23,14 +23,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
 
 from kd_ray.config import CorpusConfig, ExportConfig
 from kd_ray.console import say
+from kd_ray.data.corpus import list_shards, read_shard
+from kd_ray.data.soft_labels import read_soft_label_info
 from kd_ray.errors import ModelError, SoftLabelError
+from kd_ray.models.inference import hidden_width
+from kd_ray.models.multitask import TASKS_FILE, MultiTaskClassifier
+from kd_ray.models.onnx import session
+from kd_ray.models.vocab import trim_vocabulary
 
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 TRIMMED = "trimmed"  # the trimmed-vocabulary model's folder, inside the output
@@ -39,53 +44,6 @@ TIMING_PASSES = 3  # a quantization candidate's rows/s: the median of this many 
 # HF model types whose graphs ONNX Runtime's 'bert' fusions fit (the mapping Optimum's ORTOptimizer uses)
 OPTIMIZER_TYPES = {t: "bert" for t in ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra",
                                        "albert", "mpnet")}
-
-
-def session(file: str | Path):
-    """An ONNX Runtime CPU session with as many threads as PyTorch uses here: a fair timing."""
-    import onnxruntime as ort
-    import torch
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-
-
-class OnnxModel:
-    """An exported ``.onnx`` file behind the calls kd-ray makes of a PyTorch classifier: ``model(**batch).logits``
-    (a torch tensor), ``config.num_labels``, ``parameters()``, ``eval()`` and ``to()``."""
-
-    def __init__(self, file: str | Path):
-        from transformers import AutoConfig
-
-        self.file = Path(file)
-        self.session = session(self.file)
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.config = AutoConfig.from_pretrained(self.file.parent)
-
-    def __call__(self, **batch):
-        import torch
-
-        feed = {k: v.numpy() for k, v in batch.items() if k in self.inputs}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
-
-    def parameters(self):
-        """The weights stored in the file (int8 ones counted like the fp32 they replace)."""
-        import onnx
-        import torch
-        from onnx import numpy_helper
-
-        for init in onnx.load(str(self.file)).graph.initializer:
-            if init.data_type != onnx.TensorProto.INT64 and not init.name.endswith(("_scale", "_zero_point")):
-                yield torch.from_numpy(np.array(numpy_helper.to_array(init)))
-
-    def eval(self):
-        return self
-
-    def to(self, device):
-        if str(device) != "cpu":
-            raise ModelError(f"{self.file} runs on CPU (ONNX Runtime's CPU provider), not {device}")
-        return self
 
 
 def _logits_module(model, names: list[str]):
@@ -106,8 +64,6 @@ def _logits_module(model, names: list[str]):
 
 def corpus_texts(data: CorpusConfig) -> Iterator[list[str]]:
     """The usable texts of ``data``, a list per table read, as kd-ray reads a corpus (normalised if asked)."""
-    from kd_ray.corpus import list_shards, read_shard
-
     for shard in list_shards(data):
         for table in read_shard(shard, data, None):
             yield [t for t, bad in zip(table.column("text").to_pylist(), table.column("reject_reason").to_pylist())
@@ -129,8 +85,6 @@ def export_graph(model_dir: str | Path, output: Path, *, opset: int):
     layout; return the model's HF config."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from kd_ray.multitask import TASKS_FILE
 
     # eager attention: ONNX Runtime's attention fusion matches its graph, not the one SDPA exports to
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
@@ -154,8 +108,6 @@ def optimize_graph(file: Path, config) -> dict:
     """Fuse ``file``'s graph in place with ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU, the
     embeddings), for the model of HF ``config``; return the fusion used and its fused operators, or why none was."""
     from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
-
-    from kd_ray.inference import hidden_width
 
     model_type = config.model_type
     fusion = OPTIMIZER_TYPES.get(model_type, model_type if model_type in MODEL_TYPES else None)
@@ -223,8 +175,6 @@ class ParityTexts:
 
     @classmethod
     def of(cls, model_dir: str, texts: list[str], max_length: int) -> ParityTexts:
-        from kd_ray.multitask import MultiTaskClassifier
-
         reference = MultiTaskClassifier.from_pretrained(model_dir, task="task", max_length=max_length)
         return cls(texts, reference.logits(texts), reference.layout, max_length)
 
@@ -262,8 +212,6 @@ class ParityTexts:
 
     def compare(self, path: Path) -> dict:
         """An ONNX file or an HF folder against the PyTorch model: argmax agreement, largest logit difference, size."""
-        from kd_ray.multitask import MultiTaskClassifier
-
         if path.suffix == ".onnx":
             logits, size = self.onnx_logits(path)[0], path.stat().st_size
         else:
@@ -306,8 +254,6 @@ def no_setting_message(record: dict, output: Path, rows: int, min_agreement: flo
 def trim_corpus(cfg: ExportConfig) -> CorpusConfig:
     """``export.trim_corpus``, or the soft labels ``cfg.model`` was distilled from: a run's soft_labels/ folder
     beside the model (or beside its tune/ folder) whose config hash is the one its kd_ray_train.json records."""
-    from kd_ray.soft_labels import read_soft_label_info
-
     if cfg.trim_corpus is not None:
         return cfg.trim_corpus
     model = Path(cfg.model)
@@ -342,8 +288,6 @@ def _write(report: dict, output: Path) -> None:
 def run_export(cfg: ExportConfig) -> dict:
     """Export, optimize, quantize (and trim), check parity on the held-out texts, write ``export.json``; refuse a
     parity below the bar."""
-    from kd_ray.vocab import trim_vocabulary
-
     output = Path(cfg.output)
     texts = held_out_texts(cfg.parity, cfg.parity_rows)
     if not texts:

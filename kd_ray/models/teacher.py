@@ -1,7 +1,7 @@
 """Teachers: check a model before any worker loads it, and run it over batches of texts.
 
 ``TeacherLabeler`` is the Ray-free core of labeling: a callable that turns an Arrow
-batch of rows into the same rows plus each teacher's raw logits. ``kd_ray.label``
+batch of rows into the same rows plus each teacher's raw logits. ``kd_ray.stages.label``
 hands it to Ray Data as an actor class.
 """
 
@@ -18,10 +18,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kd_ray.data.soft_labels import (
+    ModelInfo,
+    RepresentationInfo,
+    TeacherInfo,
+    logits_column,
+    representation_column,
+)
 from kd_ray.errors import ModelError
-from kd_ray.inference import (encode, encode_prompts, encoder, hidden_width, is_classifier_config, length_groups,
-                              padded_batches, sorted_outputs)
-from kd_ray.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, logits_column, representation_column
+from kd_ray.models.inference import (
+    encode,
+    encode_prompts,
+    encoder,
+    hidden_width,
+    is_classifier_config,
+    length_groups,
+    padded_batches,
+    sorted_outputs,
+)
+from kd_ray.models.multitask import TaskSlice
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
     from kd_ray.config import TeacherConfig
@@ -66,7 +81,9 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
         raise ModelError(f"cannot load the {what} config from {model!r}: {e}") from e
     architectures = config.architectures or []
     if labels is not None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
 
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_classifier_config(config):
             raise ModelError(f"{what} {model!r} is a {architectures or config.model_type} model, not a causal "
@@ -245,7 +262,10 @@ class TeacherLabeler:
                  threads: int = 1, precision: str = "auto", logits_dtype: str = "float32",
                  batch_tokens: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+        )
 
         self.device = pick_device(num_gpus)
         if self.device == "cpu":
@@ -328,12 +348,10 @@ def _pooling(teacher: TeacherConfig | TeacherInfo) -> str | None:
 class PromptedLM:
     """An LLM teacher where kd-ray evaluates a classifier: ``logits(texts, batch_size)`` are its label-word
     log-probabilities (calibrated if it is), through the labeler itself; ``model``, ``path`` and ``layout``
-    as kd_ray.multitask.MultiTaskClassifier has them."""
+    as kd_ray.models.multitask.MultiTaskClassifier has them."""
 
     def __init__(self, cfg: TeacherConfig, *, batch_size: int = 64):
         import torch
-
-        from kd_ray.multitask import TaskSlice
 
         self.cfg, self.path = cfg, cfg.model
         # the threads the evaluation set, not the labeler's default of one per actor

@@ -14,11 +14,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from kd_ray.config import DistillConfig, FinetuneConfig, StudentConfig, TaskLossConfig, TrainArgs
+from kd_ray.config import (
+    DistillConfig,
+    FinetuneConfig,
+    StudentConfig,
+    TaskLossConfig,
+    TrainArgs,
+)
+from kd_ray.data.soft_labels import (
+    SoftLabelInfo,
+    TeacherInfo,
+    logits_column,
+    read_soft_label_info,
+    representation_column,
+)
+from kd_ray.data.storage import absolute_if_local
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
-from kd_ray.multitask import TaskSlice, joint_labels, task_layout
-from kd_ray.soft_labels import SoftLabelInfo, TeacherInfo, logits_column, read_soft_label_info, representation_column
-from kd_ray.storage import absolute_if_local
+from kd_ray.models.multitask import TaskSlice, joint_labels, task_layout
 
 
 class TaskPlan(TaskSlice):

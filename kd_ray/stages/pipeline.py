@@ -18,10 +18,33 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, ExportConfig, FinetuneConfig, LabelConfig,
-                           LabelOutputConfig, PipelineConfig, PipelineTeacherConfig, TuneConfig)
+from kd_ray.config import (
+    CorpusConfig,
+    DistillConfig,
+    EvalSetConfig,
+    ExportConfig,
+    FinetuneConfig,
+    LabelConfig,
+    LabelOutputConfig,
+    PipelineConfig,
+    PipelineTeacherConfig,
+    TuneConfig,
+)
 from kd_ray.console import say
-from kd_ray.evaluate import SINGLE_TASK
+from kd_ray.stages.evaluate import (
+    SINGLE_TASK,
+    evaluate_models,
+    headline,
+    metrics_report,
+    summary_table,
+)
+from kd_ray.stages.export import run_export
+from kd_ray.stages.label import run_label
+from kd_ray.stages.plan import distill_plan, finetune_plan
+from kd_ray.stages.report import write_report
+from kd_ray.stages.train import read_run_info, run_distill, run_finetune
+from kd_ray.stages.tune import run_tune
+
 
 class TaskTeacher(NamedTuple):
     """One task's teacher in a run: what it predicts, the task's gold column in data.train, how it is
@@ -135,8 +158,6 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
 def up_to_date(folder: str, plan) -> bool:
     """Whether ``folder`` holds the model of this plan (its row count aside: a fine-tune counts its rows
     only once it reads its data, and the data's config is part of the plan)."""
-    from kd_ray.train import read_run_info
-
     info = read_run_info(folder)
     drop = lambda p: {k: v for k, v in p.items() if k != "rows"}  # noqa: E731
     return info is not None and "plan" in info and drop(info["plan"]) == drop(plan.model_dump(mode="json"))
@@ -144,9 +165,6 @@ def up_to_date(folder: str, plan) -> bool:
 
 def _finetune_teachers(stages: dict, timings: dict) -> None:
     """Each teacher given as a base model is fine-tuned, unless its folder holds the same plan's model."""
-    from kd_ray.plan import finetune_plan
-    from kd_ray.train import run_finetune
-
     for task, ft in stages["finetune"].items():
         name = "finetune" if task == SINGLE_TASK else f"finetune_{task}"
         if up_to_date(ft.output, finetune_plan(ft, rows=0)):
@@ -157,10 +175,6 @@ def _finetune_teachers(stages: dict, timings: dict) -> None:
 
 def _train_students(stages: dict, timings: dict) -> None:
     """The student (or the search) and its alpha=0 twin, each kept when its folder holds the same plan's model."""
-    from kd_ray.plan import distill_plan
-    from kd_ray.train import run_distill
-    from kd_ray.tune import run_tune
-
     if "tune" in stages:
         _timed(timings, "tune", run_tune, stages["tune"])
     for name in ("distill", "distill_alpha0"):
@@ -173,19 +187,14 @@ def _train_students(stages: dict, timings: dict) -> None:
 
 
 def _label(cfg: LabelConfig):
-    from kd_ray.label import run_label
-
     summary = run_label(cfg)
     say(summary.line())
     return summary
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Run every stage; write metrics.json (kd_ray.evaluate.metrics_report, plus timings and labeling) and
+    """Run every stage; write metrics.json (kd_ray.stages.evaluate.metrics_report, plus timings and labeling) and
     report.html. Returns the evaluation report."""
-    from kd_ray.evaluate import evaluate_models, metrics_report
-    from kd_ray.report import write_report
-
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -195,8 +204,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     summary = _timed(timings, "label", _label, stages["label"])
     _train_students(stages, timings)
     if "export" in stages:
-        from kd_ray.export import run_export
-
         _timed(timings, "export", run_export, stages["export"])
     report = _timed(timings, "evaluate", evaluate_models, **stages["evaluate"])
     metrics = {**metrics_report(report), "timings_s": timings,
@@ -208,8 +215,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 
 def main(cfg: PipelineConfig) -> dict:
-    from kd_ray.evaluate import headline, summary_table
-
     report = run_pipeline(cfg)
     say(summary_table(report))
     say(f"kd-ray run: {headline(report)}. Outputs: {cfg.output} (metrics: {Path(cfg.output) / 'metrics.json'})")

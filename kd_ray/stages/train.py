@@ -1,7 +1,7 @@
 """`kd-ray finetune` and `kd-ray distill`: one Accelerate training loop, run data-parallel by Ray Train.
 
 ``train_loop_per_worker`` reads like Ray's Accelerate example: build, restore, then per epoch
-train -> validate -> checkpoint. It runs a ``TrainPlan`` (kd_ray.plan): a fine-tune, a student of
+train -> validate -> checkpoint. It runs a ``TrainPlan`` (kd_ray.stages.plan): a fine-tune, a student of
 one task and a multi-task student are the same loop. The Ray-specific lines are
 ``get_dataset_shard``, ``get_checkpoint`` and ``report``; ``fit`` hands the loop to a TorchTrainer.
 Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a restarted run
@@ -30,9 +30,28 @@ import pyarrow.compute as pc
 
 from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
 from kd_ray.console import say
-from kd_ray.corpus import task_label_column
+from kd_ray.data.corpus import task_label_column
+from kd_ray.data.ray_data import corpus_dataset, soft_label_dataset
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
-from kd_ray.plan import TrainPlan, distill_plan, finetune_plan
+from kd_ray.models.inference import (
+    encode,
+    encoder,
+    hidden_width,
+    padded_batches,
+    predict_logits,
+)
+from kd_ray.models.loading import build_student, load_classifier
+from kd_ray.models.losses import Projections, combine_teacher_logits, multitask_loss
+from kd_ray.models.metrics import classification_metrics
+from kd_ray.models.multitask import with_head, write_layout
+from kd_ray.models.students import (
+    feed_forward_width,
+    ffn_neurons,
+    narrowing_widths,
+    prune_feed_forward,
+)
+from kd_ray.runtime import init_ray
+from kd_ray.stages.plan import TrainPlan, distill_plan, finetune_plan
 
 TRAIN_STATE = "train_state.pt"
 RNG_STATE = "rng_state_rank{rank}.pt"  # every worker saves its own random state into the shared checkpoint
@@ -46,13 +65,23 @@ KEEP_SCORE = "keep_score"
 # ---------------------------------------------------------------------------- per-worker loop
 
 
+def build_model(plan: TrainPlan):
+    """The model a plan trains, and its tokenizer: the base model with the plan's labels (finetune), or
+    the student for its first task, its output widened to every task's labels."""
+    if plan.student is None:
+        return load_classifier(plan.base_model, plan.labels, what="base model")
+    first = plan.tasks[0]
+    net, tokenizer = build_student(plan.student, first.teacher_model, list(first.labels))
+    if plan.labels != list(first.labels):  # one head per task: the cut teacher's head becomes the first's
+        net = with_head(net, plan.labels, rows=range(len(first.labels)))
+    return net, tokenizer
+
+
 def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict, dict]:
     """Per task: the teachers' combined logits (None for a task without teachers), the gold indices
     (-100 where a row has none) and, for tasks with a representation term, the teacher's stored
     representation, as tensors."""
     import torch
-
-    from kd_ray.losses import combine_teacher_logits
 
     teacher = {c: torch.as_tensor(_finite_rows(batch, c), device=device) for c in plan.teacher_columns}
     logits = {t.name: combine_teacher_logits([teacher[c] for c in t.teachers], list(t.teachers.values()))
@@ -89,8 +118,6 @@ def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
     batches whose order is shuffled: batches of alike lengths waste little compute on padding,
     and every row is still seen once per epoch.
     """
-    from kd_ray.inference import encode, encoder, padded_batches
-
     group = args.length_group if args.group_by_length else 1
     rng = np.random.default_rng(seed)
     backend = encoder(tokenizer, args.max_length)
@@ -124,7 +151,7 @@ class Run:
     widths: list[int] = field(default_factory=list)  # feed-forward width after each narrowing step (none: never)
     narrowings: int = 0  # narrowing steps done (a student narrowed after training is wide at first)
     checkpoint_folder: str | None = None  # the last one reported (local mode: Ray Train copies it nowhere)
-    projection: Any = None  # kd_ray.losses.Projections for the representation terms; trained, never exported
+    projection: Any = None  # kd_ray.models.losses.Projections for the representation terms; trained, never exported
 
     @property
     def narrowed(self) -> bool:
@@ -147,11 +174,6 @@ def build(plan: TrainPlan):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from kd_ray.inference import hidden_width
-    from kd_ray.losses import Projections
-    from kd_ray.models import build_model
-    from kd_ray.students import feed_forward_width, ffn_neurons, narrowing_widths
-
     if not plan.train.use_gpu and plan.train.num_workers:  # the worker's share of CPUs, rounded (1.5 -> 2, 0.75 -> 1)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(plan.train.threads_per_worker or max(1, math.floor(cpus + 0.5)))
@@ -172,8 +194,6 @@ def restore(run: Run) -> dict | None:
     import ray.train
     import torch
     from safetensors.torch import load_file
-
-    from kd_ray.students import prune_feed_forward
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -227,8 +247,6 @@ def _steps_per_epoch(plan: TrainPlan) -> int:
 
 def narrow(run: Run) -> None:
     """Narrow a student one step towards its ``ffn_size``; it trains on with a fresh schedule."""
-    from kd_ray.students import prune_feed_forward
-
     bare, projection = run.bare_model, run.bare_projection
     run.accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
     run.model, run.projection = prune_feed_forward(bare, run.widths[run.narrowings]), projection
@@ -238,8 +256,6 @@ def narrow(run: Run) -> None:
 
 def train_epoch(run: Run, shard) -> dict[str, Any]:
     """One pass over this worker's shard; returns the epoch's metrics."""
-    from kd_ray.losses import multitask_loss
-
     plan, device = run.plan, run.accelerator.device
     run.model.train()
     started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
@@ -272,9 +288,6 @@ def train_epoch(run: Run, shard) -> dict[str, Any]:
 
 def validate(run: Run, shard) -> dict[str, float]:
     """Validation metrics of every task (``val_<task>_*`` with several heads) and their mean (``val_*``)."""
-    from kd_ray.inference import predict_logits
-    from kd_ray.metrics import classification_metrics
-
     plan = run.plan
     columns = {t.name: "label" if i == 0 else task_label_column(t.name) for i, t in enumerate(plan.tasks)}
     texts, gold = [], {t.name: [] for t in plan.tasks}
@@ -320,8 +333,6 @@ def save_checkpoint(run: Run, metrics: dict) -> None:
     import ray.train
     import torch
 
-    from kd_ray.multitask import write_layout
-
     folder = tempfile.mkdtemp(prefix="kd-ray-checkpoint-")
     if run.rank == 0:
         run.bare_model.save_pretrained(folder)
@@ -347,8 +358,6 @@ def train_loop_per_worker(config: dict) -> None:
     """One data-parallel worker: build, restore, then per epoch train -> validate -> checkpoint.
     ``config`` is a TrainPlan as JSON (Ray Train's config is plain data)."""
     import ray.train
-
-    from kd_ray.students import feed_forward_width
 
     plan = TrainPlan.model_validate(config)
     run = build(plan)
@@ -442,8 +451,6 @@ def worker_cpus(args: TrainArgs) -> float:
 
 def fit(plan: TrainPlan, datasets: dict, output: str, storage_path: str | None, ray_cfg: RayConfig):
     """Run ``train_loop_per_worker`` on Ray Train and export the checkpoint ``train.keep`` names to ``output``."""
-    from kd_ray.runtime import init_ray
-
     init_ray(ray_cfg)
     name = run_name(output, plan)
     result = build_trainer(plan, datasets, name, _storage_path(output, storage_path)).fit()
@@ -506,8 +513,6 @@ def _gold_rows(batch: pa.Table, columns: list[str]) -> pa.Table:
 
 def validation_dataset(cfg: FinetuneConfig | DistillConfig, plan: TrainPlan) -> dict:
     """{"validation": the validation set, with a gold column per task beyond the first}, or {} without one."""
-    from kd_ray.ray_data import corpus_dataset
-
     validation = cfg.validation
     if validation is None:
         return {}
@@ -522,8 +527,6 @@ def validation_dataset(cfg: FinetuneConfig | DistillConfig, plan: TrainPlan) -> 
 
 
 def run_finetune(cfg: FinetuneConfig):
-    from kd_ray.ray_data import corpus_dataset
-
     train_ds = corpus_dataset(cfg.data, {n: i for i, n in enumerate(cfg.labels)}, num_cpus=DATA_TASK_CPUS)
     train_ds = train_ds.map_batches(_labeled_rows, batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
     rows = train_ds.count()
@@ -536,8 +539,6 @@ def run_finetune(cfg: FinetuneConfig):
 
 def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
-    from kd_ray.ray_data import soft_label_dataset
-
     columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns,
                                   *plan.representation_columns]))
     train_ds = soft_label_dataset(info, columns, num_cpus=DATA_TASK_CPUS)

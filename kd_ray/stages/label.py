@@ -40,17 +40,36 @@ from ray.data import Datasink
 from ray.data.context import ShuffleStrategy
 
 from kd_ray import __version__
-from kd_ray.augment import SEPARATOR, resolve_mask_token
 from kd_ray.config import LabelConfig
 from kd_ray.console import say
+from kd_ray.data.augment import SEPARATOR, resolve_mask_token
+from kd_ray.data.corpus import (
+    ALREADY_LABELED,
+    SHARD_COLUMN,
+    Shard,
+    estimated_rows,
+    list_shards,
+    task_label_column,
+)
+from kd_ray.data.growth import corpus_growth, file_records
+from kd_ray.data.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
+from kd_ray.data.soft_labels import (
+    MANIFEST,
+    METADATA_KEY,
+    PART_KEY,
+    REJECTED_DIR,
+    REJECTED_SCHEMA,
+    SCHEMA_VERSION,
+    TeacherInfo,
+    add_shard_groups,
+    parquet_writer,
+    read_soft_label_info,
+    soft_label_schema,
+)
+from kd_ray.data.storage import filesystem
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, estimated_rows, list_shards, task_label_column
-from kd_ray.growth import corpus_growth, file_records
-from kd_ray.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
-from kd_ray.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, add_shard_groups, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION, TeacherInfo, parquet_writer,
-                                read_soft_label_info, soft_label_schema)
-from kd_ray.storage import filesystem
-from kd_ray.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
+from kd_ray.models.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
+from kd_ray.runtime import init_ray
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
 READ_TASK_CPUS = 1.0  # a whole CPU, as a repartition asks: then Ray fuses the cut into blocks of block_rows into the
@@ -69,7 +88,7 @@ class LabelSummary:
     seconds: float
     skipped_existing: bool = False
     kept_rows: int = 0  # rows (labeled or rejected) already in the folder, kept by this run
-    grew: str = ""  # what the corpus gained since a finished labeling of this config (kd_ray.growth.Growth.line)
+    grew: str = ""  # what the corpus gained since a finished labeling of this config (kd_ray.data.growth.Growth.line)
 
     @property
     def rows_per_s(self) -> float:
@@ -113,7 +132,7 @@ def task_label_names(teachers: list[TeacherInfo], task_label_columns: dict[str, 
 
 
 def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
-    """Provenance stored in every part file (see kd_ray.soft_labels)."""
+    """Provenance stored in every part file (see kd_ray.data.soft_labels)."""
     teachers = [teacher_metadata(t) for t in cfg.teachers]
     first = teachers[0]
     label_names = None
@@ -371,8 +390,6 @@ def actor_count(cfg: LabelConfig) -> int:
 
 
 def run_label(cfg: LabelConfig) -> LabelSummary:
-    from kd_ray.runtime import init_ray
-
     start = time.perf_counter()
     metadata = build_metadata(cfg)  # validates teachers before any Ray work starts
     done, resume = prepare_output(cfg, metadata)
@@ -420,7 +437,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
 
 
 def _growth(cfg: LabelConfig, metadata: dict[str, Any], shards: list[Shard], done: dict):
-    """What the corpus gained since this config's finished labeling (kd_ray.growth), or None when it changed
+    """What the corpus gained since this config's finished labeling (kd_ray.data.growth), or None when it changed
     in a way only a new labeling covers and output.overwrite asks for one (the folder is then emptied)."""
     labeled = done.get("shards")
     if labeled is None:  # a manifest from before kd-ray recorded the shard plan: the part files' footers hold it
@@ -516,7 +533,7 @@ def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
 def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, parts: Parts,
             corpus: dict[str, dict]) -> None:
     """Check the whole folder from its footers and per-shard tasks, and write its manifest (the run's
-    completion marker, with ``corpus``: the record of every input file, kd_ray.growth), or mark it failed."""
+    completion marker, with ``corpus``: the record of every input file, kd_ray.data.growth), or mark it failed."""
     fs, root = filesystem(cfg.output.path)
     if summary.rows == 0:  # before the checks, whose "no part files" would hide the reason
         where = f"; they are listed under {cfg.output.path}/{REJECTED_DIR}/" if summary.rejected else ""

@@ -18,8 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kd_ray.data.soft_labels import read_soft_label_info
+from kd_ray.models.metrics import softmax
+from kd_ray.stages.evaluate import SUMMARY_HEADER, headline, summary_rows
+
 if TYPE_CHECKING:
-    from kd_ray.soft_labels import TeacherInfo
+    from kd_ray.data.soft_labels import TeacherInfo
 
 QUALITY = ("macro_recall", "macro_f1", "accuracy", "agreement")
 MAX_HISTOGRAM_ROWS = 500_000  # teacher confidences drawn from at most this many soft-label rows
@@ -222,9 +226,6 @@ def teacher_confidences(soft_labels: Path) -> tuple[TeacherInfo, np.ndarray, np.
     """(teacher metadata, max softmax probability per row, predicted class per row) of the first teacher."""
     import pyarrow.parquet as pq
 
-    from kd_ray.metrics import softmax
-    from kd_ray.soft_labels import read_soft_label_info
-
     info = read_soft_label_info(str(soft_labels))
     teacher = info.teacher()
     chunks, rows = [], 0
@@ -370,8 +371,6 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
 
 def _multitask_section(page: _Page, m: dict) -> None:
     """A multi-task run: per task, teacher vs students on the rows with that task's gold; then speed."""
-    from kd_ray.evaluate import SUMMARY_HEADER, headline, summary_rows
-
     page.raw(f"<p class='headline'>One student with a head per task: {html.escape(headline(m))}.</p>")
     page.raw(_table(SUMMARY_HEADER, summary_rows(m)))
     page.raw(_table(["model", "rows/s", "parameters"],

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from kd_ray.models.losses import pool
+
 
 def hidden_width(config) -> int:
     """The width of a model's hidden states (DistilBERT calls it ``dim``)."""
@@ -122,7 +124,7 @@ def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int,
                    amp_dtype=None, pooling: str | None = None,
                    label_tokens: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, num_labels) float32 logits of ``model`` over ``(row indices, input tensors)`` batches and,
-    with ``pooling`` ('mean' or 'cls', kd_ray.losses.pool), its (rows, hidden) float32 sentence
+    with ``pooling`` ('mean' or 'cls', kd_ray.models.losses.pool), its (rows, hidden) float32 sentence
     representations from the last hidden states (None without).
 
     A causal LM (``label_tokens``: the tokens of each label, left-padded batches): each label's next-token
@@ -133,8 +135,6 @@ def sorted_outputs(model, batches: Iterable[tuple[np.ndarray, dict]], rows: int,
     Inputs are copied to ``device`` without blocking and the host waits once, at the end: on a
     GPU the next batch is prepared while the last one runs."""
     import torch
-
-    from kd_ray.losses import pool
 
     amp = torch.autocast(device, dtype=amp_dtype) if amp_dtype else nullcontext()
     indices, logits, pooled = [], [], []

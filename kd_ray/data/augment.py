@@ -9,7 +9,7 @@ into the teacher's mask token (``mask_prob``) or into a word drawn from the post
 half its words. Copies carry no gold labels: only the teacher's logits train on them.
 
 A copy depends only on the seed, its post's id and text and the block the post was read in, so
-a resumed labeling run (kd_ray.label) makes the same copies under the same ids.
+a resumed labeling run (kd_ray.stages.label) makes the same copies under the same ids.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def perturb(words: list[str], rng: random.Random, pool: list[str], cfg: AugmentC
 
 
 def augment_table(table: pa.Table, cfg: AugmentConfig, mask_token: str | None, source: str = "corpus") -> pa.Table:
-    """``table`` (kd_ray.corpus rows) followed by ``cfg.copies`` perturbed copies of each accepted row.
+    """``table`` (kd_ray.data.corpus rows) followed by ``cfg.copies`` perturbed copies of each accepted row.
 
     The copies keep only id and text; gold labels and reject reasons are null. A post whose own
     id looks like a copy's (``source`` names its file in the error) is refused before any labeling.

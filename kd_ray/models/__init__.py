@@ -1,0 +1,1 @@
+"""Components: students, teachers, losses, inference, multi-task heads, ONNX files, metrics (Ray-free)."""

@@ -1,0 +1,1 @@
+"""The stages a user runs (label, finetune/distill, tune, evaluate, export, report) and `kd-ray run`, the pipeline of them."""
