@@ -44,12 +44,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 
-from teacher_inference import (
-    flops_per_sequence,
-    matmul_peak,
-    padding_efficiency,
-    read_texts,
-)
+from teacher_inference import flops_per_sequence, matmul_peak, padding_efficiency, read_texts
 
 LABELS = 3
 

@@ -14,7 +14,7 @@ with the `gguf` package and the model is saved as an ordinary folder under data/
 The weights carry the GGUF's quantization error; the LM runs in fp32 here.
 
 `score`: the airline test split of benchmarks/quality.py (--rows of it, the first ones), through kd-ray's
-evaluate harness (kd_ray.models.teacher.PromptedLM: the labeler itself) with the chat template, zero-shot and
+evaluate harness (kd_ray.models.teacher.TeacherClassifier: the labeler itself) with the chat template, zero-shot and
 few-shot (PROMPTS), label words in both cases (" negative" and "Negative" count for one label): macro-recall,
 accuracy and rows/s on 2 threads; `--variants zero_shot_calibrated` adds contextual calibration.
 `distill`: the LLM as the teacher of `kd-ray run` with no gold in training (see distill()).
@@ -101,10 +101,10 @@ def llm_teacher(model: str, variant: str):
 def prompt_tokens(model: str, variant: str, texts: list[str]) -> float:
     """Mean tokens of the LM's input per post (prompt, chat template and post): what a forward pass costs."""
     from kd_ray.models.inference import encode_prompts
-    from kd_ray.models.teacher import load_tokenizer
+    from kd_ray.models.teacher import make_teacher
 
     teacher = llm_teacher(model, variant)
-    ids, _ = encode_prompts(load_tokenizer(teacher), texts, teacher.max_length, teacher.prompt, chat=teacher.chat)
+    ids, _ = encode_prompts(make_teacher(teacher).load_tokenizer(), texts, teacher.max_length, teacher.prompt, chat=teacher.chat)
     return float(np.mean(np.diff(ids.offsets.to_numpy())))
 
 
@@ -172,11 +172,11 @@ def distill(args) -> dict:
     teacher = llm_teacher(args.model, args.variant)
     run = args.out / f"run-{args.model}-{args.variant}-{args.train_rows}"
     cfg = load_config(PipelineConfig, overrides={
-        "output": str(run), "labels": LABELS, "teacher_max_length": teacher.max_length,
+        "output": str(run), "labels": LABELS,
         "data": {"train": {"path": str(train), "id_column": "id", "label_column": None},
                  "test": {"path": str(data / "test.csv")}},
         "teacher": {"model": teacher.model, "kind": "llm", "prompt": teacher.prompt, "verbalizer": VERBALIZER,
-                    "chat": True, "calibrate": teacher.calibrate},
+                    "chat": True, "calibrate": teacher.calibrate, "max_length": teacher.max_length},
         "label": {"batch_size": 16, "block_rows": 256},
         "student": {"kind": "cut", "model": str(ROOT / "data" / "models" / "all-MiniLM-L6-v2"), "ffn_size": 0.5,
                     "narrow_steps": 1},

@@ -124,15 +124,14 @@ def pipeline_config(data: Path, labels: list[str], run: Path, seed: int,
     """The run every seed makes; kd-ray's shipped student defaults except where a row changes them.
     ``representation`` also stores the teacher's sentence representation at labeling (for loss.beta)."""
     tree = {
-        "output": str(run), "labels": labels, "teacher_representation": representation,
+        "output": str(run), "labels": labels,
         "data": {"train": {"path": str(data / "labeled.csv"), "id_column": "id", "label_column": "label"},
                  "transfer": {"path": str(data / "transfer.csv"), "id_column": "id"},
                  "validation": {"path": str(data / "validation.csv")},
                  "test": {"path": str(data / "test.csv")}},
-        "teacher": {"base_model": str(MODEL),
+        "teacher": {"base_model": str(MODEL), "max_length": 64, "representation": representation,
                     "train": {"epochs": 3, "batch_size": 32, "learning_rate": 5e-5, "max_length": 64, "seed": seed,
                               "threads_per_worker": 2, "num_cpus_per_worker": 1.5}},
-        "teacher_max_length": 64,
         "label": {"batch_size": 64, "block_rows": 1024},
         "distill": {"epochs": 3, "batch_size": 32, "learning_rate": 2e-4, "max_length": 64, "seed": seed,
                     "threads_per_worker": 2, "num_cpus_per_worker": 1.5},
@@ -213,13 +212,13 @@ def prepare_seed(dataset: str, data: Path, labels: list[str], out: Path, seed: i
     """The seed's teacher and its soft labels (each skipped where already complete); returns the
     seed's run folder, pipeline config and stage configs."""
     from kd_ray.stages.label import run_label
-    from kd_ray.stages.pipeline import SINGLE_TASK, stage_configs
+    from kd_ray.stages.pipeline import stages as run_stages
     from kd_ray.stages.train import run_finetune
 
     run = out / dataset / f"seed{seed}"
     cfg = pipeline_config(data, labels, run, seed, representation)
-    stages = stage_configs(cfg)
-    timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"][SINGLE_TASK], timings)
+    stages = {stage.name: getattr(stage, "cfg", None) for stage in run_stages(cfg)}
+    timed_stage("finetune", run / "teacher", run_finetune, stages["finetune"], timings)
     if not (run / "soft_labels" / "_manifest.json").is_file():
         start = time.perf_counter()
         print(run_label(stages["label"]).line(), flush=True)

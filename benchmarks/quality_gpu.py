@@ -26,11 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    get_scheduler,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 from kd_ray.models.losses import compute_loss
 from kd_ray.models.metrics import agreement, classification_metrics

@@ -20,12 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kd_ray.data.soft_labels import (
-    logits_column,
-    parquet_writer,
-    read_soft_label_info,
-    soft_label_schema,
-)
+from kd_ray.data.soft_labels import logits_column, parquet_writer, read_soft_label_info, soft_label_schema
 
 
 def column_bytes(path: Path) -> dict[str, int]:
@@ -59,7 +54,7 @@ def main() -> None:
               "raw_float32_bytes_per_row": 4 * classes, "dtypes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "float16"):
-            schema = soft_label_schema({**info.metadata, "logits_dtype": dtype})
+            schema = soft_label_schema({**info.metadata.stored(), "logits_dtype": dtype})
             rows_in_schema = table.select(schema.names).cast(schema)
             for writer_name, open_writer in (
                     ("kd-ray", lambda path: parquet_writer(path, schema)),

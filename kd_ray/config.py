@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -92,8 +85,8 @@ class TeacherConfig(Section):
         "next-token log-probabilities of the label words stored as the logits.")
     prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes (few-shot "
         "examples may precede it; write other braces as {{ }}). The label word follows it directly.")
-    labels: list[str] | None = Field(None, min_length=2, description="kind llm: the label set, in the order of the "
-        "stored logits.")
+    labels: list[str] | None = Field(None, min_length=2, description="The label set, in the order of the stored "
+        "logits: an LLM teacher's (required); a classifier's, if set, must be its own (config.json's id2label).")
     verbalizer: Verbalizer | None = Field(None, description="kind llm: label -> the word that "
         "names it after the prompt, or several (their probabilities add up: e.g. [' negative', ' Negative']); each a "
         "single token of the LM's tokenizer, all distinct (null: ' ' + the label).")
@@ -115,13 +108,13 @@ class TeacherConfig(Section):
 
     @model_validator(mode="after")
     def _llm_fields(self) -> TeacherConfig:
-        llm = {"prompt": self.prompt, "labels": self.labels, "verbalizer": self.verbalizer}
-        if self.kind == "classifier":
-            given = [k for k, v in {**llm, "calibrate": self.calibrate or None, "chat": self.chat or None}.items()
+        if self.encoder:
+            given = [k for k, v in {"prompt": self.prompt, "verbalizer": self.verbalizer,
+                                    "calibrate": self.calibrate or None, "chat": self.chat or None}.items()
                      if v is not None]
             if given:
-                raise ValueError(f"{', '.join(given)} describe an LLM teacher; set kind: llm (a classifier's labels "
-                                 "and prompt are its own)")
+                raise ValueError(f"only an LLM teacher (kind: llm) takes {', '.join(given)}; a classifier's "
+                                 "prompt is its own fine-tuning")
             return self
         if not self.prompt or not self.labels:
             raise ValueError("an LLM teacher (kind: llm) needs prompt (with {text}) and labels")
@@ -138,6 +131,11 @@ class TeacherConfig(Section):
         if self.representation is not None:
             raise ValueError("representation is stored for classifier teachers only")
         return self
+
+    @property
+    def encoder(self) -> bool:
+        """Whether the teacher is an encoder (a classifier): one a student can be cut from, or fine-tuned."""
+        return self.kind == "classifier"
 
     @property
     def label_words(self) -> list[list[str]]:
@@ -165,10 +163,8 @@ class LabelComputeConfig(Section):
     tokenize_cpus: float = Field(0.5, gt=0, le=64, description="CPUs Ray reserves per tokenize task.")
     block_rows: int = Field(8192, ge=1, le=1_000_000, description="Most rows an actor receives at a time; they are "
         "sorted by length and cut into batches, so larger blocks waste less compute on padding, and each block "
-        "costs a Ray task (8,192 rows: 1.2x the rows/s of 2,048 on a teacher of negligible compute, BENCHMARKS.md). "
-        "Where the corpus's size can be told from its files (not compressed ones), blocks are evened out to a "
-        "multiple of the actors, so that the actors finish their last blocks together (25,000 tweets on 2 CPU "
-        "actors: 4 blocks of 6,250 instead of three of 8,192 and one of 424).")
+        "costs a Ray task. Where the corpus's size can be told from its files (not compressed ones), blocks are evened "
+        "out to a multiple of the actors, so that the actors finish their last blocks together.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference precision: 'auto' is "
         "bf16 (fp16 on older GPUs) autocast on a GPU, fp32 on CPU.")
 
@@ -338,16 +334,14 @@ class TrainArgs(Section):
 
 
 class StudentTrainArgs(TrainArgs):
-    """A student's training: TrainArgs with the defaults the quality benchmark chose (BENCHMARKS.md)."""
+    """A student's training: TrainArgs with a student's defaults."""
 
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data (for a student narrowed after "
                         "training: those at its final width, after student.wide_epochs and narrow_steps).")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW. A cut student learns "
-        "faster than its teacher did: 1.7e-4 to 4e-4 led every search on airline tweets and VADER posts, 5e-5 "
-        "trailed.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW (a cut student takes a "
+        "higher one than its teacher's fine-tuning).")
     keep: Literal["last", "best", "auto"] = Field(
-        "auto", description=TrainArgs.model_fields["keep"].description + " A student's default is 'auto': on "
-        "airline tweets the best narrow epoch beat the last on test (BENCHMARKS.md).")
+        "auto", description=TrainArgs.model_fields["keep"].description + " A student's default is 'auto'.")
 
 
 class EvalSetConfig(CorpusConfig):
@@ -402,8 +396,7 @@ class StudentConfig(Section):
         "(MiniLM-L6 has 1536, so 0.25 keeps 384; null: all).")
     wide_epochs: int = Field(2, ge=0, le=100, description="With ffn_size: epochs the cut student first trains at the "
         "teacher's full feed-forward width; it is then narrowed to ffn_size (in narrow_steps) and trains train.epochs "
-        "more, on a fresh learning-rate schedule (0: narrowed before training). Narrowing a trained student keeps more "
-        "than narrowing the teacher's weights (BENCHMARKS.md).")
+        "more, on a fresh learning-rate schedule (0: narrowed before training). ")
     narrow_steps: int = Field(3, ge=1, le=10, description="With wide_epochs: reach ffn_size in this many steps, one "
         "an epoch, each keeping the same share of the neurons (2 steps from 1536 to 384: 768 for one epoch, then "
         "384 for train.epochs), each on a fresh learning-rate schedule over the epochs left.")
@@ -411,9 +404,9 @@ class StudentConfig(Section):
     num_attention_heads: int = Field(4, ge=1, le=128, description="Attention heads of a 'config' student.")
     intermediate_size: int = Field(1024, ge=8, le=32768, description="Feed-forward size of a 'config' student.")
 
-    def check_source(self, teacher: str, *, llm: bool) -> None:
+    def check_source(self, teacher: str, *, encoder: bool) -> None:
         """A student built from its teacher (a cut or its config, no student.model) needs an encoder teacher."""
-        if llm and self.kind != "pretrained" and self.model is None:
+        if not encoder and self.kind != "pretrained" and self.model is None:
             raise ValueError(f"student.kind={self.kind} builds the student from the teacher, but {teacher} is a "
                              "causal LM, not an encoder; set student.model to the encoder to cut (e.g. "
                              "all-MiniLM-L6-v2) or use student.kind: pretrained")
@@ -712,22 +705,14 @@ class EvaluateConfig(Section):
     """`kd-ray evaluate`: teacher and student(s) side by side on a held-out labeled set."""
 
     test: EvalSetConfig
-    teacher: str | None = Field(None, description="Teacher model folder or hub id.")
-    teacher_llm: TeacherConfig | None = Field(None, description="An LLM teacher instead (kind: llm, its model, "
-        "prompt and labels): scored by the label-word log-probabilities it labels with.")
+    teacher: str | TeacherConfig = Field(description="Teacher: a classifier's folder or hub id, or a teacher as "
+        "`kd-ray label` runs it (teachers.N: its model, kind and, for an LLM, prompt and labels), scored by the "
+        "logits it labels with.")
     student: str = Field(description="Student model folder or hub id.")
     others: dict[str, str] = Field(default_factory=dict, description="More models to report, name -> folder "
                                    "(e.g. the student trained without distillation).")
     eval: EvalArgs = Field(default_factory=EvalArgs)
     output: str = Field(description="Folder for metrics.json.")
-
-    @model_validator(mode="after")
-    def _one_teacher(self) -> EvaluateConfig:
-        if (self.teacher is None) == (self.teacher_llm is None):
-            raise ValueError("set exactly one of teacher (a classifier) and teacher_llm (an LLM teacher)")
-        if self.teacher_llm is not None and self.teacher_llm.kind != "llm":
-            raise ValueError("teacher_llm is for kind: llm; a classifier teacher goes in teacher")
-        return self
 
 
 class ExportConfig(Section):
@@ -764,33 +749,35 @@ class ExportConfig(Section):
         return self
 
 
-class PipelineTeacherConfig(Section):
-    model: str | None = Field(None, description="A ready teacher classifier (folder or hub id), or the causal LM "
-                              "of kind llm; null: fine-tune `base_model` on data.train first.")
+def _teacher_with_labels(data: Any) -> Any:
+    """A run's or task's ``labels`` are its teacher's, unless the teacher sets its own."""
+    if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and data.get("labels") is not None:
+        return {**data, "teacher": {"labels": data["labels"], **data["teacher"]}}
+    return data
+
+
+class RunTeacherConfig(TeacherConfig):
+    """A run's teacher: a teacher as `kd-ray label` runs it (teachers.N), ready or fine-tuned here first. Its
+    labels are the run's (labels, or tasks.<task>.labels)."""
+
+    model: str | None = Field(None, description="A ready teacher (a classifier's folder or hub id, or the causal LM "
+                              "of kind llm); null: fine-tune `base_model` on data.train first.")
     base_model: str | None = Field(None, description="Pretrained encoder to fine-tune into the teacher.")
     train: TrainArgs = Field(default_factory=TrainArgs, description="Fine-tuning settings.")
-    kind: Literal["classifier", "llm"] = Field("classifier", description="'llm': `model` is a prompted causal LM "
-        "(teachers.N.kind): no fine-tuning, so data.train needs no gold labels (label_column: null).")
-    prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes.")
-    verbalizer: Verbalizer | None = Field(None, description="kind llm: label -> its word(s) (teachers.N.verbalizer; "
-                                          "null: ' ' + label).")
-    calibrate: bool = Field(False, description="kind llm: contextual calibration.")
-    chat: bool = Field(False, description="kind llm: the prompt goes into the LM's chat template.")
 
-    def check_source(self) -> None:
-        if self.kind == "llm":
-            if self.model is None or self.base_model is not None or not self.prompt:
-                raise ValueError("a teacher of kind llm needs teacher.model (the causal LM) and teacher.prompt, and "
-                                 "no base_model: an LLM teacher is prompted, not fine-tuned")
-        elif (self.model is None) == (self.base_model is None):
+    @model_validator(mode="after")
+    def _one_source(self) -> RunTeacherConfig:
+        if (self.model is None) == (self.base_model is None):
             raise ValueError("set exactly one of teacher.model (a ready teacher) and teacher.base_model (fine-tune one)")
+        if self.base_model is not None and not self.encoder:
+            raise ValueError("teacher.base_model is fine-tuned into a classifier; an LLM teacher (kind: llm) is "
+                             "prompted, not fine-tuned: set teacher.model to the causal LM")
+        return self
 
-    def labeling(self, labels: list[str], **common) -> TeacherConfig:
-        """The teacher as the labeling stage runs it; ``common``: the stage's own settings (model path,
-        max_length, name, ...)."""
-        llm = {"kind": "llm", "prompt": self.prompt, "labels": labels, "verbalizer": self.verbalizer,
-               "calibrate": self.calibrate, "chat": self.chat} if self.kind == "llm" else {}
-        return TeacherConfig(**common, **llm)
+    def labeling(self, model: str, **update) -> TeacherConfig:
+        """The teacher as the labeling stage runs it, from ``model``."""
+        fields = self.model_dump(exclude={"base_model", "train"}) | {"model": model, **update}
+        return TeacherConfig(**fields)
 
 
 class PipelineDataConfig(Section):
@@ -821,13 +808,13 @@ class PipelineTaskConfig(Section):
     label_column: str = Field(description="Column of this task's gold labels in data.train, data.validation and "
                               "data.test; empty cells mean the row has no label for this task.")
     labels: list[str] = Field(min_length=2, description="This task's label set, in output order.")
-    teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
+    teacher: RunTeacherConfig
     loss: TaskLossConfig = Field(default_factory=TaskLossConfig, description="w_k, and T and alpha if not loss's.")
 
-    @model_validator(mode="after")
-    def _teacher_source(self) -> PipelineTaskConfig:
-        self.teacher.check_source()
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_takes_the_labels(cls, data: Any) -> Any:
+        return _teacher_with_labels(data)
 
 
 class PipelineConfig(Section):
@@ -840,13 +827,10 @@ class PipelineConfig(Section):
         "labels and teacher. Every teacher labels the corpus in one pass, and one student with a head per task "
         "learns from all of them. Replaces labels and teacher.")
     data: PipelineDataConfig
-    teacher: PipelineTeacherConfig = Field(default_factory=PipelineTeacherConfig)
+    teacher: RunTeacherConfig | None = Field(None, description="The teacher (one task; for several, see tasks).")
     label: LabelComputeConfig = Field(default_factory=LabelComputeConfig, description="Labeling compute.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Perturbed copies of the posts "
                                    "for the teacher to label: more transfer text for a small corpus.")
-    teacher_max_length: int = Field(128, ge=8, le=8192, description="Teacher tokens per text when labeling.")
-    teacher_representation: Literal["mean", "cls"] | None = Field(None, description="Also store each teacher's "
-        "sentence representation when labeling (teachers.N.representation), for loss.beta.")
     logits_dtype: Literal["float32", "float16"] = Field("float32", description="Stored logits type.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
@@ -861,33 +845,37 @@ class PipelineConfig(Section):
     eval: EvalArgs = Field(default_factory=EvalArgs)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    def teacher_fields(self) -> dict[str, PipelineTeacherConfig]:
+    def teacher_fields(self) -> dict[str, RunTeacherConfig]:
         """Each teacher of the run under its config field name, in task order."""
         if self.tasks is None:
             return {"teacher": self.teacher}
         return {f"tasks.{n}.teacher": t.teacher for n, t in self.tasks.items()}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _teachers_take_the_labels(cls, data: Any) -> Any:
+        return _teacher_with_labels(data)
+
     @model_validator(mode="after")
     def _teacher_source(self) -> PipelineConfig:
         if self.tasks is not None:
-            if self.labels is not None or self.teacher != PipelineTeacherConfig():
+            if self.labels is not None or self.teacher is not None:
                 raise ValueError("with tasks, set each task's labels and teacher (tasks.<task>.labels, "
                                  "tasks.<task>.teacher), not the top-level labels and teacher")
             if len(self.tasks) < 2:
                 raise ValueError("tasks needs at least two tasks; for one, use labels and teacher")
-        elif self.labels is None:
-            raise ValueError("set labels (the label set) or tasks (several tasks)")
-        else:
-            self.teacher.check_source()
+        elif self.labels is None or self.teacher is None:
+            raise ValueError("set labels (the label set) and teacher, or tasks (several tasks)")
         (field, first), *_ = self.teacher_fields().items()  # a student built from its teacher: the first task's
-        self.student.check_source(field, llm=first.kind == "llm")
+        self.student.check_source(field, encoder=first.encoder)
         if self.tune is not None and self.data.validation is None:
             raise ValueError("tune needs data.validation (flag --data.validation.path): it scores every trial")
         if self.tune is not None and self.distill.num_workers == 0:
             raise ValueError(LOCAL_MODE_TRIALS.format(field="distill.num_workers"))
-        if self.loss.beta > 0 and self.teacher_representation is None:
-            raise ValueError(f"loss.beta={self.loss.beta} matches the student to the teacher's stored representation; "
-                             "set teacher_representation: mean (or cls) so that labeling stores it, or beta: 0")
+        missing = [f"{n}.representation" for n, t in self.teacher_fields().items() if t.representation is None]
+        if self.loss.beta > 0 and missing:
+            raise ValueError(f"loss.beta={self.loss.beta} matches the student to the teachers' stored representations; "
+                             f"set {', '.join(missing)}: mean (or cls) so that labeling stores them, or beta: 0")
         return self
 
     @model_validator(mode="after")

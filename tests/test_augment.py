@@ -88,14 +88,14 @@ def test_bad_augment_settings_are_refused(fields, message):
 
 
 def test_pipeline_passes_augment_to_its_label_stage(tmp_path):
-    from kd_ray.stages.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stages
 
     cfg = load_config(PipelineConfig, overrides={
         "output": str(tmp_path / "run"), "labels": ["negative", "neutral", "positive"],
         "data": {"train": {"path": str(tmp_path / "l.csv"), "label_column": "label"},
                  "test": {"path": str(tmp_path / "t.csv")}},
         "teacher": {"base_model": str(tmp_path / "base")}, "augment": {"copies": 3}})
-    assert stage_configs(cfg)["label"].augment.copies == 3
+    assert {stage.name: stage for stage in stages(cfg)}["label"].cfg.augment.copies == 3
 
 
 @pytest.mark.slow

@@ -107,11 +107,11 @@ PIPELINE = {"output": "o", "labels": ["a", "b"], "teacher.base_model": "m", "dat
 ])
 def test_pipeline_transfer_set_is_read_like_the_labeled_set_and_without_gold(override, expected):
     from kd_ray.config import PipelineConfig
-    from kd_ray.stages.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stages
 
     with pytest.raises(ConfigError, match=expected):
         load_config(PipelineConfig, overrides={**PIPELINE, **override})
-    corpus = stage_configs(load_config(PipelineConfig, overrides=PIPELINE))["label"].corpus
+    corpus = {s.name: s for s in stages(load_config(PipelineConfig, overrides=PIPELINE))}["label"].cfg.corpus
     assert (corpus.path, corpus.unlabeled_path, corpus.label_column) == ("l.csv", "u.csv", "y")
 
 

@@ -186,7 +186,8 @@ def test_trimming_defaults_to_the_soft_labels_the_model_was_distilled_from(tmp_p
     run = tmp_path / "run"
     shutil.copytree(tiny_teacher, run / "student")
     texts = random_posts(5, seed=7)
-    meta = {"schema_version": 2, "teachers": [{"name": "teacher", "id2label": dict(enumerate(LABELS))}],
+    meta = {"schema_version": 2, "teachers": [{"name": "teacher", "task": "sentiment", "model": "m", "max_length": 32,
+                                               "id2label": {str(i): n for i, n in enumerate(LABELS)}}],
             "logits_dtype": "float32", "config_hash": "labels-1"}
     (run / "soft_labels").mkdir()
     pq.write_table(pa.table({"id": [str(i) for i in range(5)], "text": texts, "label": pa.nulls(5, pa.int32()),

@@ -25,20 +25,8 @@ import kd_ray
 from kd_ray.cli import main
 from kd_ray.config import LabelConfig, TeacherConfig, load_config
 from kd_ray.data.normalize import normalize_post
-from kd_ray.data.soft_labels import (
-    MANIFEST,
-    METADATA_KEY,
-    REJECTED_DIR,
-    soft_label_schema,
-    validate_soft_labels,
-)
-from kd_ray.errors import (
-    CorpusError,
-    KdRayUserError,
-    ModelError,
-    SoftLabelError,
-    unwrap_user_error,
-)
+from kd_ray.data.soft_labels import MANIFEST, METADATA_KEY, REJECTED_DIR, soft_label_schema, validate_soft_labels
+from kd_ray.errors import CorpusError, KdRayUserError, ModelError, SoftLabelError, unwrap_user_error
 from kd_ray.models.teacher import weights_sha256
 from kd_ray.stages.label import run_label
 
@@ -225,13 +213,13 @@ def test_labeler_pads_on_the_tokenizers_side(teacher, tmp_path, padding_side):
 def test_tokenized_rows_label_as_raw_rows_do_with_batches_cut_by_tokens(teacher):
     """The tokenize stage's output fed to the labeler gives what the labeler gives tokenizing itself;
     batch_tokens changes the batches, not the logits; rejected rows carry no tokens and NaN logits."""
-    from kd_ray.models.teacher import TeacherLabeler, Tokenizers
+    from kd_ray.models.teacher import TeacherLabeler, Tokenizers, make_teacher
 
     texts = random_posts(300, seed=11, max_words=60)
     rows = pa.table({"id": [str(i) for i in range(300)], "text": texts, "label": pa.nulls(300, pa.int32()),
                      "reject_reason": ["empty text" if i % 50 == 0 else None for i in range(300)]})
     teachers = [TeacherConfig(model=str(teacher), max_length=MAX_LENGTH)]
-    tokenized = Tokenizers(teachers)(rows)
+    tokenized = Tokenizers([make_teacher(t) for t in teachers])(rows)
     assert tokenized.column("_token_ids_0").to_pylist()[0] == []
     raw = TeacherLabeler(teachers, batch_size=32)(rows)
     by_tokens = TeacherLabeler(teachers, batch_size=256, batch_tokens=512)(tokenized)
@@ -275,7 +263,7 @@ def test_every_part_file_carries_complete_provenance(teacher, big_run):
         assert meta["kd_ray_version"] == kd_ray.__version__
         assert meta["config_hash"] == manifest["config_hash"] and len(meta["config_hash"]) == 16
         assert meta["normalize"] is False and meta["logits_dtype"] == "float32"
-        assert meta["label_names"] == LABELS and meta["label_task"] == "sentiment"
+        assert meta["gold"] == {"sentiment": LABELS} and meta["schema_version"] == 3
         [stored] = meta["teachers"]
         assert stored["model"] == str(Path(teacher).resolve())
         assert stored["weights_sha256"] == weights_sha256(Path(teacher)) and len(stored["weights_sha256"]) == 64
@@ -642,3 +630,25 @@ def test_duplicate_ids_across_files_fail_the_run_without_a_manifest(capsys, ray_
                  "--teachers.0.model", str(teacher), "--output.path", str(out), "--compute.concurrency", "1"]) == 1
     assert "id 'x1' appears more than once" in capsys.readouterr().err
     assert not (out / MANIFEST).exists()
+
+
+def test_validate_checks_representations_for_nan_as_labeling_does(tmp_path):
+    """`kd-ray validate` checks a file's rows with the same check labeling makes from its footers: a NaN in a
+    stored representation is named, with its file and column."""
+    from kd_ray.data.soft_labels import MANIFEST, parquet_writer
+
+    meta = {"schema_version": 2, "teachers": [{"name": "teacher", "task": "sentiment", "max_length": 32,
+                                               "model": "m", "id2label": {str(i): n for i, n in enumerate(LABELS)},
+                                               "representation": {"pooling": "mean", "width": 4}}],
+            "logits_dtype": "float32", "config_hash": "labels-1", "label_names": LABELS}
+    schema = soft_label_schema(meta)
+    representation = [[0.5] * 4, [0.25, float("nan"), 0.0, 1.0], [1.0] * 4]
+    table = pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "label": [0, 2, None],
+                      "teacher_logits": [[0.0, 1.0, 2.0]] * 3, "teacher_representation": representation,
+                      "truncated": [False] * 3}, schema=schema)
+    (tmp_path / "labels").mkdir()
+    with parquet_writer(str(tmp_path / "labels" / "part-00000.parquet"), schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "labels" / MANIFEST).write_text(json.dumps({"rows": 3}))
+    with pytest.raises(SoftLabelError, match=r"part-00000.parquet: 1 NaN/Inf values in teacher_representation"):
+        validate_soft_labels(str(tmp_path / "labels"))

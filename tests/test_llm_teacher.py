@@ -13,7 +13,7 @@ from conftest import LABELS, random_posts
 
 from kd_ray.config import TeacherConfig
 from kd_ray.errors import ModelError
-from kd_ray.models.teacher import CALIBRATION, TeacherLabeler, teacher_metadata
+from kd_ray.models.teacher import CALIBRATION, TeacherLabeler, describe_teacher
 
 PROMPT = "Tweet: {text}\nSentiment:"
 CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
@@ -144,7 +144,7 @@ def test_calibration_divides_out_the_content_free_prior(causal_lm):
 def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(causal_lm):
     import hashlib
 
-    info = teacher_metadata(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
+    info = describe_teacher(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
                                                                 "positive": " positive"}, calibrate=True))
     meta = info.metadata()
     assert meta["kind"] == "llm" and meta["prompt"] == PROMPT
@@ -155,7 +155,7 @@ def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(cau
 
 
 def test_a_classifier_teachers_metadata_keeps_its_keys(tiny_teacher):
-    meta = teacher_metadata(TeacherConfig(model=str(tiny_teacher))).metadata()
+    meta = describe_teacher(TeacherConfig(model=str(tiny_teacher))).metadata()
     assert set(meta) == {"model", "revision", "weights_sha256", "id2label", "architecture", "name", "task",
                          "max_length"}
 
@@ -164,7 +164,7 @@ def test_a_label_word_of_several_tokens_is_refused_by_name(causal_lm):
     cfg = llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
                                              "positive": " positivezzqx"})
     with pytest.raises(ModelError, match="label 'positive''s word ' positivezzqx' is [0-9]+ tokens \\[.*\\] in "):
-        teacher_metadata(cfg)
+        describe_teacher(cfg)
 
 
 @pytest.mark.parametrize("prompt, message", [("Sentiment:", "no \\{text\\} placeholder"),
@@ -175,13 +175,18 @@ def test_a_prompt_without_the_post_is_refused(prompt, message):
 
 
 def test_llm_fields_on_a_classifier_teacher_are_refused():
-    with pytest.raises(ValueError, match="prompt, labels describe an LLM teacher; set kind: llm"):
-        TeacherConfig(model="m", prompt=PROMPT, labels=LABELS)
+    with pytest.raises(ValueError, match="only an LLM teacher \\(kind: llm\\) takes prompt, chat"):
+        TeacherConfig(model="m", prompt=PROMPT, labels=LABELS, chat=True)
+
+
+def test_a_classifier_teachers_labels_are_checked_against_its_own(tiny_teacher):
+    with pytest.raises(ModelError, match="predicts \\['negative', 'neutral', 'positive'\\], but its labels are set"):
+        describe_teacher(TeacherConfig(model=str(tiny_teacher), labels=["positive", "neutral", "negative"]))
 
 
 def test_a_classifier_is_not_an_llm_teacher(tiny_teacher):
     with pytest.raises(ModelError, match="not a causal language model \\(one AutoModelForCausalLM loads\\)"):
-        teacher_metadata(llm_teacher(tiny_teacher))
+        describe_teacher(llm_teacher(tiny_teacher))
 
 
 @pytest.mark.slow
@@ -224,7 +229,7 @@ def test_evaluate_scores_an_llm_teacher_against_a_student(tmp_path, causal_lm, t
     (tmp_path / "test.csv").write_text("text,label\n" + "".join(f'"{t}",{g}\n' for t, g in zip(texts, gold)))
     cfg = load_config(EvaluateConfig, overrides={
         "test": {"path": str(tmp_path / "test.csv")}, "student": str(tiny_teacher), "output": str(tmp_path / "eval"),
-        "teacher_llm": {"model": str(causal_lm), "kind": "llm", "prompt": PROMPT, "labels": LABELS},
+        "teacher": {"model": str(causal_lm), "kind": "llm", "prompt": PROMPT, "labels": LABELS},
         "eval": {"max_length": 64, "timing_rows": 20, "timing_repeats": 1, "threads": 1}})
     run_evaluate(cfg)
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -235,11 +240,11 @@ def test_evaluate_scores_an_llm_teacher_against_a_student(tmp_path, causal_lm, t
 
 
 @pytest.mark.parametrize("tree, message", [({"teacher": "a"}, None),
-                                           ({}, "set exactly one of teacher"),
-                                           ({"teacher": "a", "teacher_llm": {"model": "m", "kind": "llm",
-                                                                             "prompt": PROMPT, "labels": LABELS}},
-                                            "set exactly one of teacher")])
-def test_evaluate_takes_one_teacher(tree, message):
+                                           ({"teacher": {"model": "m", "kind": "llm", "prompt": PROMPT,
+                                                         "labels": LABELS}}, None),
+                                           ({}, "Field required"),
+                                           ({"teacher": {"model": "m", "kind": "llm"}}, "needs prompt")])
+def test_evaluate_takes_any_teacher_in_one_field(tree, message):
     from kd_ray.config import EvaluateConfig
 
     base = {"test": {"path": "t.csv"}, "student": "s", "output": "o"}
@@ -252,7 +257,7 @@ def test_evaluate_takes_one_teacher(tree, message):
 
 def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
     from kd_ray.config import PipelineConfig, load_config
-    from kd_ray.stages.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stages as run_stages
 
     tree = {"output": "runs/llm", "labels": LABELS,
             "data": {"train": {"path": "posts.txt", "label_column": None}, "test": {"path": "test.csv"}},
@@ -260,16 +265,15 @@ def test_a_pipeline_with_an_llm_teacher_labels_without_fine_tuning_or_gold():
                         "verbalizer": {"negative": [" negative", " bad"], "neutral": " neutral",
                                        "positive": " positive"}},
             "student": {"model": "some/encoder"}}
-    stages = stage_configs(load_config(PipelineConfig, overrides=tree))
-    assert stages["finetune"] == {}
-    assert "distill_alpha0" not in stages  # no gold to learn from with alpha=0
-    (teacher,) = stages["label"].teachers
+    stages = {stage.name: stage for stage in run_stages(load_config(PipelineConfig, overrides=tree))}
+    assert list(stages) == ["label", "distill", "evaluate", "report"]  # no fine-tuning; no gold for alpha=0
+    (teacher,) = stages["label"].cfg.teachers
     assert (teacher.kind, teacher.model, teacher.labels, teacher.calibrate) == ("llm", "some/llm", LABELS, True)
     assert teacher.label_words[0] == [" negative", " bad"]
-    assert stages["label"].corpus.label_column is None
-    (scored,) = stages["evaluate"]["teachers"].values()
+    assert stages["label"].cfg.corpus.label_column is None
+    (scored,) = stages["evaluate"].cfg["teachers"].values()
     assert isinstance(scored, TeacherConfig) and scored.prompt == PROMPT
-    with pytest.raises(ValueError, match="a teacher of kind llm needs teacher.model .* and no base_model"):
+    with pytest.raises(ValueError, match="an LLM teacher \\(kind: llm\\) is prompted, not fine-tuned"):
         load_config(PipelineConfig, overrides={**tree, "teacher": {"base_model": "b", "kind": "llm", "prompt": PROMPT}})
     with pytest.raises(ValueError, match="teacher is a causal LM, not an encoder; set student.model"):
         load_config(PipelineConfig, overrides={**tree, "student": {"kind": "cut"}})
@@ -295,10 +299,10 @@ def test_kd_ray_run_distills_an_llm_teacher_without_gold_labels(tmp_path, ray_se
     (tmp_path / "train.txt").write_text("\n".join(posts[:160]) + "\n")
     (tmp_path / "test.csv").write_text("text,label\n" + "".join(f'"{t}",{LABELS[i % 3]}\n'
                                                                 for i, t in enumerate(posts[160:])))
-    config = {"output": str(tmp_path / "run"), "labels": LABELS, "teacher_max_length": 48,
+    config = {"output": str(tmp_path / "run"), "labels": LABELS,
               "data": {"train": {"path": str(tmp_path / "train.txt"), "label_column": None},
                        "test": {"path": str(tmp_path / "test.csv")}},
-              "teacher": {"model": str(lm), "kind": "llm", "prompt": PROMPT},
+              "teacher": {"model": str(lm), "kind": "llm", "prompt": PROMPT, "max_length": 48},
               "student": {"model": str(tiny_teacher), "num_layers": 1, "ffn_size": None},
               "distill": {"epochs": 1, "batch_size": 16, "max_length": 32, "num_workers": 0},
               "eval": {"max_length": 48, "timing_rows": 20, "timing_repeats": 1}}

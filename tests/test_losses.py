@@ -6,14 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_ray.models.losses import (
-    LOSSES,
-    combine_teacher_logits,
-    compute_loss,
-    distill_loss,
-    hard_label_loss,
-    mse_loss,
-)
+from kd_ray.models.losses import LOSSES, combine_teacher_logits, compute_loss, distill_loss, hard_label_loss, mse_loss
 
 NUM_CLASSES = 3
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 8.0]

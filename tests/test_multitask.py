@@ -10,14 +10,8 @@ import torch.nn.functional as F
 from conftest import build_tiny_classifier, random_posts
 
 from kd_ray.models.losses import distill_loss, multitask_loss
-from kd_ray.models.multitask import (
-    MultiTaskClassifier,
-    export_task,
-    joint_labels,
-    read_layout,
-    task_layout,
-    write_layout,
-)
+from kd_ray.models.multitask import (MultiTaskClassifier, export_task, joint_labels, read_layout, task_layout,
+                                     write_layout)
 from kd_ray.stages.plan import TaskPlan
 
 TASKS = {"sentiment": ["negative", "neutral", "positive"],
@@ -178,13 +172,14 @@ def test_one_labeling_pass_writes_every_teachers_column_for_exactly_the_input_id
     for r in source:
         got = rows[r["id"]]
         assert len(got["sentiment_logits"]) == 3 and len(got["reason_logits"]) == 4
-        assert got["label"] == ["negative", "neutral", "positive"].index(r["sentiment"])
+        assert got["label_sentiment"] == ["negative", "neutral", "positive"].index(r["sentiment"])  # schema 3
         assert got["label_reason"] == (REASONS.index(r["reason"]) if r["reason"] else None)
+        assert "label" not in got
     teachers = {t.name: t for t in info.teachers}
     assert teachers["sentiment"].task == "sentiment" and teachers["reason"].task == "reason"
     assert teachers["reason"].labels == REASONS
     assert teachers["sentiment"].model == str(tiny_teacher) and teachers["reason"].weights_sha256
-    assert info.metadata["task_labels"] == {"reason": REASONS}
+    assert info.metadata.gold == {"sentiment": ["negative", "neutral", "positive"], "reason": REASONS}
     validate_soft_labels(str(root / "labels"))
 
 
@@ -351,7 +346,8 @@ def test_a_multitask_run_searches_exports_and_scores_each_task_and_a_rerun_skips
     assert set(metrics["rows_per_s"]) == {"teachers", "student", "student_alpha0", "student_int8"}
     page = (run / "report.html").read_text()
     assert "Best of 2 trials" in page and "No tuning" not in page
-    assert {"tuning_landscape.png", "trial_curves.png"} <= {p.name for p in (run / "report").glob("*.png")}
+    assert {p.stem for p in (run / "report").glob("*.png")} == {"confusion", "efficiency", "quality", "soft_labels", "training",
+                                                                "trial_curves", "tuning_landscape"}  # every plot, per task
 
     # the same config again: every stage is found done, no model is written again
     before = {p: p.stat().st_mtime_ns for p in run.rglob("model.safetensors")}
@@ -404,20 +400,19 @@ def test_teachers_that_share_a_tokenizer_tokenize_each_block_once_with_the_same_
 
 
 @pytest.mark.slow
-def test_a_single_task_student_of_another_tasks_teacher_is_refused_naming_both_tasks(two_task_labels, tmp_path):
-    """`loss.teachers` naming the reason teacher while the gold column 'label' holds sentiment: with alpha < 1
-    the reason head would learn from sentiment class indices, so it is refused before training."""
+def test_a_single_task_student_of_another_tasks_teacher_learns_that_tasks_gold(two_task_labels, tmp_path):
+    """`loss.teachers` naming the reason teacher: the one head learns reason, from its own gold column (every task
+    has one since soft-label schema 3); teachers of two tasks for one head are refused."""
     from kd_ray.config import DistillConfig, load_config
     from kd_ray.errors import SoftLabelError
+    from kd_ray.stages.plan import distill_plan
     from kd_ray.stages.train import run_distill
 
     root, _, _ = two_task_labels
     base = {"soft_labels": str(root / "labels"), "output": str(tmp_path / "student"),
             "loss.teachers": {"reason": 1.0}, "student.num_layers": 1, "student.ffn_size": None,
             "train.epochs": 1, "train.max_length": 32}
-    with pytest.raises(SoftLabelError, match="teacher 'reason' of task 'reason', but the gold column 'label' .* "
-                                             "holds task 'sentiment'"):
-        run_distill(load_config(DistillConfig, overrides={**base, "loss.alpha": 0.7}))
-    assert not (tmp_path / "student").exists()
+    (task,) = distill_plan(load_config(DistillConfig, overrides={**base, "loss.alpha": 0.7}))[0].tasks
+    assert (task.name, task.gold_column, task.labels) == ("reason", "label_reason", tuple(REASONS))
     with pytest.raises(SoftLabelError, match="one head learns one task"):
         run_distill(load_config(DistillConfig, overrides={**base, "loss.teachers": {"reason": 1.0, "sentiment": 1.0}}))

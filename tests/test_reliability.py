@@ -135,18 +135,18 @@ def test_an_unfinished_run_of_another_config_is_refused(ray_session, teacher, co
 
 
 @pytest.mark.slow
-def test_an_unfinished_run_of_the_row_number_id_scheme_is_not_resumed(ray_session, teacher, corpus, tmp_path):  # noqa: F811
-    """Soft-label schema 1 named a line file's rows '<file>:<row>', 2 names them '<file>@<byte offset>': an
-    interrupted version-1 folder cannot be resumed (its ids would never match), and says so."""
+def test_an_unfinished_run_of_an_earlier_schema_is_not_resumed(ray_session, teacher, corpus, tmp_path):  # noqa: F811
+    """Soft-label schema 1 named a line file's rows '<file>:<row>' (2 and 3: '<file>@<byte offset>'), and 1 and 2
+    kept the first task's gold in 'label': an interrupted folder of an earlier version cannot be resumed (its
+    ids or columns would not match), and says so."""
     root, _ = corpus
     out = tmp_path / "labels"
     out.mkdir()
     (out / RUN_STATE).write_text(json.dumps({"config_hash": "0123456789abcdef"}))
     old = pa.table({"id": ["posts.jsonl:0"]}).replace_schema_metadata({"kd_ray": json.dumps({"schema_version": 1})})
     pq.write_table(old, out / "part-00000-0000.parquet")
-    with pytest.raises(KdRayUserError, match=r"holds an unfinished run of kd-ray with soft-label schema version 1, whose "
-                                             r"ids of JSON Lines, CSV and text rows were '<file>:<row>'; this kd-ray "
-                                             r"writes version 2 \('<file>@<byte offset>'\) and cannot resume it"):
+    with pytest.raises(KdRayUserError, match=r"holds an unfinished run of an earlier kd-ray, with soft-label schema "
+                                             r"version 1; this kd-ray writes version 3 and cannot resume it"):
         run_label(label_cfg(root, teacher, out, **RESUME))
     assert pq.read_table(out / "part-00000-0000.parquet").equals(old)  # nothing touched
 

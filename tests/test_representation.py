@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,8 @@ from conftest import LABELS, build_tiny_classifier, random_posts
 from kd_ray.config import DistillConfig, StudentConfig, load_config
 from kd_ray.data.soft_labels import METADATA_KEY, read_soft_label_info
 from kd_ray.errors import SoftLabelError
-from kd_ray.models.losses import Projections, multitask_loss, pool, representation_loss
+from kd_ray.models.components import RepresentationTerm
+from kd_ray.models.losses import multitask_loss, pool, representation_loss
 from kd_ray.stages.plan import TaskPlan, distill_plan
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.shuffle_buffer": 0,
@@ -60,35 +62,52 @@ def _task(beta: float, **more) -> TaskPlan:
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_the_representation_term_reaches_the_projection_and_the_student(tmp_path, kind):
     model, tokenizer = _student(tmp_path)
-    projection = Projections(32, {"sentiment": ("mean", 48)})
+    task = _task(0.7, representation_loss=kind)
+    other = TaskPlan(name="b", labels=("x", "y"), start=3, teachers={"b_logits": 1.0}, alpha=1.0)  # no target
+    term = RepresentationTerm(SimpleNamespace(tasks=[task, other]), model)
+    assert term.hidden_states and list(term.module.maps) == ["sentiment"]  # the projection the loop optimizes
     enc = tokenizer(["great flight", "awful awful seat and bag"], padding=True, return_tensors="pt")
     out = model(**enc, output_hidden_states=True)
-    targets = {"sentiment": torch.randn(2, 48)}
-    pairs = {n: (p, targets[n]) for n, p in projection(out.hidden_states[-1], enc["attention_mask"]).items()}
-    teacher = {"sentiment": torch.randn(2, 3)}
-    gold = {"sentiment": torch.tensor([0, -100])}
-    task = _task(0.7, representation_loss=kind)
-    total, parts = multitask_loss(out.logits, [task], teacher, gold, pairs)
-    logits_only, _ = multitask_loss(out.logits, [task], teacher, gold)
-    term = representation_loss(*pairs["sentiment"], kind)
-    assert total.item() == pytest.approx(logits_only.item() + 0.7 * term.item(), rel=1e-5)
-    total.backward()
-    assert projection.maps["sentiment"].weight.grad.abs().sum() > 0
+    targets = {"teacher_representation": torch.randn(2, 48)}
+    terms = term.loss_terms(out, enc, targets.__getitem__)
+    projected = term.module(out.hidden_states[-1], enc["attention_mask"])["sentiment"]
+    assert list(terms) == ["sentiment"]
+    assert terms["sentiment"].item() == pytest.approx(0.7 * representation_loss(projected, targets[
+        "teacher_representation"], kind).item())
+    terms["sentiment"].backward()
+    assert term.module.maps["sentiment"].weight.grad.abs().sum() > 0
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
-def test_multitask_loss_adds_the_term_only_to_tasks_that_have_one():
+def test_the_representation_term_checkpoints_its_projection_and_is_idle_without_a_target(tmp_path):
+    model, _ = _student(tmp_path)
+    plan = SimpleNamespace(tasks=[_task(0.5)])
+    term, fresh = RepresentationTerm(plan, model), RepresentationTerm(plan, model)
+    state = term.state_dict()
+    assert list(state) == ["projection"]  # the checkpoint's key since the first representation runs
+    assert list(state["projection"]) == ["maps.sentiment.weight", "maps.sentiment.bias"]
+    assert not torch.equal(fresh.module.maps["sentiment"].weight, term.module.maps["sentiment"].weight)
+    fresh.load_state_dict({"epoch": 1, **state})
+    assert torch.equal(fresh.module.maps["sentiment"].weight, term.module.maps["sentiment"].weight)
+    idle = RepresentationTerm(SimpleNamespace(tasks=[_task(0.0).model_copy(update={"representation": None})]), model)
+    assert idle.module is None and not idle.hidden_states and idle.loss_terms(None, {}, None) == {}
+    assert idle.state_dict() == {"projection": None}
+    idle.load_state_dict({"epoch": 1, "projection": None})
+
+
+def test_multitask_loss_adds_each_extra_term_to_its_task_before_the_weight():
     logits = torch.randn(4, 5, requires_grad=True)
-    first = _task(1.0).model_copy(update={"name": "a"})
+    first = _task(1.0).model_copy(update={"name": "a", "weight": 2.0})
     second = TaskPlan(name="b", labels=("x", "y"), start=3, teachers={"b_logits": 1.0}, alpha=1.0)
-    pairs = {"a": (torch.randn(4, 48, requires_grad=True), torch.randn(4, 48))}
     teacher = {"a": torch.randn(4, 3), "b": torch.randn(4, 2)}
     gold = {"a": torch.full((4,), -100), "b": torch.full((4,), -100)}
-    _, with_term = multitask_loss(logits, [first, second], teacher, gold, pairs)
-    _, without = multitask_loss(logits, [first, second], teacher, gold)
-    assert with_term["a"].item() == pytest.approx(without["a"].item() + representation_loss(*pairs["a"]).item())
-    assert with_term["b"].item() == pytest.approx(without["b"].item())
+    total, with_terms = multitask_loss(logits, [first, second], teacher, gold, [{"a": torch.tensor(0.25)},
+                                                                                 {"a": torch.tensor(0.5)}])
+    plain, without = multitask_loss(logits, [first, second], teacher, gold)
+    assert with_terms["a"].item() == pytest.approx(without["a"].item() + 0.75)
+    assert with_terms["b"].item() == pytest.approx(without["b"].item())
+    assert total.item() == pytest.approx(plain.item() + 2.0 * 0.75)
 
 
 # ---------------------------------------------------------------------------- labeling
@@ -99,7 +118,7 @@ def test_labeling_stores_the_mean_pooled_representation_with_its_metadata(rep_la
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     info = read_soft_label_info(str(rep_labels))
-    assert info.metadata["teachers"][0]["representation"] == {"pooling": "mean", "layer": "last", "width": 32,
+    assert info.metadata.stored()["teachers"][0]["representation"] == {"pooling": "mean", "layer": "last", "width": 32,
                                                               "dtype": "float16"}
     table = pq.read_table(info.files)
     assert table.schema.field("teacher_representation").type == pa.list_(pa.float16(), 32)
@@ -120,7 +139,7 @@ def test_labeling_stores_the_mean_pooled_representation_with_its_metadata(rep_la
 @pytest.mark.slow
 def test_a_teacher_without_a_representation_keeps_its_metadata_and_columns(soft_labels):
     info = read_soft_label_info(str(soft_labels))
-    assert "representation" not in info.metadata["teachers"][0]  # and so the config hash of such runs stays
+    assert "representation" not in info.metadata.stored()["teachers"][0]  # and so the config hash of such runs stays
     assert not [n for n in pq.read_schema(info.files[0]).names if n.endswith("_representation")]
 
 
@@ -218,13 +237,15 @@ def test_a_cut_of_another_pretrained_encoder_gets_a_fresh_head_and_its_own_token
 
 def test_a_pipeline_stores_representations_for_beta_and_refuses_beta_without():
     from kd_ray.config import PipelineConfig
-    from kd_ray.stages.pipeline import stage_configs
+    from kd_ray.stages.pipeline import stages
 
     tree = {"output": "runs/x", "labels": LABELS, "data": {"train": {"path": "t.csv"}, "test": {"path": "test.csv"}},
             "teacher": {"model": "some/teacher"}, "loss": {"beta": 0.5}}
-    with pytest.raises(ValueError, match="loss.beta=0.5 .* set teacher_representation: mean"):
+    with pytest.raises(ValueError, match="loss.beta=0.5 .* set teacher.representation: mean"):
         load_config(PipelineConfig, overrides=tree)
-    cfg = load_config(PipelineConfig, overrides={**tree, "teacher_representation": "mean"})
-    assert stage_configs(cfg)["label"].teachers[0].representation == "mean"
-    assert stage_configs(cfg)["distill"].loss.beta == 0.5
+    cfg = load_config(PipelineConfig, overrides={**tree, "teacher": {"model": "some/teacher",
+                                                                      "representation": "mean"}})
+    run = {stage.name: stage for stage in stages(cfg)}
+    assert run["label"].cfg.teachers[0].representation == "mean"
+    assert run["distill"].cfg.loss.beta == 0.5
 

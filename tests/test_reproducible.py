@@ -13,12 +13,7 @@ import pytest
 from conftest import LABELS, failing_after_epoch
 
 from kd_ray.config import DistillConfig, load_config
-from kd_ray.data.soft_labels import (
-    PART_KEY,
-    SoftLabelInfo,
-    parquet_writer,
-    read_soft_label_info,
-)
+from kd_ray.data.soft_labels import PART_KEY, SoftLabelInfo, parquet_writer, read_soft_label_info
 from kd_ray.stages.train import run_distill
 
 FAST = {"train.epochs": 2, "train.batch_size": 16, "train.max_length": 32, "train.num_cpus_per_worker": 0.5,

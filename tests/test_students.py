@@ -4,29 +4,14 @@ import copy
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    MPNetConfig,
-    MPNetForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                          BertTokenizerFast, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification, MPNetConfig, MPNetForSequenceClassification, RobertaConfig,
+                          RobertaForSequenceClassification)
 
-from kd_ray.models.students import (
-    count_parameters,
-    cut_student_from_teacher,
-    narrowing_widths,
-    prune_feed_forward,
-    select_layers,
-    student_from_config,
-)
+from kd_ray.models.components import NarrowingSchedule
+from kd_ray.models.students import (count_parameters, cut_student_from_teacher, feed_forward_width, narrowing_widths,
+                                    prune_feed_forward, select_layers, student_from_config)
 
 ID2LABEL = {0: "negative", 1: "neutral", 2: "positive"}
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
@@ -338,6 +323,42 @@ def test_gradual_narrowing_keeps_the_same_share_of_neurons_each_step_and_an_epoc
         StudentConfig(kind="pretrained", narrow_steps=2)
     # each step but the last takes one epoch; train.epochs are those at ffn_size
     assert DistillConfig(soft_labels="x", output="y", student={"narrow_steps": 3}).total_epochs == 2 + 2 + 3
+
+
+def _narrowing_plan(**student):
+    from kd_ray.config import StudentConfig, TrainArgs
+    from kd_ray.stages.plan import TaskPlan, TrainPlan
+
+    task = TaskPlan(name="label", labels=tuple(ID2LABEL.values()), teachers={"t": 1.0}, alpha=1.0)
+    return TrainPlan(mode="distill", tasks=[task], train=TrainArgs(epochs=2), rows=10,
+                     student=StudentConfig(num_layers=2, **student))
+
+
+def test_the_narrowing_schedule_narrows_at_each_step_starts_a_phase_and_keeps_only_the_final_width():
+    plan = _narrowing_plan(ffn_size=16, wide_epochs=1, narrow_steps=2)  # 64 wide, 32, then 16 for train.epochs
+    schedule = NarrowingSchedule(plan, cut_student_from_teacher(tiny_bert(), 2))
+    assert (plan.narrow_at, plan.epochs, schedule.widths) == ([1, 2], 4, [32, 16])
+    seen = [(schedule.start_epoch(epoch), schedule.phase_epochs(plan.epochs), schedule.epoch_metrics()["ffn_size"],
+             schedule.keepable) for epoch in range(plan.epochs)]
+    # (narrowed now, epochs of the learning-rate schedule started, width, may be kept as the best epoch)
+    assert seen == [(False, 1, 64, False), (True, 3, 32, False), (True, 2, 16, True), (False, 2, 16, True)]
+    assert layers_of(schedule.model)[1].intermediate.dense.out_features == 16 and schedule.state_dict() == {}
+    # a resumed run: the checkpoint after `epoch` epochs holds the width of the steps before it
+    for epoch, width in [(4, 16), (3, 16), (1, 64), (2, 32)]:
+        resumed = NarrowingSchedule(plan, cut_student_from_teacher(tiny_bert(), 2))
+        resumed.load_state_dict({"epoch": epoch, "projection": None})
+        assert feed_forward_width(resumed.model) == width and resumed.keepable == (width == 16)
+    assert resumed.start_epoch(2) and feed_forward_width(resumed.model) == 16  # and it narrows on from there
+
+
+@pytest.mark.parametrize("student", [{"ffn_size": 16, "wide_epochs": 0}, {"ffn_size": None}, None])
+def test_a_student_never_narrowed_has_a_schedule_that_does_nothing(student):
+    plan = _narrowing_plan(**student) if student is not None else _narrowing_plan().model_copy(
+        update={"mode": "finetune", "student": None, "base_model": "x"})
+    model = cut_student_from_teacher(tiny_bert(), 2)
+    schedule = NarrowingSchedule(plan, model)
+    assert schedule.widths == [] and not schedule.start_epoch(0) and schedule.phase_epochs(plan.epochs) == 2
+    assert schedule.keepable and schedule.epoch_metrics() == {} and feed_forward_width(model) == 64
 
 
 def _tiny_vocab(folder) -> str:

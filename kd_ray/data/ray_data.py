@@ -13,13 +13,7 @@ import ray.data
 
 from kd_ray.config import AugmentConfig, CorpusConfig
 from kd_ray.data.augment import augment_table
-from kd_ray.data.corpus import (
-    ALREADY_LABELED,
-    SHARD_COLUMN,
-    Shard,
-    list_shards,
-    read_shard,
-)
+from kd_ray.data.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, list_shards, read_shard
 from kd_ray.data.soft_labels import SoftLabelInfo
 from kd_ray.data.storage import filesystem
 
@@ -69,7 +63,7 @@ def _read_shards_udf(batch: pa.Table, corpus_cfg: CorpusConfig, label_to_index: 
                 table = table.append_column(SHARD_COLUMN, pa.repeat(pa.scalar(shard.key), table.num_rows))
             yield table
         # A read worker runs shard after shard: hand the last one's freed buffers back, so that its memory
-        # stays that of one shard (without, it grew ~100 MiB over a 5M-row file's 9 ranges; BENCHMARKS.md)
+        # stays that of one shard
         pa.default_memory_pool().release_unused()
 
 

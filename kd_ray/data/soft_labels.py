@@ -8,10 +8,10 @@ column              type                            meaning
 ==================  ==============================  ===============================================
 ``id``              string, not null                stable row id, unique in the folder
 ``text``            string, not null                the text the teacher saw (normalised if asked)
-``label``           int32, nullable                 gold label as an index into ``id2label``;
-                                                    null when the row has none
-``label_<task>``    int32, nullable                 multi-task: gold label of each further task
-                                                    (``task_labels`` in the metadata), same rules
+``label``           int32, nullable                 one task: its gold label as an index into its
+                                                    labels (``gold`` in the metadata); null when the
+                                                    row has none
+``label_<task>``    int32, nullable                 several tasks: each task's gold label, same rules
 ``<name>_logits``   fixed_size_list<float32|16, C>  raw logits of teacher ``<name>`` (no softmax,
                                                     so the temperature is chosen at training time)
 ``<name>_representation``  fixed_size_list<float16, H>  optional (``teachers.N.representation``): the
@@ -30,11 +30,12 @@ version 2; version 1 numbered those rows too, which a byte range read by its own
 Each part file has a key-value metadata entry ``kd_ray`` holding JSON: ``schema_version``,
 ``kd_ray_version``, ``teachers`` (per teacher: ``name``, ``task``, ``model``,
 ``weights_sha256``, ``id2label``, ``max_length``, ``representation``: null or its ``pooling``, ``layer``
-and ``width``), ``label_task`` and ``label_names``
-(the gold labels' task and names, in ``id2label`` order), ``task_labels`` (task -> label names
-of each ``label_<task>`` column), ``normalize``,
+and ``width``), ``gold`` (task -> the label names its gold column indexes, for the tasks whose gold
+the corpus had), ``normalize``,
 ``logits_dtype``, ``corpus`` and ``config_hash``; and, in its footer, ``kd_ray_part``: the corpus
-shard of each row group and the file's counts (see kd_ray.stages.label).
+shard of each row group and the file's counts (see kd_ray.stages.label). ``SoftLabelMetadata`` reads
+and checks it. Schemas 1 and 2 (still read) kept the first teacher's task's gold in ``label`` whatever the
+number of tasks (``label_task``, ``label_names``) and the other tasks' in ``label_<task>`` (``task_labels``).
 """
 
 from __future__ import annotations
@@ -50,15 +51,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kd_ray.data.corpus import task_label_column
+from kd_ray.data.corpus import READ_ROWS, task_label_column
 from kd_ray.data.storage import filesystem
 from kd_ray.errors import SoftLabelError
 
 PART_KEY = b"kd_ray_part"  # a part file's footer entry: the corpus shard of each row group, and the file's counts
-SCHEMA_VERSION = 2  # 2: a line file's derived row ids are '<file>@<byte offset>' (1: '<file>:<row>')
-READABLE_VERSIONS = (1, 2)  # the columns are the same: soft labels of either version train a student
+# 3: every task's gold in its own column 'label_<task>' (one task: 'label'), their names in `gold`;
+# 2: a line file's derived row ids are '<file>@<byte offset>' (1: '<file>:<row>'), and the first task's gold is in
+# 'label' (label_task, label_names), the others' in 'label_<task>' (task_labels)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # soft labels of every version train a student
 METADATA_KEY = b"kd_ray"
 MANIFEST = "_manifest.json"
 REJECTED_DIR = "_rejected"
@@ -125,6 +129,74 @@ class TeacherInfo(ModelInfo):
         return (representation_column(self.name),) if self.representation else ()
 
 
+class SoftLabelMetadata(BaseModel):
+    """The ``kd_ray`` metadata of every part file, typed: what labeling stores and every reader reads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int
+    kd_ray_version: str | None = None
+    teachers: list[TeacherInfo]
+    gold: dict[str, list[str]] | None = None  # task -> the label names its gold indexes (schema 3)
+    label_task: str | None = None  # schemas 1, 2: the task whose gold is in column 'label',
+    label_names: list[str] | None = None  # its label names,
+    task_labels: dict[str, list[str]] | None = None  # and task -> label names of each other 'label_<task>' column
+    normalize: bool = False
+    logits_dtype: str = "float32"
+    corpus: str | list[str] | None = None
+    unlabeled_corpus: str | list[str] | None = None
+    augment: dict[str, Any] | None = None
+    config_hash: str
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON-ready dict as labeling wrote it (keys it left out stay out, so hashes are unchanged)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The teachers' tasks, in teacher order."""
+        return list(dict.fromkeys(t.task for t in self.teachers))
+
+    @property
+    def gold_labels(self) -> dict[str, list[str]]:
+        """Task -> the label names of its gold column, for the tasks whose gold the files carry."""
+        if self.schema_version >= 3:
+            return self.gold or {}
+        first = {self.label_task: self.label_names} if self.label_task and self.label_names else {}
+        return first | (self.task_labels or {})
+
+    def gold_column(self, task: str) -> str | None:
+        """The column holding task ``task``'s gold labels, if these soft labels have one."""
+        if self.schema_version >= 3:
+            return None if task not in self.tasks else "label" if len(self.tasks) == 1 else task_label_column(task)
+        if self.label_task == task:
+            return "label"
+        return task_label_column(task) if task in (self.task_labels or {}) else None
+
+    @property
+    def gold_columns(self) -> list[str]:
+        """The gold columns of the files, in order."""
+        if self.schema_version >= 3:
+            return [self.gold_column(task) for task in self.tasks]
+        return ["label", *(task_label_column(task) for task in self.task_labels or {})]
+
+    def gold_sizes(self) -> dict[str, int]:
+        """Each gold column of a task with gold labels, and how many labels its task has."""
+        return {self.gold_column(task): len(names) for task, names in self.gold_labels.items()}
+
+    def as_stored(self, rows: pa.Table) -> pa.Table:
+        """Rows as the corpus reader gives them (the first teacher's task's gold in 'label', another task's in
+        'label_<task>') with the gold columns of the files: renamed, and null where the corpus has none."""
+        read = {self.tasks[0]: "label"} | {task: task_label_column(task) for task in self.tasks[1:]}
+        for task in self.tasks:
+            column, stored = read[task], self.gold_column(task)
+            if column in rows.column_names:
+                rows = rows.rename_columns([stored if n == column else n for n in rows.column_names])
+            else:
+                rows = rows.append_column(stored, pa.nulls(rows.num_rows, pa.int32()))
+        return rows
+
+
 def logits_column(teacher_name: str) -> str:
     return f"{teacher_name}_logits"
 
@@ -133,23 +205,22 @@ def representation_column(teacher_name: str) -> str:
     return f"{teacher_name}_representation"
 
 
-def soft_label_schema(metadata: dict[str, Any]) -> pa.Schema:
+def soft_label_schema(metadata: SoftLabelMetadata | dict[str, Any]) -> pa.Schema:
     """Arrow schema of a part file for the teachers described in ``metadata``."""
-    value_type = pa.float16() if metadata["logits_dtype"] == "float16" else pa.float32()
+    metadata = SoftLabelMetadata.model_validate(metadata)
+    value_type = pa.float16() if metadata.logits_dtype == "float16" else pa.float32()
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
-        pa.field("label", pa.int32()),
     ]
-    fields += [pa.field(task_label_column(task), pa.int32()) for task in metadata.get("task_labels") or {}]
-    for t in metadata["teachers"]:
-        fields.append(pa.field(logits_column(t["name"]), pa.list_(value_type, len(t["id2label"])), nullable=False))
-        if t.get("representation"):
-            fields.append(pa.field(representation_column(t["name"]), pa.list_(pa.float16(),
-                                                                             t["representation"]["width"]),
+    fields += [pa.field(column, pa.int32()) for column in metadata.gold_columns]
+    for t in metadata.teachers:
+        fields.append(pa.field(t.column, pa.list_(value_type, len(t.id2label)), nullable=False))
+        if t.representation:
+            fields.append(pa.field(representation_column(t.name), pa.list_(pa.float16(), t.representation.width),
                                    nullable=False))
     fields.append(pa.field("truncated", pa.bool_(), nullable=False))
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata.stored(), sort_keys=True)})
 
 
 REJECTED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.string()),
@@ -158,8 +229,7 @@ REJECTED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.fie
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
     """How part files are written: zstd, and the logits and representations BYTE_STREAM_SPLIT-encoded
-    (dictionary encoding of floats only wastes space): 10.5 vs 16.6 bytes per row for 3 float32 logits,
-    5.4 vs 7.0 for float16 (benchmarks/soft_label_storage.py)."""
+    (dictionary encoding of floats only wastes space; benchmarks/soft_label_storage.py)."""
     logits = [f.name for f in schema if f.name.endswith(("_logits", "_representation"))]
     return pq.ParquetWriter(sink, schema, compression="zstd",
                             use_dictionary=[f.name for f in schema if f.name not in logits],
@@ -172,7 +242,7 @@ class SoftLabelInfo:
 
     path: str
     files: list[str]
-    metadata: dict[str, Any]
+    metadata: SoftLabelMetadata
     num_rows: int
     extra: dict[str, Any] = field(default_factory=dict)
     files_digest: str = ""  # the part files' names, sizes and modification times: a relabeled folder differs
@@ -188,7 +258,7 @@ class SoftLabelInfo:
 
     @property
     def teachers(self) -> list[TeacherInfo]:
-        return [TeacherInfo.model_validate(t) for t in self.metadata["teachers"]]
+        return self.metadata.teachers
 
     def teacher(self, name: str | None = None) -> TeacherInfo:
         for t in self.teachers:
@@ -199,10 +269,7 @@ class SoftLabelInfo:
         )
 
     def gold_column(self, task: str) -> str | None:
-        """The column holding task ``task``'s gold labels, if these soft labels have one."""
-        if self.metadata.get("label_task") == task:
-            return "label"
-        return task_label_column(task) if task in (self.metadata.get("task_labels") or {}) else None
+        return self.metadata.gold_column(task)
 
 
 def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -219,7 +286,7 @@ def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int, pa.Schema, dict | None]:
+def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[SoftLabelMetadata, int, pa.Schema, dict | None]:
     """(kd-ray metadata, rows, schema, footer entry PART_KEY or None) of a part file."""
     try:
         with fs.open_input_file(file) as f:
@@ -232,7 +299,15 @@ def _file_metadata(fs: pafs.FileSystem, file: str) -> tuple[dict[str, Any], int,
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise SoftLabelError(f"{file} has no kd_ray metadata: it was not written by `kd-ray label`")
-    return json.loads(raw), num_rows, schema, json.loads(footer) if footer else None
+    version = json.loads(raw).get("schema_version")
+    if version not in READABLE_VERSIONS:
+        raise SoftLabelError(f"{file} has soft-label schema version {version}, this kd-ray reads versions "
+                             f"{list(READABLE_VERSIONS)}")
+    try:
+        meta = SoftLabelMetadata.model_validate_json(raw)
+    except ValidationError as e:
+        raise SoftLabelError(f"{file}: its kd_ray metadata is not what `kd-ray label` writes: {e}") from None
+    return meta, num_rows, schema, json.loads(footer) if footer else None
 
 
 def add_shard_groups(shards: dict[str, list], file: str, footer: dict | None) -> None:
@@ -247,18 +322,18 @@ def add_shard_groups(shards: dict[str, list], file: str, footer: dict | None) ->
         files[-1][1].append(group)
 
 
-def _check_representation(file: str, schema: pa.Schema, teacher: dict[str, Any]) -> None:
+def _check_representation(file: str, schema: pa.Schema, teacher: TeacherInfo) -> None:
     """A stored representation is as wide as its metadata says: the width a student's projection maps to."""
-    if not teacher.get("representation"):
+    if not teacher.representation:
         return
-    column, width = representation_column(teacher["name"]), teacher["representation"]["width"]
+    column, width = representation_column(teacher.name), teacher.representation.width
     if column not in schema.names:
-        raise SoftLabelError(f"{file} has no column {column!r}, though its metadata says teacher {teacher['name']!r} "
+        raise SoftLabelError(f"{file} has no column {column!r}, though its metadata says teacher {teacher.name!r} "
                              "stored its representation there")
     size = getattr(schema.field(column).type, "list_size", None)
     if size != width:
         raise SoftLabelError(f"{file}: column {column!r} holds {schema.field(column).type}, but teacher "
-                             f"{teacher['name']!r}'s metadata gives its representation width {width}, the width a "
+                             f"{teacher.name!r}'s metadata gives its representation width {width}, the width a "
                              f"student's projection maps to; relabel the folder")
 
 
@@ -269,14 +344,11 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
     for file in files:
         meta, rows, schema, footer = _file_metadata(fs, file)
         add_shard_groups(shards, file, footer)
-        if meta.get("schema_version") not in READABLE_VERSIONS:
-            raise SoftLabelError(f"{file} has soft-label schema version {meta.get('schema_version')}, this kd-ray "
-                                 f"reads versions {list(READABLE_VERSIONS)}")
         if first_meta is None:
             first_meta = meta
-        elif meta["teachers"] != first_meta["teachers"] or meta.get("config_hash") != first_meta.get("config_hash"):
+        elif meta.teachers != first_meta.teachers or meta.config_hash != first_meta.config_hash:
             raise SoftLabelError(f"{file} was labeled by a different teacher or config than {files[0]}; do not mix runs")
-        for t in meta["teachers"]:
+        for t in meta.teachers:
             _check_representation(file, schema, t)
         expected = soft_label_schema(meta).remove_metadata()
         if not schema.remove_metadata().equals(expected):
@@ -291,7 +363,7 @@ def read_soft_label_info(path: str) -> SoftLabelInfo:
 def _iter_tables(fs: pafs.FileSystem, files: list[str], columns: list[str] | None = None):
     for file in files:
         with fs.open_input_file(file) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=columns):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_ROWS, columns=columns):
                 yield file, pa.Table.from_batches([batch])
 
 
@@ -313,6 +385,28 @@ def _duplicate_ids(fs: pafs.FileSystem, files: list[str]) -> list[str]:
     return problems
 
 
+def part_stats(table: pa.Table, metadata: SoftLabelMetadata) -> dict[str, Any]:
+    """What the final check needs of a part file's rows: counts, non-finite logits (and representations),
+    gold label ranges."""
+    return {
+        "rows": table.num_rows,
+        "truncated": pc.sum(table.column("truncated")).as_py() or 0,
+        "nonfinite": {c: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(c))))).as_py() or 0)
+                      for t in metadata.teachers for c in (t.column, *t.representation_columns)},
+        "gold": {c: [pc.min(table.column(c)).as_py(), pc.max(table.column(c)).as_py()] for c in metadata.gold_sizes()},
+    }
+
+
+def stats_problems(file: str, stats: dict[str, Any], metadata: SoftLabelMetadata) -> list[str]:
+    """What is wrong with a part file's rows, from their stats: non-finite logits or representations, gold
+    label indices outside their task's labels. The one check of rows that labeling's final check (from the
+    footers) and `kd-ray validate` (from the rows) both make."""
+    sizes = metadata.gold_sizes()
+    return ([f"{file}: {n} NaN/Inf values in {column}" for column, n in stats["nonfinite"].items() if n]
+            + [f"{file}: gold label index outside 0..{sizes[c] - 1} in column {c!r}"
+               for c, (lo, hi) in stats["gold"].items() if hi is not None and (lo < 0 or hi >= sizes[c])])
+
+
 def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[str, Any]:
     """Full check of a folder: metadata, schema, row count vs manifest, unique ids, finite logits.
 
@@ -320,22 +414,11 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
     info = read_soft_label_info(path)
     fs, _ = filesystem(path)
     problems = _duplicate_ids(fs, info.files)
-    gold_counts = {"label": len(info.metadata.get("label_names") or [])}
-    gold_counts.update({task_label_column(task): len(names)
-                        for task, names in (info.metadata.get("task_labels") or {}).items()})
-    columns = list(gold_counts) + [t.column for t in info.teachers]
-    for file, table in _iter_tables(fs, info.files, columns):
-        for t in info.teachers:
-            values = pc.list_flatten(table.column(t.column))
-            bad = pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0
-            if bad:
-                problems.append(f"{file}: {bad} NaN/Inf values in {t.column}")
-        for column, count in gold_counts.items():
-            labels = table.column(column)
-            if count and pc.max(labels).as_py() is not None:
-                lo, hi = pc.min(labels).as_py(), pc.max(labels).as_py()
-                if lo < 0 or hi >= count:
-                    problems.append(f"{file}: gold label index outside 0..{count - 1} in column {column!r}")
+    columns = ["truncated", *info.metadata.gold_sizes(),
+               *(c for t in info.teachers for c in (t.column, *t.representation_columns))]
+    for file, table in _iter_tables(fs, info.files, columns):  # checked as labeling checks the footers' stats
+        problems += [p for p in stats_problems(file, part_stats(table, info.metadata), info.metadata)
+                     if p not in problems]
         if len(problems) > 20:
             break
     manifest_rows = None

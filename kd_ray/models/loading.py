@@ -8,11 +8,7 @@ from typing import TYPE_CHECKING
 from kd_ray.errors import ModelError
 from kd_ray.models.inference import is_classifier_config
 from kd_ray.models.multitask import label_maps
-from kd_ray.models.students import (
-    cut_student_from_teacher,
-    ffn_neurons,
-    student_from_config,
-)
+from kd_ray.models.students import cut_student_from_teacher, ffn_neurons, student_from_config
 
 if TYPE_CHECKING:
     from kd_ray.config import StudentConfig

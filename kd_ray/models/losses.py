@@ -64,7 +64,10 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
         )
 
 
-def gold_cross_entropy(student_logits: Tensor, gold_labels: Tensor | None, *, ignore_index: int = -100) -> Tensor:
+NO_GOLD = -100  # the gold index of a row without a gold label for a task (cross-entropy's ignore_index)
+
+
+def gold_cross_entropy(student_logits: Tensor, gold_labels: Tensor | None, *, ignore_index: int = NO_GOLD) -> Tensor:
     """Cross-entropy averaged over rows whose gold label is not ``ignore_index``.
 
     Args:
@@ -92,7 +95,7 @@ def distill_loss(
     *,
     temperature: float,
     alpha: float,
-    ignore_index: int = -100,
+    ignore_index: int = NO_GOLD,
 ) -> Tensor:
     """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, gold)``.
 
@@ -125,7 +128,7 @@ def mse_loss(
     gold_labels: Tensor | None,
     *,
     alpha: float,
-    ignore_index: int = -100,
+    ignore_index: int = NO_GOLD,
 ) -> Tensor:
     """``alpha * MSE(student_logits, teacher_logits) + (1 - alpha) * CE(student, gold)``.
 
@@ -145,7 +148,7 @@ def hard_label_loss(
     gold_labels: Tensor | None,
     *,
     alpha: float,
-    ignore_index: int = -100,
+    ignore_index: int = NO_GOLD,
 ) -> Tensor:
     """``alpha * CE(student, argmax teacher) + (1 - alpha) * CE(student, gold)``.
 
@@ -252,7 +255,7 @@ def compute_loss(
     *,
     temperature: float,
     alpha: float,
-    ignore_index: int = -100,
+    ignore_index: int = NO_GOLD,
 ) -> Tensor:
     """Dispatch to ``LOSSES[kind]``. ``temperature`` is used only by ``"kl"``."""
     if kind not in LOSSES:
@@ -263,10 +266,10 @@ def compute_loss(
 
 def multitask_loss(
     logits: Tensor, tasks: Sequence, teacher_logits: dict[str, Tensor | None], gold: dict[str, Tensor],
-    representations: dict[str, tuple[Tensor, Tensor]] | None = None,
+    extra_terms: Sequence[dict[str, Tensor]] = (),
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``sum_k w_k * (L_k + beta_k * R_k)``: each task's loss on its slice of the student's joint output, plus
-    its representation term where it has one.
+    """``sum_k w_k * (L_k + E_k)``: each task's loss on its slice of the student's joint output, plus the extra
+    terms added to it (E_k, e.g. its representation term ``beta_k * R_k``).
 
     Args:
         logits: (batch, total) student outputs; one task may own all of them.
@@ -276,8 +279,7 @@ def multitask_loss(
             for a task learned from gold labels alone (fine-tuning a teacher): plain cross-entropy.
         gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
             such a row contributes only the distillation term of that task.
-        representations: task -> (the student's projected representation, the teacher's), both (batch, width),
-            for tasks with ``beta`` and ``representation_loss`` ('cosine' or 'mse').
+        extra_terms: dicts task -> scalar added to that task's loss (kd_ray.models.components' loss terms).
 
     Returns:
         The scalar total and each task's unweighted loss (for logging).
@@ -293,8 +295,8 @@ def multitask_loss(
                 task.kind, task.of(logits), teacher, gold[task.name], temperature=task.temperature, alpha=task.alpha
             )
         )
-        if representations and task.name in representations:
-            parts[task.name] = parts[task.name] + task.beta * representation_loss(
-                *representations[task.name], task.representation_loss)
+        for terms in extra_terms:
+            if task.name in terms:
+                parts[task.name] = parts[task.name] + terms[task.name]
         total = total + task.weight * parts[task.name]
     return total, parts

@@ -18,12 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 LAYER_SELECTIONS = ("spread", "bottom", "top")
 

@@ -18,25 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kd_ray.data.soft_labels import (
-    ModelInfo,
-    RepresentationInfo,
-    TeacherInfo,
-    logits_column,
-    representation_column,
-)
+from kd_ray.data.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, representation_column
 from kd_ray.errors import ModelError
-from kd_ray.models.inference import (
-    encode,
-    encode_prompts,
-    encoder,
-    hidden_width,
-    is_classifier_config,
-    length_groups,
-    padded_batches,
-    sorted_outputs,
-)
-from kd_ray.models.multitask import TaskSlice
+from kd_ray.models.inference import (encode, encode_prompts, encoder, hidden_width, is_classifier_config, length_groups,
+                                     padded_batches, sorted_outputs)
+from kd_ray.models.multitask import MultiTaskClassifier, TaskSlice
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
     from kd_ray.config import TeacherConfig
@@ -107,42 +93,156 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
     )
 
 
-def teacher_metadata(cfg: TeacherConfig) -> TeacherInfo:
-    from transformers import AutoConfig
+class ClassifierTeacher:
+    """A fine-tuned sequence classifier as a teacher: its logits (and, if asked, its pooled last hidden
+    states) are stored. The interface every kind of teacher has: ``describe`` on the driver, then, where
+    it runs, ``load_tokenizer``, ``encode``, ``load``, ``ready`` and ``width``."""
 
-    info = describe_model(cfg.model, revision=cfg.revision, labels=cfg.labels if cfg.kind == "llm" else None)
-    extra: dict = {}
-    if cfg.representation:
-        width = hidden_width(AutoConfig.from_pretrained(info.model, revision=cfg.revision))
-        extra["representation"] = RepresentationInfo(pooling=cfg.representation, width=width)
-    if cfg.kind == "llm":
-        extra.update(kind="llm", prompt=cfg.prompt, prompt_sha256=hashlib.sha256(cfg.prompt.encode()).hexdigest(),
-                     verbalizer=dict(zip(cfg.labels, cfg.label_words)),
-                     label_token_ids=label_token_ids(load_tokenizer(cfg), cfg),
-                     calibration=CALIBRATION if cfg.calibrate else None, chat=cfg.chat)
-    return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length, **extra)
+    auto_class = "AutoModelForSequenceClassification"
+    encoder = True  # a student can be cut from it
+    label_tokens: list[list[int]] | None = None  # the output's label tokens (prompted LMs)
+    log_prior: np.ndarray | None = None  # subtracted from every row's logits (calibration)
+
+    def __init__(self, info: TeacherInfo):
+        self.info = info
+
+    @classmethod
+    def describe(cls, cfg: TeacherConfig, *, hash_weights: bool = True) -> TeacherInfo:
+        """Check ``cfg``'s model before any worker loads it; its provenance as the soft labels record it."""
+        from transformers import AutoConfig
+
+        info = describe_model(cfg.model, revision=cfg.revision, hash_weights=hash_weights)
+        if cfg.labels is not None and info.labels != cfg.labels:
+            raise ModelError(f"teacher {cfg.name!r} ({cfg.model}) predicts {info.labels}, but its labels are set to "
+                             f"{cfg.labels}: give the labels in the classifier's order, or another teacher")
+        extra = {}
+        if cfg.representation:
+            width = hidden_width(AutoConfig.from_pretrained(info.model, revision=cfg.revision))
+            extra["representation"] = RepresentationInfo(pooling=cfg.representation, width=width)
+        return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length, **extra)
+
+    @property
+    def encoding(self) -> tuple:
+        """What besides the tokenizer decides a text's token ids (a prompt)."""
+        return ()
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.info.model, revision=self.info.revision)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the tokenizer of teacher {self.info.name!r} from {self.info.model}: "
+                             f"{e}") from e
+
+    def encode(self, tokenizer, backend, texts: list[str]) -> tuple[pa.ListArray, np.ndarray]:
+        return encode(tokenizer, texts, self.info.max_length, backend)
+
+    def load(self, device: str):
+        import transformers
+
+        try:
+            model = getattr(transformers, self.auto_class).from_pretrained(self.info.model, revision=self.info.revision)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load teacher {self.info.name!r} from {self.info.model}: {e}") from e
+        return model.to(device).eval()
+
+    def ready(self, model, tokenizer, outputs) -> None:
+        """Set up what the teacher needs once its model is loaded; ``outputs(texts)``: its logits of texts."""
+
+    def width(self, model) -> int:
+        return model.config.num_labels
+
+    def classifier(self, task: str, batch_size: int):
+        """The teacher where kd-ray scores a classifier (``kd-ray evaluate``): the classifier itself."""
+        return MultiTaskClassifier.from_pretrained(self.info.model, task=task, max_length=self.info.max_length)
 
 
 # Contextual calibration (Zhao et al. 2021): the label-word probabilities of content-free posts
 CALIBRATION = {"method": "contextual", "content_free": ["N/A", "", "[MASK]"]}
 
 
-def label_token_ids(tokenizer, cfg: TeacherConfig) -> list[list[int]]:
-    """The token of each word of each label (cfg.label_words), checked: one token each, all distinct."""
+class PromptedTeacher(ClassifierTeacher):
+    """A (instruction-tuned) causal LM prompted with each post: its logits are the next-token
+    log-probabilities of the label words (divided by those of content-free posts when calibrated)."""
+
+    auto_class = "AutoModelForCausalLM"
+    encoder = False
+
+    @classmethod
+    def describe(cls, cfg: TeacherConfig, *, hash_weights: bool = True) -> TeacherInfo:
+        info = describe_model(cfg.model, revision=cfg.revision, hash_weights=hash_weights, labels=cfg.labels)
+        common = {**info.model_dump(), "name": cfg.name, "task": cfg.task, "max_length": cfg.max_length,
+                  "kind": cfg.kind}
+        words = dict(zip(cfg.labels, cfg.label_words))
+        tokenizer = cls(TeacherInfo(**common)).load_tokenizer()
+        return TeacherInfo(**common, prompt=cfg.prompt, prompt_sha256=hashlib.sha256(cfg.prompt.encode()).hexdigest(),
+                           verbalizer=words, label_token_ids=label_token_ids(tokenizer, cfg.name, cfg.model, words),
+                           calibration=CALIBRATION if cfg.calibrate else None, chat=cfg.chat)
+
+    @property
+    def encoding(self) -> tuple:
+        return (self.info.prompt, self.info.chat)
+
+    def load_tokenizer(self):
+        """Pads on the left (the label word follows each prompt's last token), with its end-of-text token if
+        it has no pad token."""
+        tokenizer = super().load_tokenizer()
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def encode(self, tokenizer, backend, texts: list[str]) -> tuple[pa.ListArray, np.ndarray]:
+        return encode_prompts(tokenizer, texts, self.info.max_length, self.info.prompt, self.info.chat)
+
+    def ready(self, model, tokenizer, outputs) -> None:
+        """The label tokens checked on the driver; with calibration, the log of the label-word distribution
+        (among the label words) the LM gives content-free posts, averaged over them."""
+        self.label_tokens = self.info.label_token_ids
+        if self.info.calibration:
+            logp = outputs(self.info.calibration["content_free"])
+            probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+            self.log_prior = np.log((probs / probs.sum(axis=1, keepdims=True)).mean(axis=0))
+
+    def width(self, model) -> int:
+        return len(self.label_tokens)
+
+    def classifier(self, task: str, batch_size: int):
+        """Scored by the label-word log-probabilities it labels with, through the labeler itself."""
+        return TeacherClassifier(self.info, batch_size=batch_size)
+
+
+TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher}  # TeacherConfig.kind -> its class
+
+
+def make_teacher(spec: TeacherConfig | TeacherInfo) -> ClassifierTeacher:
+    """The teacher ``spec`` describes (a TeacherInfo: checked on the driver; a TeacherConfig is checked here)."""
+    cls = TEACHERS[spec.kind]
+    return cls(spec if isinstance(spec, TeacherInfo) else cls.describe(spec, hash_weights=False))
+
+
+def describe_teacher(cfg: TeacherConfig) -> TeacherInfo:
+    """``cfg``'s teacher checked on the driver, with its provenance (weights hashed)."""
+    return TEACHERS[cfg.kind].describe(cfg)
+
+
+def label_token_ids(tokenizer, name: str, model: str, words: dict[str, list[str]]) -> list[list[int]]:
+    """The token of each word of each label, checked: one token each, all distinct."""
     ids = []
-    for label, words in zip(cfg.labels, cfg.label_words):
+    for label, label_words in words.items():
         ids.append([])
-        for word in words:
+        for word in label_words:
             tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
             if len(tokens) != 1:
                 pieces = tokenizer.convert_ids_to_tokens(tokens)
-                raise ModelError(f"teacher {cfg.name!r}: label {label!r}'s word {word!r} is {len(tokens)} tokens "
-                                 f"{pieces} in {cfg.model}'s tokenizer; each label word must be one token (set "
+                raise ModelError(f"teacher {name!r}: label {label!r}'s word {word!r} is {len(tokens)} tokens "
+                                 f"{pieces} in {model}'s tokenizer; each label word must be one token (set "
                                  f"verbalizer, e.g. a shorter word or one with a leading space)")
             ids[-1].append(tokens[0])
     flat = [i for group in ids for i in group]
     if len(set(flat)) != len(flat):
-        raise ModelError(f"teacher {cfg.name!r}: label words {cfg.label_words} are not distinct tokens ({ids})")
+        raise ModelError(f"teacher {name!r}: label words {list(words.values())} are not distinct tokens ({ids})")
     return ids
 
 
@@ -178,22 +278,6 @@ def truncated_column(encoding: int) -> str:
     return f"_truncated_{encoding}"
 
 
-def load_tokenizer(t: TeacherConfig | TeacherInfo):
-    """A teacher's tokenizer; an LLM teacher's pads on the left (the label word follows each prompt's last
-    token), with its end-of-text token if it has no pad token."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(t.model, revision=t.revision)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the tokenizer of teacher {t.name!r} from {t.model}: {e}") from e
-    if t.kind == "llm":
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class Tokenizers:
     """Callable: Arrow batch of rows -> the same rows plus, per distinct encoding (teachers fine-tuned
     from one base share theirs), token ids (``_token_ids_<k>``, list<int32>) and ``_truncated_<k>``.
@@ -202,26 +286,22 @@ class Tokenizers:
     is tokenized on other cores while it runs the last one; ``TeacherLabeler`` runs it itself
     when its rows come without token ids."""
 
-    def __init__(self, teachers: list[TeacherConfig | TeacherInfo]):
-        # (tokenizer, Rust backend, max_length, an LLM teacher's (prompt, chat)) of each distinct encoding
-        self.encodings: list[tuple] = []
+    def __init__(self, teachers: list[ClassifierTeacher]):
+        self.encodings: list[tuple] = []  # (teacher, tokenizer, Rust backend) of each distinct encoding
         self.of_teacher: list[int] = []  # index of each teacher's encoding
         keys: list[tuple] = []
         for t in teachers:
-            tokenizer = load_tokenizer(t)
-            prompt = (t.prompt, t.chat) if t.kind == "llm" else None
-            key = (*_tokenizer_key(tokenizer, t.max_length), prompt)
+            tokenizer = t.load_tokenizer()
+            key = (*_tokenizer_key(tokenizer, t.info.max_length), t.encoding)
             if key not in keys:
                 keys.append(key)
-                self.encodings.append((tokenizer, encoder(tokenizer, t.max_length), t.max_length, prompt))
+                self.encodings.append((t, tokenizer, encoder(tokenizer, t.info.max_length)))
             self.of_teacher.append(keys.index(key))
 
     def encode(self, k: int, texts: list[str]) -> tuple[pa.ListArray, np.ndarray]:
         """Encoding ``k``'s token ids of ``texts`` and which were cut."""
-        tokenizer, backend, max_length, prompt = self.encodings[k]
-        if prompt is not None:
-            return encode_prompts(tokenizer, texts, max_length, *prompt)
-        return encode(tokenizer, texts, max_length, backend)
+        teacher, tokenizer, backend = self.encodings[k]
+        return teacher.encode(tokenizer, backend, texts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = batch.column("reject_reason").is_null().to_numpy(zero_copy_only=False)
@@ -242,7 +322,7 @@ class Tokenizers:
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizers(teachers: str) -> Tokenizers:
-    return Tokenizers([TeacherInfo.model_validate(t) for t in json.loads(teachers)])
+    return Tokenizers([make_teacher(TeacherInfo.model_validate(t)) for t in json.loads(teachers)])
 
 
 def tokenize_batch(batch: pa.Table, teachers: list[TeacherInfo]) -> pa.Table:
@@ -262,43 +342,25 @@ class TeacherLabeler:
                  threads: int = 1, precision: str = "auto", logits_dtype: str = "float32",
                  batch_tokens: int | None = None):
         import torch
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-        )
 
         self.device = pick_device(num_gpus)
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        # A GPU actor that tokenizes for itself lets the Rust tokenizer use the node's cores (1.3x-1.65x rows/s
-        # on an H100, BENCHMARKS.md); CPU actors keep to their threads_per_actor.
+        # A GPU actor that tokenizes for itself lets the Rust tokenizer use the node's cores; CPU actors keep
+        # to their threads_per_actor.
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.device == "cuda" else "false"
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
-        self.tokenizers = Tokenizers(teachers)
-        self.teachers = []  # (teacher, model, its label tokens and log prior if it is an LLM)
-        for t, k in zip(teachers, self.tokenizers.of_teacher):
-            auto = AutoModelForCausalLM if t.kind == "llm" else AutoModelForSequenceClassification
-            try:
-                model = auto.from_pretrained(t.model, revision=t.revision)
-            except (OSError, ValueError) as e:
-                raise ModelError(f"cannot load teacher {t.name!r} from {t.model}: {e}") from e
-            model = model.to(self.device).eval()
-            tokens = None
-            if t.kind == "llm":
-                # a TeacherInfo carries the tokens checked on the driver; a TeacherConfig is checked here
-                tokens = getattr(t, "label_token_ids", None) or label_token_ids(self.tokenizers.encodings[k][0], t)
-            calibrated = t.kind == "llm" and (getattr(t, "calibration", None) or getattr(t, "calibrate", False))
-            self.teachers.append((t, model, tokens, self._log_prior(k, model, tokens) if calibrated else None))
-
-    def _log_prior(self, k: int, model, tokens: list[list[int]]) -> np.ndarray:
-        """Contextual calibration: the log of the label-word distribution (among the label words) that the
-        LM gives content-free posts, averaged over them."""
-        ids, _ = self.tokenizers.encode(k, CALIBRATION["content_free"])
-        logp, _ = self._outputs(ids, self.tokenizers.encodings[k][0], model, None, tokens)
-        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
-        return np.log((probs / probs.sum(axis=1, keepdims=True)).mean(axis=0))
+        self.teachers = [make_teacher(t) for t in teachers]
+        self.tokenizers = Tokenizers(self.teachers)
+        self.models = []
+        for t, k in zip(self.teachers, self.tokenizers.of_teacher):
+            model = t.load(self.device)
+            tokenizer = self.tokenizers.encodings[k][1]
+            t.ready(model, tokenizer, lambda texts: self._outputs(self.tokenizers.encode(k, texts)[0], tokenizer,
+                                                                  model, None, t.label_tokens)[0])
+            self.models.append(model)
 
     def _outputs(self, ids: pa.ListArray, tokenizer, model, pooling: str | None,
                  label_tokens: list[list[int]] | None):
@@ -315,22 +377,21 @@ class TeacherLabeler:
         keep = pa.array(ok)
         columns = {n: batch.column(n) for n in batch.column_names if not n.startswith(("_token_ids_", "_truncated_"))}
         truncated = np.zeros(len(ok), dtype=bool)
-        for (t, model, tokens, log_prior), k in zip(self.teachers, self.tokenizers.of_teacher):
-            pooling = _pooling(t)
-            width = len(tokens) if tokens is not None else model.config.num_labels
-            outputs = {logits_column(t.name): (np.full((len(ok), width), np.nan, np.float32),
-                                               self.logits_type)}  # rejected rows keep NaN
+        for t, model, k in zip(self.teachers, self.models, self.tokenizers.of_teacher):
+            pooling = t.info.representation.pooling if t.info.representation else None
+            outputs = {t.info.column: (np.full((len(ok), t.width(model)), np.nan, np.float32),
+                                       self.logits_type)}  # rejected rows keep NaN
             if pooling:
-                outputs[representation_column(t.name)] = (np.full((len(ok), hidden_width(model.config)), np.nan,
-                                                                  np.float32), pa.float16())
+                outputs[representation_column(t.info.name)] = (np.full((len(ok), hidden_width(model.config)), np.nan,
+                                                                       np.float32), pa.float16())
             if ok.any():
                 ids = pc.filter(batch.column(token_ids_column(k)), keep).combine_chunks()
-                computed = self._outputs(ids, self.tokenizers.encodings[k][0], model, pooling, tokens)
+                computed = self._outputs(ids, self.tokenizers.encodings[k][1], model, pooling, t.label_tokens)
                 for (values, _), result in zip(outputs.values(), computed):
                     if result is not None:
                         values[ok] = result
-                if log_prior is not None:  # calibrated: p(label | post) / p(label | content-free post)
-                    outputs[logits_column(t.name)][0][ok] -= log_prior
+                if t.log_prior is not None:  # calibrated: p(label | post) / p(label | content-free post)
+                    outputs[t.info.column][0][ok] -= t.log_prior
             truncated |= batch.column(truncated_column(k)).to_numpy(zero_copy_only=False)
             for column, (values, value_type) in outputs.items():
                 flat = pa.array(values.reshape(-1), pa.float32()).cast(value_type)
@@ -339,30 +400,23 @@ class TeacherLabeler:
         return pa.table(columns)
 
 
-def _pooling(teacher: TeacherConfig | TeacherInfo) -> str | None:
-    """How a teacher's representation is pooled ('mean', 'cls'), None if it stores none."""
-    r = teacher.representation
-    return r.pooling if isinstance(r, RepresentationInfo) else r
+class TeacherClassifier:
+    """A teacher scored where kd-ray scores a classifier (``kd-ray evaluate``): ``logits(texts,
+    batch_size)`` are what it labels with, through the labeler itself; ``model``, ``path`` and ``layout`` as
+    kd_ray.models.multitask.MultiTaskClassifier has them."""
 
-
-class PromptedLM:
-    """An LLM teacher where kd-ray evaluates a classifier: ``logits(texts, batch_size)`` are its label-word
-    log-probabilities (calibrated if it is), through the labeler itself; ``model``, ``path`` and ``layout``
-    as kd_ray.models.multitask.MultiTaskClassifier has them."""
-
-    def __init__(self, cfg: TeacherConfig, *, batch_size: int = 64):
+    def __init__(self, info: TeacherInfo, *, batch_size: int = 64):
         import torch
 
-        self.cfg, self.path = cfg, cfg.model
         # the threads the evaluation set, not the labeler's default of one per actor
-        self.labeler = TeacherLabeler([cfg], batch_size=batch_size, threads=torch.get_num_threads())
-        self.model = self.labeler.teachers[0][1]
-        self.layout = [TaskSlice(name=cfg.task, labels=tuple(cfg.labels))]
+        self.labeler = TeacherLabeler([info], batch_size=batch_size, threads=torch.get_num_threads())
+        self.info, self.path, self.model = info, info.model, self.labeler.models[0]
+        self.layout = [TaskSlice(name=info.task, labels=tuple(info.labels))]
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         self.labeler.batch_size = batch_size
         n = len(texts)
         out = self.labeler(pa.table({"id": [str(i) for i in range(n)], "text": texts,
                                      "label": pa.nulls(n, pa.int32()), "reject_reason": pa.nulls(n, pa.string())}))
-        column = out.column(logits_column(self.cfg.name)).combine_chunks()
+        column = out.column(self.info.column).combine_chunks()
         return column.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float32)

@@ -20,16 +20,17 @@ from kd_ray.config import EvalArgs, EvalSetConfig, EvaluateConfig, TeacherConfig
 from kd_ray.console import say
 from kd_ray.data.corpus import list_shards, read_shard, task_label_column
 from kd_ray.errors import KdRayUserError
+from kd_ray.models.losses import NO_GOLD
 from kd_ray.models.metrics import agreement, classification_metrics
 from kd_ray.models.multitask import MultiTaskClassifier
 from kd_ray.models.students import count_parameters
-from kd_ray.models.teacher import PromptedLM, describe_model
+from kd_ray.models.teacher import describe_model, make_teacher
 
 SINGLE_TASK = "task"  # the one task of `kd-ray evaluate` (its name appears nowhere in the report)
 
 
 def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The texts of the rows with a gold label for some task and, per task, each row's gold index (-100
+    """The texts of the rows with a gold label for some task and, per task, each row's gold index (NO_GOLD
     where it has none). The first task's gold is in test.label_column, the others' in test.task_label_columns."""
     first, *others = tasks
     missing = [t for t in others if t not in test.task_label_columns]
@@ -42,7 +43,7 @@ def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[lis
         for table in read_shard(shard, test, to_index[first], {t: to_index[t] for t in others} or None):
             texts += table.column("text").to_pylist()
             for task, column in columns.items():
-                gold[task] += [-100 if g is None else g for g in table.column(column).to_pylist()]
+                gold[task] += [NO_GOLD if g is None else g for g in table.column(column).to_pylist()]
     gold_arrays = {t: np.array(g, dtype=np.int64) for t, g in gold.items()}
     keep = np.flatnonzero(np.any([g >= 0 for g in gold_arrays.values()], axis=0)) if texts else np.array([], int)
     if not len(keep):
@@ -59,10 +60,10 @@ def folder_size_mb(model: str) -> float | None:
 
 def _load(path: str | TeacherConfig, what: str, task: str | None, args: EvalArgs):
     """A model of ``task`` (a multi-task folder: of its tasks), checked first so that errors name ``what``;
-    an LLM teacher (a TeacherConfig of kind llm) runs through its labeler."""
+    a teacher given as a TeacherConfig is scored as it labels (kd_ray.models.teacher)."""
     if isinstance(path, TeacherConfig):
-        describe_model(path.model, what=what, hash_weights=False, labels=path.labels)
-        return PromptedLM(path.model_copy(update={"max_length": args.max_length}), batch_size=args.batch_size)
+        teacher = make_teacher(path.model_copy(update={"task": task or path.task, "max_length": args.max_length}))
+        return teacher.classifier(task, args.batch_size)
     if not path.endswith(".onnx"):  # an exported file (kd-ray export) has no PyTorch weights to check
         describe_model(path, what=what, hash_weights=False)
     return MultiTaskClassifier.from_pretrained(path, task=task, max_length=args.max_length)
@@ -179,7 +180,7 @@ def headline(report: dict) -> str:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate, write metrics.json (see ``metrics_report``) and return the whole report."""
-    report = evaluate_models({SINGLE_TASK: cfg.teacher_llm or cfg.teacher}, {"student": cfg.student, **cfg.others},
+    report = evaluate_models({SINGLE_TASK: cfg.teacher}, {"student": cfg.student, **cfg.others},
                              cfg.test, cfg.eval)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

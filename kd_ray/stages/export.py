@@ -261,7 +261,7 @@ def trim_corpus(cfg: ExportConfig) -> CorpusConfig:
     source = json.loads(trained.read_text()).get("plan", {}).get("source", {}) if trained.is_file() else {}
     for folder in (model.parent / "soft_labels", model.parent.parent / "soft_labels"):
         try:
-            labels_hash = read_soft_label_info(str(folder)).metadata.get("config_hash") if folder.is_dir() else None
+            labels_hash = read_soft_label_info(str(folder)).metadata.config_hash if folder.is_dir() else None
         except SoftLabelError:
             continue
         if labels_hash is not None and labels_hash == source.get("soft_labels_hash"):

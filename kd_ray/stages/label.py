@@ -43,38 +43,20 @@ from kd_ray import __version__
 from kd_ray.config import LabelConfig
 from kd_ray.console import say
 from kd_ray.data.augment import SEPARATOR, resolve_mask_token
-from kd_ray.data.corpus import (
-    ALREADY_LABELED,
-    SHARD_COLUMN,
-    Shard,
-    estimated_rows,
-    list_shards,
-    task_label_column,
-)
+from kd_ray.data.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, estimated_rows, list_shards
 from kd_ray.data.growth import corpus_growth, file_records
 from kd_ray.data.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
-from kd_ray.data.soft_labels import (
-    MANIFEST,
-    METADATA_KEY,
-    PART_KEY,
-    REJECTED_DIR,
-    REJECTED_SCHEMA,
-    SCHEMA_VERSION,
-    TeacherInfo,
-    add_shard_groups,
-    parquet_writer,
-    read_soft_label_info,
-    soft_label_schema,
-)
+from kd_ray.data.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION,
+                                     SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer, part_stats,
+                                     read_soft_label_info, soft_label_schema, stats_problems)
 from kd_ray.data.storage import filesystem
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.models.teacher import TeacherLabeler, teacher_metadata, tokenize_batch
+from kd_ray.models.teacher import TeacherLabeler, describe_teacher, tokenize_batch
 from kd_ray.runtime import init_ray
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
 READ_TASK_CPUS = 1.0  # a whole CPU, as a repartition asks: then Ray fuses the cut into blocks of block_rows into the
-# read task (at 0.5 the repartition ran as an operator of its own, 1-CPU tasks copying every block through the
-# object store once more; the feed rate went from 0.70x to 0.75x the bare tokenizer's, BENCHMARKS.md)
+# read task (with less, the repartition runs as an operator of its own, copying every block through the object store)
 RUN_STATE = "_run.json"  # config hash of the run writing into the folder; replaced by _manifest.json at the end
 
 
@@ -131,9 +113,9 @@ def task_label_names(teachers: list[TeacherInfo], task_label_columns: dict[str, 
     return {task: by_task[task] for task in task_label_columns}
 
 
-def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
+def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
     """Provenance stored in every part file (see kd_ray.data.soft_labels)."""
-    teachers = [teacher_metadata(t) for t in cfg.teachers]
+    teachers = [describe_teacher(t) for t in cfg.teachers]
     first = teachers[0]
     label_names = None
     if cfg.corpus.label_column:
@@ -149,9 +131,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
         "teachers": [t.metadata() for t in teachers],
-        "label_task": first.task if cfg.corpus.label_column else None,
-        "label_names": label_names,
-        "task_labels": task_labels,
+        "gold": ({first.task: label_names} if label_names else {}) | task_labels,
         "normalize": cfg.corpus.normalize,
         "logits_dtype": cfg.output.logits_dtype,
         "corpus": cfg.corpus.path,
@@ -163,7 +143,7 @@ def build_metadata(cfg: LabelConfig) -> dict[str, Any]:
     identity = {k: v for k, v in metadata.items() if k != "kd_ray_version"}
     identity["corpus_config"] = cfg.corpus.model_dump(mode="json")
     metadata["config_hash"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return metadata
+    return SoftLabelMetadata.model_validate(metadata)
 
 
 def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Schema, stats: dict[str, Any]) -> None:
@@ -177,20 +157,6 @@ def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Sche
         writer.add_key_value_metadata({PART_KEY: json.dumps({**stats, "shards": shards})})
 
 
-def part_stats(table: pa.Table, metadata: dict[str, Any]) -> dict[str, Any]:
-    """What the final check needs of a part file's rows: counts, non-finite logits (and representations),
-    gold label ranges."""
-    teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
-    gold = ["label", *(task_label_column(task) for task in metadata.get("task_labels") or {})]
-    return {
-        "rows": table.num_rows,
-        "truncated": pc.sum(table.column("truncated")).as_py() or 0,
-        "nonfinite": {c: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(c))))).as_py() or 0)
-                      for t in teachers for c in (t.column, *t.representation_columns)},
-        "gold": {c: [pc.min(table.column(c)).as_py(), pc.max(table.column(c)).as_py()] for c in gold},
-    }
-
-
 class SoftLabelDatasink(Datasink):
     """Writes each write task's rows as one Parquet file, committed by renaming a temporary file.
 
@@ -200,7 +166,7 @@ class SoftLabelDatasink(Datasink):
     silently dropped; rows an interrupted run already committed (ALREADY_LABELED) are counted.
     """
 
-    def __init__(self, output: str, metadata: dict[str, Any], rows_per_file: int):
+    def __init__(self, output: str, metadata: SoftLabelMetadata, rows_per_file: int):
         self.output = output.rstrip("/")
         self.metadata = metadata
         self.rows_per_file = rows_per_file
@@ -214,8 +180,8 @@ class SoftLabelDatasink(Datasink):
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, Any]:
         fs, root = filesystem(self.output)
-        table = pa.concat_tables(list(blocks))
-        digest = hashlib.blake2b(self.metadata["config_hash"].encode(), digest_size=8)  # same rows, same config
+        table = self.metadata.as_stored(pa.concat_tables(list(blocks)))
+        digest = hashlib.blake2b(self.metadata.config_hash.encode(), digest_size=8)  # same rows, same config
         ids = table.column("id").combine_chunks()
         if len(ids):  # the ids' bytes and lengths, in order, without making Python strings of them
             offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
@@ -269,7 +235,7 @@ def _written_schema_version(fs: pafs.FileSystem, root: str) -> int:
     return SCHEMA_VERSION
 
 
-def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | None, bool]:
+def prepare_output(cfg: LabelConfig, metadata: SoftLabelMetadata) -> tuple[dict | None, bool]:
     """(manifest, resume): the manifest if this exact labeling already finished; resume=True
     if an interrupted run of this exact config left committed files to keep. Refuses to mix
     runs of different configs."""
@@ -279,17 +245,16 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | N
         raise KdRayUserError(f"output.path {cfg.output.path} is a file, not a folder")
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
         manifest = _read_json(fs, f"{root}/{MANIFEST}")
-        if manifest and manifest.get("config_hash") == metadata["config_hash"]:
+        if manifest and manifest.get("config_hash") == metadata.config_hash:
             return manifest, False  # this exact labeling is done
         run = None if manifest else _read_json(fs, f"{root}/{RUN_STATE}")
         old = _written_schema_version(fs, root) if run is not None else SCHEMA_VERSION
         if old != SCHEMA_VERSION and not cfg.output.overwrite:
             raise KdRayUserError(
-                f"output.path {cfg.output.path} holds an unfinished run of kd-ray with soft-label schema version "
-                f"{old}, whose ids of JSON Lines, CSV and text rows were '<file>:<row>'; this kd-ray writes version "
-                f"{SCHEMA_VERSION} ('<file>@<byte offset>') and cannot resume it. Set output.overwrite=true to label "
-                f"it again, or choose another output.path")
-        same = run is not None and run.get("config_hash") == metadata["config_hash"]
+                f"output.path {cfg.output.path} holds an unfinished run of an earlier kd-ray, with soft-label schema "
+                f"version {old}; this kd-ray writes version {SCHEMA_VERSION} and cannot resume it. Set "
+                f"output.overwrite=true to label it again, or choose another output.path")
+        same = run is not None and run.get("config_hash") == metadata.config_hash
         if same and not run.get("failed") and not cfg.output.overwrite:
             return None, True
         if not cfg.output.overwrite:
@@ -303,18 +268,18 @@ def prepare_output(cfg: LabelConfig, metadata: dict[str, Any]) -> tuple[dict | N
                 state = "files that `kd-ray label` did not write"
             raise KdRayUserError(
                 f"output.path {cfg.output.path} already holds {state}; this config's hash is "
-                f"{metadata['config_hash']}. Choose another output.path or set output.overwrite=true to replace it"
+                f"{metadata.config_hash}. Choose another output.path or set output.overwrite=true to replace it"
             )
         fs.delete_dir(root)
     _start_run(cfg, metadata)
     return None, False
 
 
-def _start_run(cfg: LabelConfig, metadata: dict[str, Any]) -> None:
+def _start_run(cfg: LabelConfig, metadata: SoftLabelMetadata) -> None:
     """Mark the folder as written by a run of this config (``_run.json``) until its manifest replaces the mark."""
     fs, root = filesystem(cfg.output.path)
     fs.create_dir(root, recursive=True)
-    _write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata["config_hash"], "started": time.time()})
+    _write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata.config_hash, "started": time.time()})
 
 
 @dataclass
@@ -337,14 +302,12 @@ def _remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
                 fs.delete_file(info.path)
 
 
-def read_parts(output: str, metadata: dict[str, Any]) -> Parts:
+def read_parts(output: str, metadata: SoftLabelMetadata) -> Parts:
     """Merge the footers of the committed part and rejected files; delete uncommitted temporary files
     (their rows are labeled again). Memory grows with the files, not with the rows."""
     fs, root = filesystem(output)
     _remove_temporary_files(fs, root)
     parts = Parts(shards={})
-    gold_sizes = {"label": len(metadata.get("label_names") or []),
-                  **{task_label_column(t): len(n) for t, n in (metadata.get("task_labels") or {}).items()}}
     for folder in (root, f"{root}/{REJECTED_DIR}"):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
             if not (info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
@@ -360,10 +323,7 @@ def read_parts(output: str, metadata: dict[str, Any]) -> Parts:
                 continue
             parts.rows, parts.files, parts.truncated = (parts.rows + stats["rows"], parts.files + 1,
                                                         parts.truncated + stats["truncated"])
-            parts.problems += [f"{info.path}: {n} NaN/Inf values in {column}"
-                               for column, n in stats["nonfinite"].items() if n]
-            parts.problems += [f"{info.path}: gold label index outside 0..{gold_sizes[c] - 1} in column {c!r}"
-                               for c, (lo, hi) in stats["gold"].items() if hi is not None and (lo < 0 or hi >= gold_sizes[c])]
+            parts.problems += stats_problems(info.path, stats, metadata)
     return parts
 
 
@@ -371,8 +331,7 @@ def balanced_block_rows(rows: int | None, actors: int, block_rows: int) -> int:
     """Rows per block: at most ``block_rows``, and the corpus's ``rows`` (an estimate; None: unknown)
     cut into a multiple of ``actors`` blocks of about the same size, so that the actors finish their
     last blocks together. Blocks of exactly block_rows leave one actor labeling the last of them
-    alone, and smaller blocks, though they shorten that tail, waste more on padding (25,000 tweets
-    on 2 CPU actors: 1,024-row blocks 1.45x a plain loop, 2,048 1.50x, even 6,250 1.53x; BENCHMARKS.md)."""
+    alone, and smaller blocks, though they shorten that tail, waste more on padding."""
     if not rows or rows <= 0:
         return block_rows
     rounds = math.ceil(rows / (actors * block_rows))
@@ -436,7 +395,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     return summary
 
 
-def _growth(cfg: LabelConfig, metadata: dict[str, Any], shards: list[Shard], done: dict):
+def _growth(cfg: LabelConfig, metadata: SoftLabelMetadata, shards: list[Shard], done: dict):
     """What the corpus gained since this config's finished labeling (kd_ray.data.growth), or None when it changed
     in a way only a new labeling covers and output.overwrite asks for one (the folder is then emptied)."""
     labeled = done.get("shards")
@@ -467,22 +426,22 @@ def committed_rows(parts: Parts, keys: list[str]) -> int:
     return rows
 
 
-def labeled_dataset(cfg: LabelConfig, metadata: dict[str, Any], kept: Parts | None,
+def labeled_dataset(cfg: LabelConfig, metadata: SoftLabelMetadata, kept: Parts | None,
                     shards: list[Shard]) -> ray.data.Dataset:
     """``shards`` of the corpus read into blocks (one read task per file or part of a big file) and run
     through the teacher actors."""
     c = cfg.compute
-    label_names = metadata["label_names"]
-    label_to_index = {n: i for i, n in enumerate(label_names)} if label_names else None
-    task_labels = {task: {n: i for i, n in enumerate(names)} for task, names in metadata["task_labels"].items()}
+    first, *others = metadata.tasks
+    index = {task: {n: i for i, n in enumerate(names)} for task, names in metadata.gold_labels.items()}
+    label_to_index, task_labels = index.get(first), {task: index[task] for task in others if task in index}
     actors = actor_count(cfg)
     rows = estimated_rows(shards)
     block_rows = balanced_block_rows(rows and rows * (1 + cfg.augment.copies), actors, c.block_rows)
     ds = corpus_dataset(cfg.corpus, label_to_index, block_rows=block_rows, num_cpus=READ_TASK_CPUS,
                         committed=kept.shards if kept else {},
                         task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
-                        mask_token=metadata.get("augment", {}).get("mask_token"), shards=shards)
-    teachers = [TeacherInfo.model_validate(t) for t in metadata["teachers"]]
+                        mask_token=(metadata.augment or {}).get("mask_token"), shards=shards)
+    teachers = metadata.teachers
     if c.tokenize == "stage":
         ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": teachers}, batch_size=None,
                             batch_format="pyarrow", num_cpus=c.tokenize_cpus)
@@ -530,7 +489,7 @@ def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
     return problems
 
 
-def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, parts: Parts,
+def _commit(cfg: LabelConfig, metadata: SoftLabelMetadata, summary: LabelSummary, parts: Parts,
             corpus: dict[str, dict]) -> None:
     """Check the whole folder from its footers and per-shard tasks, and write its manifest (the run's
     completion marker, with ``corpus``: the record of every input file, kd_ray.data.growth), or mark it failed."""
@@ -550,7 +509,7 @@ def _commit(cfg: LabelConfig, metadata: dict[str, Any], summary: LabelSummary, p
               + "\n  ".join((parts.problems + duplicates)[:20]) + hint)
     files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
                    if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
-    manifest = {**asdict(summary), "files": files, "config_hash": metadata["config_hash"],
+    manifest = {**asdict(summary), "files": files, "config_hash": metadata.config_hash,
                 "rows_per_s": summary.rows_per_s, "corpus": corpus, "shards": sorted(parts.shards)}
     _write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.delete_file(f"{root}/{RUN_STATE}")

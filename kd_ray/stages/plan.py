@@ -14,23 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from kd_ray.config import (
-    DistillConfig,
-    FinetuneConfig,
-    StudentConfig,
-    TaskLossConfig,
-    TrainArgs,
-)
-from kd_ray.data.soft_labels import (
-    SoftLabelInfo,
-    TeacherInfo,
-    logits_column,
-    read_soft_label_info,
-    representation_column,
-)
+from kd_ray.config import DistillConfig, FinetuneConfig, StudentConfig, TaskLossConfig, TrainArgs
+from kd_ray.data.soft_labels import (SoftLabelInfo, TeacherInfo, logits_column, read_soft_label_info,
+                                     representation_column)
 from kd_ray.data.storage import absolute_if_local
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
 from kd_ray.models.multitask import TaskSlice, joint_labels, task_layout
+from kd_ray.models.teacher import make_teacher
 
 
 class TaskPlan(TaskSlice):
@@ -128,7 +118,7 @@ def distill_plan(cfg: DistillConfig) -> tuple[TrainPlan, SoftLabelInfo]:
         raise SoftLabelError(f"soft labels at {cfg.soft_labels} hold no {what}: the training set is empty")
     plan = TrainPlan(mode="distill", tasks=tasks, named_heads=cfg.tasks is not None, train=cfg.train, rows=rows,
                      has_validation=cfg.validation is not None, gold_only=gold_only, student=student,
-                     source={"soft_labels_hash": info.metadata["config_hash"], "soft_label_files": info.files_digest})
+                     source={"soft_labels_hash": info.metadata.config_hash, "soft_label_files": info.files_digest})
     return plan, info
 
 
@@ -147,20 +137,7 @@ def _requested_tasks(cfg: DistillConfig, info: SoftLabelInfo) -> dict[str, TaskL
     if len(tasks) > 1:
         raise SoftLabelError(f"loss.teachers names teachers of tasks {tasks}; one head learns one task: give each "
                              f"task its own head with tasks.<task>.teachers")
-    _check_gold_task(cfg, info, teachers)
     return {tasks[0]: TaskLossConfig(teachers=weights)}
-
-
-def _check_gold_task(cfg: DistillConfig, info: SoftLabelInfo, teachers: list[TeacherInfo]) -> None:
-    """A single-task student learns (1 - alpha) from the column 'label': it must hold its teachers' task."""
-    gold_task = info.metadata.get("label_task")
-    wrong = next((t for t in teachers if gold_task and t.task != gold_task), None)
-    if wrong is not None and cfg.loss.alpha < 1:
-        raise SoftLabelError(
-            f"loss.teachers names teacher {wrong.name!r} of task {wrong.task!r}, but the gold column 'label' of "
-            f"{cfg.soft_labels} holds task {gold_task!r}: with loss.alpha={cfg.loss.alpha} the student would learn "
-            f"{wrong.task!r} from {gold_task!r} class indices. Distill that task with `tasks: {{{wrong.task}: {{}}}}`, "
-            f"which reads its own gold column, or set loss.alpha: 1")
 
 
 def _task_plans(cfg: DistillConfig, info: SoftLabelInfo, requested: dict[str, TaskLossConfig]) -> list[TaskPlan]:
@@ -221,7 +198,7 @@ def _check_student(student: StudentConfig, tasks: list[TaskPlan], info: SoftLabe
         raise KdRayUserError("student.kind=cut with several teachers needs student.model: which teacher to cut")
     source = next(t for t in info.teachers if t.model == tasks[0].teacher_model)
     try:
-        student.check_source(f"teacher {source.name!r} ({source.model})", llm=source.kind == "llm")
+        student.check_source(f"teacher {source.name!r} ({source.model})", encoder=make_teacher(source).encoder)
     except ValueError as e:
         raise KdRayUserError(str(e)) from None
 

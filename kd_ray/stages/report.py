@@ -1,8 +1,9 @@
 """`kd-ray report RUN_FOLDER`: one self-contained HTML page (plots embedded) and the same plots as PNG.
 
 Reads only what the stages wrote (metrics.json, trials.csv / trial_epochs.csv / tune_summary.json,
-the soft-label Parquet, each model's kd_ray_train.json) and draws what is there; a section whose
-inputs are missing says so instead of failing. Outputs: RUN_FOLDER/report.html, RUN_FOLDER/report/*.png.
+the soft-label Parquet, each model's kd_ray_train.json) and draws what is there, a panel per task (or teacher)
+where a run has several; a section whose inputs are missing says so instead of failing. Outputs:
+RUN_FOLDER/report.html, RUN_FOLDER/report/*.png.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from kd_ray.data.soft_labels import read_soft_label_info
 from kd_ray.models.metrics import softmax
-from kd_ray.stages.evaluate import SUMMARY_HEADER, headline, summary_rows
+from kd_ray.stages.evaluate import SINGLE_TASK, SUMMARY_HEADER, headline, summary_rows
 
 if TYPE_CHECKING:
     from kd_ray.data.soft_labels import TeacherInfo
@@ -34,7 +35,7 @@ class RunFolder:
     """What a run folder holds, found by the names the stages write."""
 
     path: Path
-    metrics: dict | None = None
+    metrics: dict | None = None  # in evaluate_models's layout ("tasks": task -> {rows, labels, model -> metrics})
     tune_dir: Path | None = None
     soft_labels: Path | None = None
     histories: dict[str, list[dict]] = field(default_factory=dict)
@@ -43,18 +44,26 @@ class RunFolder:
     def find(cls, path: str | Path) -> RunFolder:
         run = cls(Path(path))
         if (run.path / "metrics.json").is_file():
-            run.metrics = json.loads((run.path / "metrics.json").read_text())
+            m = json.loads((run.path / "metrics.json").read_text())
+            if "teacher" in m:  # one task: metrics_report flattened its entry, with each model's speed in it
+                models = {k: v for k, v in m.items() if isinstance(v, dict) and "params" in v}
+                m["tasks"] = {SINGLE_TASK: {"rows": m["test"]["rows"], "labels": m["labels"], **models}}
+                m.update({key: {n: v[key] for n, v in models.items() if key in v}
+                          for key in ("rows_per_s", "params", "speedup", "compression")})
+            run.metrics = m if "tasks" in m else None
         run.tune_dir = next((d for d in (run.path, run.path / "tune") if (d / "trials.csv").is_file()), None)
         if (run.path / "soft_labels" / "_manifest.json").is_file():
             run.soft_labels = run.path / "soft_labels"
-        folders = {"teacher": run.path / "teacher", "student": run.path / "student",
-                   "student_alpha0": run.path / "student_alpha0"}
+        folders = {name: run.path / name for name in ("teacher", "student", "student_alpha0")}
+        folders.update({f"teacher {d.name}": d for d in sorted(run.path.glob("teachers/*"))})  # one per task
         if run.tune_dir is not None and not folders["student"].is_dir():  # `kd-ray run` with a tune: section
             folders["student"] = run.tune_dir / "student"
         for name, folder in folders.items():
             info = folder / "kd_ray_train.json"
-            if info.is_file():
-                run.histories[name] = json.loads(info.read_text())["history"]
+            if info.is_file():  # a task's own teacher (teachers/<task>) scored that task: its val_x is val_<task>_x
+                task = f"{folder.name}_" if folder.parent.name == "teachers" else ""
+                run.histories[name] = [{f"val_{task}{k[4:]}" if k.startswith("val_") else k: v for k, v in h.items()}
+                                       for h in json.loads(info.read_text())["history"]]
         return run
 
 
@@ -80,9 +89,7 @@ def _axes_params(trials, searched: list[str]) -> tuple[str, str | None] | None:
     numeric = [p for p in searched if pd.api.types.is_numeric_dtype(trials[p])]
     preferred = [p for p in ("temperature", "alpha") if p in numeric]
     chosen = (preferred + [p for p in numeric if p not in preferred])[:2]
-    if not chosen:
-        return None
-    return chosen[0], (chosen[1] if len(chosen) > 1 else None)
+    return (chosen[0], chosen[1] if len(chosen) > 1 else None) if chosen else None
 
 
 def _value(v) -> str:
@@ -159,40 +166,46 @@ def plot_trial_curves(epochs, trials, summary: dict, searched: list[str]):
     return fig
 
 
-def _models(metrics: dict) -> list[str]:
-    return [k for k, v in metrics.items() if isinstance(v, dict) and "params" in v]
+def _models(entry: dict) -> list[str]:  # a task's models: teacher, student, ...
+    return [k for k, v in entry.items() if isinstance(v, dict)]
 
 
-def plot_quality(metrics: dict):
-    """Teacher and students side by side on the test set."""
+def _named(keys, key: str, text: str) -> str:  # text, headed by its task's (or teacher's) name if there are several
+    return f"{key}: {text}" if len(keys) > 1 else text
+
+
+def plot_quality(report: dict):
+    """Teacher and students side by side on the test set; a panel per task."""
     plt = _plt()
-    models = _models(metrics)
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    width = 0.8 / len(models)
-    for i, name in enumerate(models):
-        values = [metrics[name].get(m, 1.0 if m == "agreement" else np.nan) for m in QUALITY]
-        bars = ax.bar(np.arange(len(QUALITY)) + i * width, values, width, label=name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(QUALITY)) + width * (len(models) - 1) / 2, [m.replace("_", " ") for m in QUALITY])
-    ax.set_ylim(0, 1.18)
-    ax.set_ylabel(f"test set ({metrics['test']['rows']} rows)")
-    ax.set_title("Quality: teacher vs student (agreement = same prediction as the teacher)")
-    ax.legend(fontsize=8, loc="upper left", ncol=len(models), frameon=False)
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(7.5, 4 * len(tasks)), squeeze=False)
+    for ax, (task, entry) in zip(axes[:, 0], tasks.items()):
+        models = _models(entry)
+        width = 0.8 / len(models)
+        for i, name in enumerate(models):
+            values = [entry[name].get(m, 1.0 if m == "agreement" else np.nan) for m in QUALITY]
+            bars = ax.bar(np.arange(len(QUALITY)) + i * width, values, width, label=name)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+        ax.set_xticks(np.arange(len(QUALITY)) + width * (len(models) - 1) / 2, [m.replace("_", " ") for m in QUALITY])
+        ax.set_ylim(0, 1.18)
+        ax.set_ylabel(f"test set ({entry['rows']} rows)")
+        ax.set_title(_named(tasks, task, "Quality: teacher vs student (agreement = same prediction as the teacher)"))
+        ax.legend(fontsize=8, loc="upper left", ncol=len(models), frameon=False)
     fig.tight_layout()
     return fig
 
 
-def plot_efficiency(metrics: dict):
-    """Throughput, size and calibration: what the student costs and how honest its confidence is."""
+def plot_efficiency(report: dict):
+    """Throughput, size and calibration (a panel per task): what the student costs and how honest its confidence is."""
     plt = _plt()
-    models = _models(metrics)
-    panels = (("rows_per_s", "CPU rows/s (higher is better)", 1.0), ("params", "parameters, millions", 1e-6),
-              ("ece", "calibration error, ECE (lower is better)", 1.0))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    colors = plt.get_cmap("tab10")
-    for ax, (key, title, scale) in zip(axes, panels):
-        values = [metrics[m][key] * scale for m in models]
-        bars = ax.bar(models, values, color=[colors(i) for i in range(len(models))])
+    tasks = report["tasks"]
+    panels = [("CPU rows/s (higher is better)", report["rows_per_s"]),
+              ("parameters, millions", {n: p * 1e-6 for n, p in report["params"].items()}),
+              *[(_named(tasks, task, "calibration error, ECE (lower is better)"),
+                 {n: entry[n]["ece"] for n in _models(entry)}) for task, entry in tasks.items()]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(11, 4.2 * len(panels)), 3.4), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        bars = ax.bar(list(values), list(values.values()), color=[f"C{i}" for i in range(len(values))])  # tab10
         ax.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=15)
@@ -201,84 +214,88 @@ def plot_efficiency(metrics: dict):
     return fig
 
 
-def plot_confusions(metrics: dict):
-    """Row-normalised confusion matrices (a row is a gold label), counts written in the cells."""
+def plot_confusions(report: dict):
+    """Row-normalised confusion matrices (a row is a gold label), counts written in the cells; a row per task."""
     plt = _plt()
-    models, labels = _models(metrics), metrics["labels"]
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        counts = np.array(metrics[name]["confusion_matrix"], dtype=float)
-        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for (r, c), n in np.ndenumerate(counts):
-            ax.text(c, r, f"{int(n)}\n{share[r, c]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if share[r, c] > 0.6 else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_title(f"{name}\nmacro-recall {metrics[name]['macro_recall']:.3f}", fontsize=9)
-    axes[0][0].set_ylabel("gold")
+    tasks = report["tasks"]
+    columns = max(len(_models(entry)) for entry in tasks.values())
+    fig, axes = plt.subplots(len(tasks), columns, figsize=(3.6 * columns, 3.6 * len(tasks)), squeeze=False)
+    for row, (task, entry) in zip(axes, tasks.items()):
+        labels = entry["labels"]
+        for ax, name in zip(row, _models(entry)):
+            counts = np.array(entry[name]["confusion_matrix"], dtype=float)
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+            for (r, c), n in np.ndenumerate(counts):
+                ax.text(c, r, f"{int(n)}\n{share[r, c]:.0%}", ha="center", va="center", fontsize=8,
+                        color="white" if share[r, c] > 0.6 else "black")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            ax.set_yticks(range(len(labels)), labels, fontsize=8)
+            ax.set_xlabel("predicted")
+            ax.set_title(_named(tasks, task, f"{name}\nmacro-recall {entry[name]['macro_recall']:.3f}"), fontsize=9)
+        row[0].set_ylabel("gold")
     fig.tight_layout()
     return fig
 
 
-def teacher_confidences(soft_labels: Path) -> tuple[TeacherInfo, np.ndarray, np.ndarray]:
-    """(teacher metadata, max softmax probability per row, predicted class per row) of the first teacher."""
+def teacher_confidences(soft_labels: Path) -> list[tuple[TeacherInfo, np.ndarray, np.ndarray]]:
+    """Per teacher: (its metadata, max softmax probability per row, predicted class per row)."""
     import pyarrow.parquet as pq
 
     info = read_soft_label_info(str(soft_labels))
-    teacher = info.teacher()
-    chunks, rows = [], 0
+    chunks, rows = {t.name: [] for t in info.teachers}, 0
     for file in info.files:
-        column = pq.read_table(file, columns=[teacher.column]).column(0).combine_chunks()
-        chunks.append(column.flatten().to_numpy().astype(np.float32).reshape(len(column), -1))
-        rows += len(column)
+        table = pq.read_table(file, columns=[t.column for t in info.teachers])
+        for t in info.teachers:
+            column = table.column(t.column).combine_chunks()
+            chunks[t.name].append(column.flatten().to_numpy().astype(np.float32).reshape(len(column), -1))
+        rows += table.num_rows
         if rows >= MAX_HISTOGRAM_ROWS:
             break
-    probs = softmax(np.concatenate(chunks))
-    return teacher, probs.max(axis=1), probs.argmax(axis=1)
+    probs = {name: softmax(np.concatenate(c)) for name, c in chunks.items()}
+    return [(t, probs[t.name].max(axis=1), probs[t.name].argmax(axis=1)) for t in info.teachers]
 
 
-def plot_soft_labels(teacher: TeacherInfo, confidence: np.ndarray, predicted: np.ndarray):
+def plot_soft_labels(teachers: list[tuple[TeacherInfo, np.ndarray, np.ndarray]]):
+    """Each teacher's confidence and predicted classes over the labeled corpus; a row per teacher."""
     plt = _plt()
-    labels = teacher.labels
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 1]})
-    left.hist(confidence, bins=np.linspace(1 / len(labels), 1, 31), color="steelblue", edgecolor="white")
-    left.axvline(np.median(confidence), color="crimson", ls="--", label=f"median {np.median(confidence):.2f}")
-    left.set_xlabel("teacher confidence (largest softmax probability, T=1)")
-    left.set_ylabel("rows")
-    left.set_title(f"Soft labels: how sure the teacher is ({len(confidence):,} rows)")
-    left.legend(fontsize=8)
-    share = np.bincount(predicted, minlength=len(labels)) / len(predicted)
-    bars = right.bar(labels, share, color="slategray")
-    right.bar_label(bars, labels=[f"{s:.1%}" for s in share], fontsize=8)
-    right.set_title("Teacher's predicted classes")
-    right.set_ylabel("share of rows")
-    right.set_ylim(0, max(share) * 1.2)
+    fig, axes = plt.subplots(len(teachers), 2, figsize=(10, 3.4 * len(teachers)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]})
+    for (left, right), (teacher, confidence, predicted) in zip(axes, teachers):
+        labels = teacher.labels
+        left.hist(confidence, bins=np.linspace(1 / len(labels), 1, 31), color="steelblue", edgecolor="white")
+        left.axvline(np.median(confidence), color="crimson", ls="--", label=f"median {np.median(confidence):.2f}")
+        left.set_xlabel("teacher confidence (largest softmax probability, T=1)")
+        left.set_ylabel("rows")
+        left.set_title(_named(teachers, teacher.name, f"Soft labels: how sure the teacher is ({len(confidence):,} rows)"))
+        left.legend(fontsize=8)
+        share = np.bincount(predicted, minlength=len(labels)) / len(predicted)
+        bars = right.bar(labels, share, color="slategray")
+        right.bar_label(bars, labels=[f"{s:.1%}" for s in share], fontsize=8)
+        right.set_title(_named(teachers, teacher.name, "Teacher's predicted classes"))
+        right.set_ylabel("share of rows")
+        right.set_ylim(0, max(share) * 1.2)
     fig.tight_layout()
     return fig
 
 
-def plot_training(histories: dict[str, list[dict]]):
-    """Training loss and validation metric per epoch of the models this run trained."""
+def plot_training(histories: dict[str, list[dict]], tasks: list[str]):
+    """Training loss and, a panel per task, validation macro-recall per epoch of the models this run trained."""
     plt = _plt()
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
-        if all("val_macro_recall" in h for h in history):
-            val_ax.plot(epochs, [h["val_macro_recall"] for h in history], marker="o", label=name)
-    from matplotlib.ticker import MaxNLocator
-
-    loss_ax.set_title("training loss (each model's own loss)")
-    val_ax.set_title("validation macro-recall")
-    if not val_ax.lines:  # no data.validation: nothing was scored per epoch
-        val_ax.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=val_ax.transAxes)
-    for ax in (loss_ax, val_ax):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(5 * (1 + len(tasks)), 3.4), squeeze=False)
+    keys = {"train_loss": "training loss (each model's own loss)"}
+    keys.update({"val_macro_recall" if len(tasks) == 1 else f"val_{task}_macro_recall":
+                 _named(tasks, task, "validation macro-recall") for task in tasks})
+    for ax, (key, title) in zip(axes[0], keys.items()):
+        for name, history in histories.items():
+            if all(key in h for h in history):
+                ax.plot([h["epoch"] for h in history], [h[key] for h in history], marker="o", label=name)
+        ax.set(title=title, xlabel="epoch")
+        ax.locator_params(axis="x", integer=True)
         if ax.lines:
             ax.legend(fontsize=8)
+        else:  # no data.validation: nothing was scored per epoch
+            ax.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 
@@ -341,15 +358,12 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
         page.note(f"No tuning in this run: no trials.csv in {run.path} or {run.path / 'tune'}. "
                   "`kd-ray tune` searches temperature, alpha and learning rate.")
         return
-    trials = pd.read_csv(run.tune_dir / "trials.csv")
-    epochs = pd.read_csv(run.tune_dir / "trial_epochs.csv")
+    trials, epochs = (pd.read_csv(run.tune_dir / name) for name in ("trials.csv", "trial_epochs.csv"))
     summary = json.loads((run.tune_dir / "tune_summary.json").read_text())
-    searched = list(summary["best_values"])
-    metric = summary["metric"]
-    gain = ""
-    if summary.get("default_value") is not None:
-        gain = (f"; the config's own values scored {summary['default_value']:.4f} "
-                f"({summary['default_status']}), a gain of {summary['best_value'] - summary['default_value']:+.4f}")
+    searched, metric = list(summary["best_values"]), summary["metric"]
+    gain = "" if summary.get("default_value") is None else (
+        f"; the config's own values scored {summary['default_value']:.4f} "
+        f"({summary['default_status']}), a gain of {summary['best_value'] - summary['default_value']:+.4f}")
     best_values = ", ".join(f"{k} = {_value(v)}" for k, v in summary["best_values"].items())
     page.raw(f"<p class='headline'>Best of {summary['trials']} trials: <b>{metric} {summary['best_value']:.4f}</b> "
              f"with {html.escape(best_values)}{html.escape(gain)}. {summary['stopped_early']} trials were stopped "
@@ -369,38 +383,25 @@ def _tuning_section(page: _Page, run: RunFolder) -> None:
                      "starts"], rows))
 
 
-def _multitask_section(page: _Page, m: dict) -> None:
-    """A multi-task run: per task, teacher vs students on the rows with that task's gold; then speed."""
-    page.raw(f"<p class='headline'>One student with a head per task: {html.escape(headline(m))}.</p>")
-    page.raw(_table(SUMMARY_HEADER, summary_rows(m)))
-    page.raw(_table(["model", "rows/s", "parameters"],
-                    [[name, value, m["params"][name]] for name, value in m["rows_per_s"].items()]))
-
-
 def _models_section(page: _Page, run: RunFolder) -> None:
     page.heading("Teacher vs student")
-    m = run.metrics
-    if m is not None and "tasks" in m:
-        _multitask_section(page, m)
-        return
-    if m is None or "teacher" not in m:
+    r = run.metrics
+    if r is None:
         page.note(f"No evaluation in this run folder (no metrics.json in {run.path}); `kd-ray evaluate` writes one.")
         return
-    student = m["student"]
-    page.raw(f"<p class='headline'>The student keeps <b>{student['retention']['macro_recall']:.1%}</b> of the "
-             f"teacher's macro-recall at <b>{student['speedup']:.2f}x</b> its CPU rows/s with "
-             f"<b>{student['compression']:.2f}x</b> fewer parameters.</p>")
-    page.figure("quality", plot_quality(m), f"Test set: {m['test']['path']}, {m['test']['rows']} rows.")
-    page.figure("efficiency", plot_efficiency(m), f"Throughput measured on CPU, {m['eval']['threads']} threads, "
-                f"batch {m['eval']['batch_size']}, max length {m['eval']['max_length']}; median of "
-                f"{m['eval']['timing_repeats']} alternating passes.")
-    page.figure("confusion", plot_confusions(m), "Confusion matrices on the test set.")
-    rows = [[name, m[name]["macro_recall"], m[name]["macro_f1"], m[name]["accuracy"], m[name].get("agreement", 1.0),
-             m[name]["ece"], m[name]["rows_per_s"], m[name]["params"]] for name in _models(m)]
-    page.raw(_table(["model", "macro-recall", "macro-F1", "accuracy", "agreement", "ECE", "rows/s", "parameters"],
-                    rows))
+    page.raw(f"<p class='headline'>The {html.escape(headline(r))}, with {r['compression']['student']:.2f}x fewer "
+             "parameters.</p>")
+    page.figure("quality", plot_quality(r), f"Test set: {r['test']['path']}, {r['test']['rows']} rows.")
+    page.figure("efficiency", plot_efficiency(r), f"Throughput measured on CPU, {r['eval']['threads']} threads, "
+                f"batch {r['eval']['batch_size']}, max length {r['eval']['max_length']}; median of "
+                f"{r['eval']['timing_repeats']} alternating passes.")
+    page.figure("confusion", plot_confusions(r), "Confusion matrices on the test set.")
+    models = [m for entry in r["tasks"].values() for m in entry.values() if isinstance(m, dict)]  # summary_rows'
+    page.raw(_table([*SUMMARY_HEADER, "ECE"], [[*row, m["ece"]] for row, m in zip(summary_rows(r), models)]))
+    page.raw(_table(["model", "rows/s", "parameters"], [[n, v, r["params"][n]] for n, v in r["rows_per_s"].items()]))
     if run.histories:
-        page.figure("training", plot_training(run.histories), "Per-epoch training loss and validation metric.")
+        page.figure("training", plot_training(run.histories, list(r["tasks"])),
+                    "Per-epoch training loss and validation metric.")
 
 
 def _labeling_section(page: _Page, run: RunFolder) -> None:
@@ -412,9 +413,9 @@ def _labeling_section(page: _Page, run: RunFolder) -> None:
     page.raw(_table(["rows", "rows/s", "seconds", "files", "rejected", "truncated"],
                     [[manifest["rows"], manifest["rows_per_s"], manifest["seconds"], len(manifest["files"]),
                       manifest["rejected"], manifest["truncated"]]]))
-    teacher, confidence, predicted = teacher_confidences(run.soft_labels)
-    page.figure("soft_labels", plot_soft_labels(teacher, confidence, predicted),
-                f"Teacher {teacher.model}: confidence and predicted classes over the labeled corpus.")
+    teachers = teacher_confidences(run.soft_labels)
+    page.figure("soft_labels", plot_soft_labels(teachers), f"Teacher{'s' * (len(teachers) > 1)} "
+                f"{', '.join(t.model for t, _, _ in teachers)}: confidence and predicted classes over the labeled corpus.")
 
 
 def write_report(run_folder: str | Path) -> Path:
@@ -435,8 +436,7 @@ def write_report(run_folder: str | Path) -> Path:
 def report_main(argv: list[str]) -> int:
     """`kd-ray report RUN_FOLDER [...]`"""
     if not argv or any(a.startswith("-") for a in argv):
-        print("usage: kd-ray report RUN_FOLDER [...]   (a folder written by kd-ray run, tune or evaluate)",
-              file=sys.stderr)
+        print("usage: kd-ray report RUN_FOLDER [...]   (a folder written by kd-ray run, tune or evaluate)", file=sys.stderr)
         return 2
     for folder in argv:
         if not Path(folder).is_dir():

@@ -2,7 +2,8 @@
 
 ``train_loop_per_worker`` reads like Ray's Accelerate example: build, restore, then per epoch
 train -> validate -> checkpoint. It runs a ``TrainPlan`` (kd_ray.stages.plan): a fine-tune, a student of
-one task and a multi-task student are the same loop. The Ray-specific lines are
+one task and a multi-task student are the same loop; what a plan adds to it (a narrowing schedule, a representation
+term) is a component (kd_ray.models.components) that the loop calls through a few hooks. The Ray-specific lines are
 ``get_dataset_shard``, ``get_checkpoint`` and ``report``; ``fit`` hands the loop to a TorchTrainer.
 Each epoch ends with a checkpoint that is also a Hugging Face model folder, so a restarted run
 (a replaced worker, or the same command run again) continues from the last epoch.
@@ -30,26 +31,15 @@ import pyarrow.compute as pc
 
 from kd_ray.config import DistillConfig, FinetuneConfig, RayConfig, TrainArgs
 from kd_ray.console import say
-from kd_ray.data.corpus import task_label_column
+from kd_ray.data.corpus import READ_ROWS, task_label_column
 from kd_ray.data.ray_data import corpus_dataset, soft_label_dataset
 from kd_ray.errors import KdRayUserError, ModelError, SoftLabelError
-from kd_ray.models.inference import (
-    encode,
-    encoder,
-    hidden_width,
-    padded_batches,
-    predict_logits,
-)
+from kd_ray.models.components import COMPONENTS
+from kd_ray.models.inference import encode, encoder, padded_batches, predict_logits
 from kd_ray.models.loading import build_student, load_classifier
-from kd_ray.models.losses import Projections, combine_teacher_logits, multitask_loss
+from kd_ray.models.losses import NO_GOLD, combine_teacher_logits, multitask_loss
 from kd_ray.models.metrics import classification_metrics
 from kd_ray.models.multitask import with_head, write_layout
-from kd_ray.models.students import (
-    feed_forward_width,
-    ffn_neurons,
-    narrowing_widths,
-    prune_feed_forward,
-)
 from kd_ray.runtime import init_ray
 from kd_ray.stages.plan import TrainPlan, distill_plan, finetune_plan
 
@@ -57,6 +47,7 @@ TRAIN_STATE = "train_state.pt"
 RNG_STATE = "rng_state_rank{rank}.pt"  # every worker saves its own random state into the shared checkpoint
 LOG_EVERY_STEPS = 50
 DATA_TASK_CPUS = 0.25  # Ray Data tasks that feed the workers; the workers hold most CPUs
+VALIDATION_BATCH = 64  # texts per forward pass when a worker scores the validation set
 RUN_INFO = "kd_ray_train.json"
 # train.keep: best ranks checkpoints by this metric: validation macro-recall, -1 for epochs that cannot be kept
 KEEP_SCORE = "keep_score"
@@ -77,22 +68,22 @@ def build_model(plan: TrainPlan):
     return net, tokenizer
 
 
-def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict, dict]:
-    """Per task: the teachers' combined logits (None for a task without teachers), the gold indices
-    (-100 where a row has none) and, for tasks with a representation term, the teacher's stored
-    representation, as tensors."""
+def _targets(batch: pa.Table, plan: TrainPlan, device) -> tuple[dict, dict]:
+    """Per task: the teachers' combined logits (None for a task without teachers) and the gold indices
+    (NO_GOLD where a row has none), as tensors."""
     import torch
 
-    teacher = {c: torch.as_tensor(_finite_rows(batch, c), device=device) for c in plan.teacher_columns}
+    teacher = {c: _float_column(batch, c, device) for c in plan.teacher_columns}
     logits = {t.name: combine_teacher_logits([teacher[c] for c in t.teachers], list(t.teachers.values()))
               if t.teachers else None for t in plan.tasks}
     gold = {t.name: torch.as_tensor(_gold(batch, t.gold_column), device=device) for t in plan.tasks}
-    representations = {t.name: torch.as_tensor(_finite_rows(batch, t.representation), device=device)
-                       for t in plan.tasks if t.representation}
-    return logits, gold, representations
+    return logits, gold
 
 
-def _finite_rows(batch: pa.Table, column: str) -> np.ndarray:
+def _float_column(batch: pa.Table, column: str, device):
+    """(rows, width) float32 tensor of a list column (teacher logits, a stored representation)."""
+    import torch
+
     arr = batch.column(column).combine_chunks()
     values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), -1)
     bad = ~np.isfinite(values).all(axis=1)
@@ -100,14 +91,14 @@ def _finite_rows(batch: pa.Table, column: str) -> np.ndarray:
         ids = np.array(batch.column("id").to_pylist())[bad][:5].tolist()
         raise SoftLabelError(f"soft labels: {int(bad.sum())} rows of this batch have NaN/Inf in column {column!r} "
                              f"(ids {ids}); `kd-ray validate` names every file with such rows")
-    return values
+    return torch.as_tensor(values, device=device)
 
 
 def _gold(batch: pa.Table, column: str | None) -> np.ndarray:
-    """(rows,) int64 gold indices, -100 where a row has none (or the column is absent)."""
+    """(rows,) int64 gold indices, NO_GOLD where a row has none (or the column is absent)."""
     if column is None or column not in batch.column_names:
-        return np.full(batch.num_rows, -100, dtype=np.int64)
-    return pc.fill_null(batch.column(column), -100).to_numpy(zero_copy_only=False).astype(np.int64)
+        return np.full(batch.num_rows, NO_GOLD, dtype=np.int64)
+    return pc.fill_null(batch.column(column), NO_GOLD).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _training_batches(shard, tokenizer, args: TrainArgs, seed: int):
@@ -148,23 +139,12 @@ class Run:
     epoch: int = 0  # epochs done
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
-    widths: list[int] = field(default_factory=list)  # feed-forward width after each narrowing step (none: never)
-    narrowings: int = 0  # narrowing steps done (a student narrowed after training is wide at first)
     checkpoint_folder: str | None = None  # the last one reported (local mode: Ray Train copies it nowhere)
-    projection: Any = None  # kd_ray.models.losses.Projections for the representation terms; trained, never exported
-
-    @property
-    def narrowed(self) -> bool:
-        """Whether the model has its final width."""
-        return self.narrowings == len(self.widths)
+    components: list = field(default_factory=list)  # kd_ray.models.components: a narrowing schedule, loss terms
 
     @property
     def bare_model(self):
         return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def bare_projection(self):
-        return self.accelerator.unwrap_model(self.projection) if self.projection is not None else None
 
 
 def build(plan: TrainPlan):
@@ -180,17 +160,14 @@ def build(plan: TrainPlan):
     accelerator = Accelerator(cpu=not plan.train.use_gpu, mixed_precision=plan.train.mixed_precision)
     set_seed(plan.train.seed, deterministic=plan.train.deterministic)
     model, tokenizer = build_model(plan)
-    targets = {t.name: (t.pooling, t.representation_width) for t in plan.tasks if t.representation}
-    projection = Projections(hidden_width(model.config), targets) if targets else None
-    widths = (narrowing_widths(feed_forward_width(model), ffn_neurons(model, plan.student.ffn_size),
-                               len(plan.narrow_at)) if plan.narrow_at else [])
-    return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(), widths=widths,
-               projection=projection)
+    return Run(plan, accelerator, model, tokenizer, rank=ray.train.get_context().get_world_rank(),
+               components=[kind(plan, model) for kind in COMPONENTS])
 
 
 def restore(run: Run) -> dict | None:
-    """Load the last checkpoint's weights into ``run.model`` (narrowed first if it was saved narrow), every
-    key or an error naming the one missing; return its training state (None when starting afresh)."""
+    """Load the last checkpoint into the components (a narrowing student is narrowed first if it was saved narrow)
+    and its weights into ``run.model``, every key or an error naming the one missing; return its training state
+    (None when starting afresh)."""
     import ray.train
     import torch
     from safetensors.torch import load_file
@@ -205,71 +182,59 @@ def restore(run: Run) -> dict | None:
         state["rng"] = torch.load(rng, weights_only=False) if rng.is_file() else None
     run.epoch = run.resumed_from = state["epoch"]
     run.history = state["history"]
-    run.narrowings = sum(done < run.epoch for done in run.plan.narrow_at)
-    if run.narrowings:  # saved after narrowing: the shapes must match before the weights load
-        prune_feed_forward(run.model, run.widths[run.narrowings - 1])
+    for component in run.components:
+        component.load_state_dict(state)
     missing, unexpected = run.model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelError(f"checkpoint {checkpoint.path} does not fit the model being trained: missing keys "
                          f"{missing[:5]}, unexpected keys {unexpected[:5]}; delete it to start afresh")
-    if run.projection is not None:
-        run.projection.load_state_dict(state["projection"])
     return state
 
 
 def prepare(run: Run) -> None:
-    """A fresh AdamW and learning-rate schedule, prepared by Accelerate, over the epochs of the phase the run
-    is in: the wide epochs, then from each narrowing step to the end."""
+    """A fresh AdamW over the model and the components' modules and a learning-rate schedule over the epochs of the
+    phase the run is in (a narrowing student: the wide epochs, then from each step to the end), prepared by
+    Accelerate."""
     import torch
     from transformers import get_scheduler
 
-    args = run.plan.train
+    plan, args, unwrap = run.plan, run.plan.train, run.accelerator.unwrap_model
+    held = [c for c in run.components if c.module is not None]
+    for c in held:  # bare again: a fresh start wraps them anew
+        c.module = unwrap(c.module)
+    run.model = unwrap(run.model)
+    modules = [run.model, *(c.module for c in held)]
     # fused: one kernel over all parameters; on CPU ~10x faster than the default (foreach) step for a
     # 15.6 M-parameter student, which otherwise took a fifth of each epoch (BENCHMARKS.md)
-    modules = [run.model] + ([run.projection] if run.projection is not None else [])
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)
-    plan = run.plan
-    if run.narrowings:  # from the last narrowing step to the end
-        phase_epochs = plan.epochs - plan.narrow_at[run.narrowings - 1]
-    else:  # the wide epochs, or the whole run of a student never narrowed
-        phase_epochs = plan.wide_epochs or plan.epochs
-    steps = _steps_per_epoch(plan) * phase_epochs
+    steps = _steps_per_epoch(plan) * min((c.phase_epochs(plan.epochs) for c in run.components), default=plan.epochs)
     run.scheduler = get_scheduler(args.schedule, optimizer, num_warmup_steps=int(args.warmup_ratio * steps),
                                   num_training_steps=steps)
-    *modules, run.optimizer = run.accelerator.prepare(*modules, optimizer)
-    run.model, run.projection = modules[0], (modules[1] if len(modules) > 1 else None)
+    run.model, *modules, run.optimizer = run.accelerator.prepare(*modules, optimizer)
+    for c, module in zip(held, modules):
+        c.module = module
 
 
 def _steps_per_epoch(plan: TrainPlan) -> int:
     return math.ceil(plan.rows / max(1, plan.train.num_workers) / plan.train.batch_size)
 
 
-def narrow(run: Run) -> None:
-    """Narrow a student one step towards its ``ffn_size``; it trains on with a fresh schedule."""
-    bare, projection = run.bare_model, run.bare_projection
-    run.accelerator.free_memory()  # drop the wrapper and optimizer that hold the wide layers
-    run.model, run.projection = prune_feed_forward(bare, run.widths[run.narrowings]), projection
-    run.narrowings += 1
-    prepare(run)
-
-
 def train_epoch(run: Run, shard) -> dict[str, Any]:
     """One pass over this worker's shard; returns the epoch's metrics."""
     plan, device = run.plan, run.accelerator.device
     run.model.train()
+    hidden_states = any(c.hidden_states for c in run.components)
     started, rows, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
     for batch, enc in _training_batches(shard, run.tokenizer, plan.train, seed=plan.train.seed * 1000 + run.epoch):
         inputs = {k: v.to(device) for k, v in enc.items()}
-        out = run.model(**inputs, output_hidden_states=run.projection is not None)
-        teacher_logits, gold, teacher_representations = _targets(batch, plan, device)
-        pairs = None
-        if run.projection is not None:  # the student's pooled last hidden states, projected to each teacher's width
-            projected = run.projection(out.hidden_states[-1], inputs["attention_mask"])
-            pairs = {name: (projected[name], teacher_representations[name]) for name in projected}
-        loss, _ = multitask_loss(out.logits.float(), plan.tasks, teacher_logits, gold, pairs)
+        out = run.model(**inputs, output_hidden_states=hidden_states)
+        teacher_logits, gold = _targets(batch, plan, device)
+        column = functools.partial(_float_column, batch, device=device)
+        terms = [c.loss_terms(out, inputs, column) for c in run.components]
+        loss, _ = multitask_loss(out.logits.float(), plan.tasks, teacher_logits, gold, terms)
         run.accelerator.backward(loss)
-        if plan.train.grad_clip:  # the projection's gradients too: one norm over all that the optimizer steps
+        if plan.train.grad_clip:  # the components' modules too: one norm over all that the optimizer steps
             run.accelerator.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
                                             plan.train.grad_clip)
         run.optimizer.step()
@@ -291,12 +256,12 @@ def validate(run: Run, shard) -> dict[str, float]:
     plan = run.plan
     columns = {t.name: "label" if i == 0 else task_label_column(t.name) for i, t in enumerate(plan.tasks)}
     texts, gold = [], {t.name: [] for t in plan.tasks}
-    for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+    for batch in shard.iter_batches(batch_size=READ_ROWS, batch_format="pyarrow"):
         texts += batch.column("text").to_pylist()
         for t in plan.tasks:
             gold[t.name].append(_gold(batch, columns[t.name]))
-    logits = predict_logits(run.bare_model, run.tokenizer, texts, max_length=plan.train.max_length, batch_size=64,
-                            device=run.accelerator.device)
+    logits = predict_logits(run.bare_model, run.tokenizer, texts, max_length=plan.train.max_length,
+                            batch_size=VALIDATION_BATCH, device=run.accelerator.device)
     metrics, per_task = {}, []
     for t in plan.tasks:
         g = np.concatenate(gold[t.name])
@@ -339,11 +304,9 @@ def save_checkpoint(run: Run, metrics: dict) -> None:
         run.tokenizer.save_pretrained(folder)
         if run.plan.named_heads:
             write_layout(folder, run.plan.tasks)
-        projection = run.bare_projection
         torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "epoch": run.epoch, "history": run.history,
-                    "projection": projection.state_dict() if projection is not None else None},
-                   Path(folder) / TRAIN_STATE)
+                    **{k: v for c in run.components for k, v in c.state_dict().items()}}, Path(folder) / TRAIN_STATE)
     torch.save(_rng_state(), Path(folder) / RNG_STATE.format(rank=run.rank))
     # With a worker group Ray Train copies the folder to storage and deletes it; in local mode the last one
     # reported is the result's checkpoint, which fit exports and deletes, and the one before goes here.
@@ -370,15 +333,16 @@ def train_loop_per_worker(config: dict) -> None:
             _set_rng_state(state["rng"])
     train_shard = ray.train.get_dataset_shard("train")
     while run.epoch < plan.epochs:
-        if run.epoch in plan.narrow_at:
-            narrow(run)
+        if any([c.start_epoch(run.epoch) for c in run.components]):  # e.g. narrowed: a fresh optimizer and schedule
+            run.accelerator.free_memory()  # drop the wrappers and optimizer that hold the old parameters
+            prepare(run)
         metrics = train_epoch(run, train_shard)
-        if plan.wide_epochs:
-            metrics["ffn_size"] = feed_forward_width(run.bare_model)
+        for c in run.components:
+            metrics.update(c.epoch_metrics())
         if run.rank == 0 and plan.has_validation:
             metrics.update(validate(run, ray.train.get_dataset_shard("validation")))
-            if plan.keeps_best:  # a wide epoch's model is not the student asked for: never the best
-                metrics[KEEP_SCORE] = metrics["val_macro_recall"] if run.narrowed else -1.0
+            if plan.keeps_best:  # a model a component is still changing (a wide student) is never the best
+                metrics[KEEP_SCORE] = metrics["val_macro_recall"] if all(c.keepable for c in run.components) else -1.0
         run.epoch += 1
         run.history.append(metrics)
         if run.rank == 0:
@@ -539,7 +503,7 @@ def run_finetune(cfg: FinetuneConfig):
 
 def distill_datasets(cfg: DistillConfig, plan: TrainPlan, info) -> dict:
     """Ray Datasets a distillation reads: the soft labels (split across workers) and the validation set."""
-    columns = list(dict.fromkeys(["id", "text", "label", *plan.gold_columns, *plan.teacher_columns,
+    columns = list(dict.fromkeys(["id", "text", *plan.gold_columns, *plan.teacher_columns,
                                   *plan.representation_columns]))
     train_ds = soft_label_dataset(info, columns, num_cpus=DATA_TASK_CPUS)
     if plan.gold_only:

@@ -22,27 +22,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kd_ray.config import (
-    TUNE_ALIASES,
-    DistillConfig,
-    SearchConfig,
-    TuneConfig,
-    _set_dotted,
-    dump_config,
-)
+from kd_ray.config import TUNE_ALIASES, DistillConfig, SearchConfig, TuneConfig, _set_dotted, dump_config
 from kd_ray.console import say
 from kd_ray.data.storage import absolute_if_local
 from kd_ray.errors import KdRayUserError, unwrap_user_error
 from kd_ray.runtime import init_ray
 from kd_ray.stages.plan import distill_plan
-from kd_ray.stages.train import (
-    KEEP_SCORE,
-    build_trainer,
-    distill_datasets,
-    export_checkpoint,
-    keep_rank,
-    run_name,
-)
+from kd_ray.stages.train import KEEP_SCORE, build_trainer, distill_datasets, export_checkpoint, keep_rank, run_name
 
 EXPERIMENT = "experiment"
 SPEC_FILE = "tune_spec.json"
