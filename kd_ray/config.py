@@ -363,13 +363,18 @@ class TrainStageConfig(Section):
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> TrainStageConfig:
-        if self.train.keep == "best" and self.train.num_workers == 0:
-            raise ValueError("train.keep is 'best', but train.num_workers is 0 (local mode), which keeps no checkpoint "
-                             "but the last; set train.keep: last or train.num_workers >= 1")
-        if self.train.keep == "best" and self.validation is None:
-            raise ValueError("train.keep is 'best', which picks the epoch by its validation score, but no validation "
-                             "data is set; set validation.path or train.keep: last")
+        check_keep(self.train, "train", self.validation is not None, "validation")
         return self
+
+
+def check_keep(train: TrainArgs, field: str, validation: bool, validation_field: str) -> None:
+    """keep: best picks the epoch by its validation score, from the checkpoints a worker group keeps."""
+    if train.keep == "best" and train.num_workers == 0:
+        raise ValueError(f"{field}.keep is 'best', but {field}.num_workers is 0 (local mode), which keeps no "
+                         f"checkpoint but the last; set {field}.keep: last or {field}.num_workers >= 1")
+    if train.keep == "best" and not validation:
+        raise ValueError(f"{field}.keep is 'best', which picks the epoch by its validation score, but "
+                         f"{validation_field} is not set; set {validation_field}.path or {field}.keep: last")
 
 
 class FinetuneConfig(TrainStageConfig):
@@ -880,11 +885,7 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _best_needs_validation(self) -> PipelineConfig:
-        keeps = {"distill.keep": self.distill.keep} | {f"{n}.train.keep": t.train.keep
-                                                       for n, t in self.teacher_fields().items()
-                                                       if t.base_model}  # fine-tuned here
-        for field, keep in keeps.items():
-            if keep == "best" and self.data.validation is None:
-                raise ValueError(f"{field} is 'best', which picks the epoch by its validation score, but "
-                                 f"data.validation is not set; set data.validation.path or {field}: last")
+        fine_tuned = {f"{n}.train": t.train for n, t in self.teacher_fields().items() if t.base_model}
+        for field, train in {"distill": self.distill, **fine_tuned}.items():
+            check_keep(train, field, self.data.validation is not None, "data.validation")
         return self

@@ -144,3 +144,52 @@ def test_the_performance_page_holds_the_readme_tables():
     page = (DOCS / "performance.md").read_text()
     for table in readme_tables.tables():
         assert table in page, "docs/performance.md: paste `python benchmarks/readme_tables.py`'s output\n" + table
+
+
+# ------------------------------------------------------------------ the getting-started page, run
+
+# appended to each `kd-ray run` of the page: the test's models and a scale that runs in seconds
+SMALL = {"teacher.train.epochs": 1, "teacher.train.num_workers": 0, "teacher.train.max_length": 32,
+         "teacher.max_length": 32, "student.num_layers": 1, "student.ffn_size": None, "distill.epochs": 1,
+         "distill.num_workers": 0, "distill.max_length": 32, "distill.keep": "last", "eval.max_length": 32,
+         "eval.timing_rows": 40, "eval.timing_repeats": 1}
+
+
+@pytest.mark.slow
+def test_the_getting_started_commands_run_as_written(tmp_path, tiny_teacher, ray_session):
+    """Every `kd-ray` command of the getting-started page runs, as written, in a folder that holds the files the
+    page names (small ones: the demo's four splits, my-posts.csv, my-data/ and the page's my-posts.yaml), with
+    the test's teacher and a small scale appended as flags; `make demo`'s run is its own command with them."""
+    import json
+    import subprocess
+
+    import yaml
+    from conftest import _csv
+
+    for name, n, labeled in [("train", 60, True), ("transfer", 80, False), ("validation", 30, True), ("test", 30, True)]:
+        (tmp_path / "data/vader").mkdir(parents=True, exist_ok=True)
+        _csv(tmp_path / f"data/vader/{name}.csv", n, seed=n, with_labels=labeled)
+    (tmp_path / "my-data").mkdir()
+    for name, n, labeled in [("labeled", 60, True), ("posts", 80, False), ("validation", 30, True), ("test", 30, True)]:
+        _csv(tmp_path / f"my-data/{name}.csv", n, seed=n + 1, with_labels=labeled)
+    _csv(tmp_path / "my-posts.csv", 40, seed=5, with_labels=False)
+    (tmp_path / "jobs/configs").mkdir(parents=True)
+    demo_config = yaml.safe_load((REPO / "jobs/configs/pipeline-demo.yaml").read_text())
+    (tmp_path / "jobs/configs/pipeline-demo.yaml").write_text(yaml.safe_dump(demo_config))
+    for name, text in page_configs(GETTING_STARTED).items():
+        (tmp_path / name).write_text(text)
+    small = [f"--{k}={'null' if v is None else v}" for k, v in {**SMALL, "teacher.base_model": tiny_teacher}.items()]
+    ray = ["--ray.address", ray_session.get_runtime_context().gcs_address]
+    kd_ray = str(Path(sys.executable).with_name("kd-ray"))
+    make_demo = ["run", "--config", "jobs/configs/pipeline-demo.yaml"]  # what `make demo` runs after its data
+    commands = [make_demo] + [shlex.split(c, comments=True)[1:] for c in bash_commands(GETTING_STARTED)
+                              if c.startswith("kd-ray ")]
+    assert [c[0] for c in commands] == ["run", "report", "validate", "run", "run", "run"], commands
+    for args in commands:
+        extra = small + ray if args[0] == "run" and "--print-config" not in args else []
+        done = subprocess.run([kd_ray, *args, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"kd-ray {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    for run in ("demo", "my-posts", "my-data"):
+        assert (tmp_path / "runs" / run / "report.html").is_file() and (tmp_path / "runs" / run / "student").is_dir()
+    metrics = json.loads((tmp_path / "runs/my-posts/metrics.json").read_text())
+    assert metrics["labeling"]["rows"] == 60 + 40  # the demo's labeled posts and yours

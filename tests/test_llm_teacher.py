@@ -13,7 +13,7 @@ from conftest import LABELS, random_posts
 
 from kd_ray.config import TeacherConfig
 from kd_ray.errors import ModelError
-from kd_ray.models.teacher import CALIBRATION, TeacherLabeler, describe_teacher
+from kd_ray.models.teacher import CALIBRATION, TeacherLabeler, make_teacher
 
 PROMPT = "Tweet: {text}\nSentiment:"
 CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
@@ -60,6 +60,10 @@ def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def causal_lm(request, tmp_path_factory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llm") / request.param, request.param)
+
+
+def describe(cfg):
+    return make_teacher(cfg, hash_weights=True).info
 
 
 def llm_teacher(model: Path, **more) -> TeacherConfig:
@@ -144,7 +148,7 @@ def test_calibration_divides_out_the_content_free_prior(causal_lm):
 def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(causal_lm):
     import hashlib
 
-    info = describe_teacher(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
+    info = describe(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
                                                                 "positive": " positive"}, calibrate=True))
     meta = info.metadata()
     assert meta["kind"] == "llm" and meta["prompt"] == PROMPT
@@ -155,7 +159,7 @@ def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(cau
 
 
 def test_a_classifier_teachers_metadata_keeps_its_keys(tiny_teacher):
-    meta = describe_teacher(TeacherConfig(model=str(tiny_teacher))).metadata()
+    meta = describe(TeacherConfig(model=str(tiny_teacher))).metadata()
     assert set(meta) == {"model", "revision", "weights_sha256", "id2label", "architecture", "name", "task",
                          "max_length"}
 
@@ -164,7 +168,7 @@ def test_a_label_word_of_several_tokens_is_refused_by_name(causal_lm):
     cfg = llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
                                              "positive": " positivezzqx"})
     with pytest.raises(ModelError, match="label 'positive''s word ' positivezzqx' is [0-9]+ tokens \\[.*\\] in "):
-        describe_teacher(cfg)
+        describe(cfg)
 
 
 @pytest.mark.parametrize("prompt, message", [("Sentiment:", "no \\{text\\} placeholder"),
@@ -181,12 +185,12 @@ def test_llm_fields_on_a_classifier_teacher_are_refused():
 
 def test_a_classifier_teachers_labels_are_checked_against_its_own(tiny_teacher):
     with pytest.raises(ModelError, match="predicts \\['negative', 'neutral', 'positive'\\], but its labels are set"):
-        describe_teacher(TeacherConfig(model=str(tiny_teacher), labels=["positive", "neutral", "negative"]))
+        describe(TeacherConfig(model=str(tiny_teacher), labels=["positive", "neutral", "negative"]))
 
 
 def test_a_classifier_is_not_an_llm_teacher(tiny_teacher):
     with pytest.raises(ModelError, match="not a causal language model \\(one AutoModelForCausalLM loads\\)"):
-        describe_teacher(llm_teacher(tiny_teacher))
+        describe(llm_teacher(tiny_teacher))
 
 
 @pytest.mark.slow

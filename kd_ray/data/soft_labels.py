@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kd_ray.data.corpus import READ_ROWS, task_label_column
-from kd_ray.data.storage import filesystem
+from kd_ray.data.storage import filesystem, read_json
 from kd_ray.errors import SoftLabelError
 
 PART_KEY = b"kd_ray_part"  # a part file's footer entry: the corpus shard of each row group, and the file's counts
@@ -421,14 +421,10 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
                      if p not in problems]
         if len(problems) > 20:
             break
-    manifest_rows = None
-    if require_manifest:
-        try:
-            with fs.open_input_stream(f"{filesystem(path)[1]}/{MANIFEST}") as f:
-                manifest_rows = json.loads(f.read())["rows"]
-        except (FileNotFoundError, OSError):
-            problems.append(f"{path}/{MANIFEST} is missing: the labeling run did not finish")
-    if manifest_rows is not None and manifest_rows != info.num_rows:
+    manifest_rows = (read_json(fs, f"{filesystem(path)[1]}/{MANIFEST}") or {}).get("rows")
+    if require_manifest and manifest_rows is None:
+        problems.append(f"{path}/{MANIFEST} is missing: the labeling run did not finish")
+    if require_manifest and manifest_rows is not None and manifest_rows != info.num_rows:
         problems.append(f"manifest says {manifest_rows} rows, the part files hold {info.num_rows}")
     if problems:
         raise SoftLabelError(f"soft labels at {path} failed validation:\n  " + "\n  ".join(problems[:20]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow.fs as pafs
@@ -15,6 +16,20 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+    """A JSON file's object; None where there is no readable one."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=2).encode())
 
 
 def absolute_if_local(path: str | None) -> str | None:

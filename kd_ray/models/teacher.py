@@ -216,15 +216,11 @@ class PromptedTeacher(ClassifierTeacher):
 TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher}  # TeacherConfig.kind -> its class
 
 
-def make_teacher(spec: TeacherConfig | TeacherInfo) -> ClassifierTeacher:
-    """The teacher ``spec`` describes (a TeacherInfo: checked on the driver; a TeacherConfig is checked here)."""
+def make_teacher(spec: TeacherConfig | TeacherInfo, *, hash_weights: bool = False) -> ClassifierTeacher:
+    """The teacher ``spec`` describes: a TeacherInfo was checked on the driver; a TeacherConfig is checked here
+    (its ``info``: the provenance the soft labels record, the weights hashed with ``hash_weights``)."""
     cls = TEACHERS[spec.kind]
-    return cls(spec if isinstance(spec, TeacherInfo) else cls.describe(spec, hash_weights=False))
-
-
-def describe_teacher(cfg: TeacherConfig) -> TeacherInfo:
-    """``cfg``'s teacher checked on the driver, with its provenance (weights hashed)."""
-    return TEACHERS[cfg.kind].describe(cfg)
+    return cls(spec if isinstance(spec, TeacherInfo) else cls.describe(spec, hash_weights=hash_weights))
 
 
 def label_token_ids(tokenizer, name: str, model: str, words: dict[str, list[str]]) -> list[list[int]]:

@@ -49,9 +49,9 @@ from kd_ray.data.ray_data import committed_ids, corpus_dataset, parquet_files_da
 from kd_ray.data.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION,
                                      SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer, part_stats,
                                      read_soft_label_info, soft_label_schema, stats_problems)
-from kd_ray.data.storage import filesystem
+from kd_ray.data.storage import filesystem, read_json, write_json
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
-from kd_ray.models.teacher import TeacherLabeler, describe_teacher, tokenize_batch
+from kd_ray.models.teacher import TeacherLabeler, make_teacher, tokenize_batch
 from kd_ray.runtime import init_ray
 
 WRITE_TASK_CPUS = 0.1  # writing mostly waits on I/O; keep the CPUs for the teachers
@@ -115,7 +115,7 @@ def task_label_names(teachers: list[TeacherInfo], task_label_columns: dict[str, 
 
 def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
     """Provenance stored in every part file (see kd_ray.data.soft_labels)."""
-    teachers = [describe_teacher(t) for t in cfg.teachers]
+    teachers = [make_teacher(t, hash_weights=True).info for t in cfg.teachers]
     first = teachers[0]
     label_names = None
     if cfg.corpus.label_column:
@@ -210,19 +210,6 @@ class SoftLabelDatasink(Datasink):
         self.results = write_result.write_returns
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(value, indent=2).encode())
-
-
 def _written_schema_version(fs: pafs.FileSystem, root: str) -> int:
     """The soft-label schema version of a folder's committed part files (this version if it has none)."""
     for info in fs.get_file_info(pafs.FileSelector(root)):
@@ -244,10 +231,10 @@ def prepare_output(cfg: LabelConfig, metadata: SoftLabelMetadata) -> tuple[dict 
     if info.type == pafs.FileType.File:
         raise KdRayUserError(f"output.path {cfg.output.path} is a file, not a folder")
     if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(root)):
-        manifest = _read_json(fs, f"{root}/{MANIFEST}")
+        manifest = read_json(fs, f"{root}/{MANIFEST}")
         if manifest and manifest.get("config_hash") == metadata.config_hash:
             return manifest, False  # this exact labeling is done
-        run = None if manifest else _read_json(fs, f"{root}/{RUN_STATE}")
+        run = None if manifest else read_json(fs, f"{root}/{RUN_STATE}")
         old = _written_schema_version(fs, root) if run is not None else SCHEMA_VERSION
         if old != SCHEMA_VERSION and not cfg.output.overwrite:
             raise KdRayUserError(
@@ -279,7 +266,7 @@ def _start_run(cfg: LabelConfig, metadata: SoftLabelMetadata) -> None:
     """Mark the folder as written by a run of this config (``_run.json``) until its manifest replaces the mark."""
     fs, root = filesystem(cfg.output.path)
     fs.create_dir(root, recursive=True)
-    _write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata.config_hash, "started": time.time()})
+    write_json(fs, f"{root}/{RUN_STATE}", {"config_hash": metadata.config_hash, "started": time.time()})
 
 
 @dataclass
@@ -511,15 +498,15 @@ def _commit(cfg: LabelConfig, metadata: SoftLabelMetadata, summary: LabelSummary
                    if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
     manifest = {**asdict(summary), "files": files, "config_hash": metadata.config_hash,
                 "rows_per_s": summary.rows_per_s, "corpus": corpus, "shards": sorted(parts.shards)}
-    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.delete_file(f"{root}/{RUN_STATE}")
 
 
 def _fail(output: str, message: str) -> None:
     """Mark the run as failed, so that a rerun does not resume it, and raise."""
     fs, root = filesystem(output)
-    state = _read_json(fs, f"{root}/{RUN_STATE}") or {}
-    _write_json(fs, f"{root}/{RUN_STATE}", {**state, "failed": message.splitlines()[0][:300]})
+    state = read_json(fs, f"{root}/{RUN_STATE}") or {}
+    write_json(fs, f"{root}/{RUN_STATE}", {**state, "failed": message.splitlines()[0][:300]})
     raise SoftLabelError(f"{message}\nno {MANIFEST} was written: this output is incomplete; fix the input and "
                          f"rerun with output.overwrite=true")
 
