@@ -150,7 +150,7 @@ def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(cau
 
     info = describe(llm_teacher(causal_lm, verbalizer={"negative": " negative", "neutral": " neutral",
                                                                 "positive": " positive"}, calibrate=True))
-    meta = info.metadata()
+    meta = info.model_dump(exclude_unset=True)
     assert meta["kind"] == "llm" and meta["prompt"] == PROMPT
     assert meta["prompt_sha256"] == hashlib.sha256(PROMPT.encode()).hexdigest()
     assert meta["verbalizer"] == {"negative": [" negative"], "neutral": [" neutral"], "positive": [" positive"]}
@@ -159,7 +159,7 @@ def test_the_metadata_records_the_prompt_the_verbalizer_and_the_label_tokens(cau
 
 
 def test_a_classifier_teachers_metadata_keeps_its_keys(tiny_teacher):
-    meta = describe(TeacherConfig(model=str(tiny_teacher))).metadata()
+    meta = describe(TeacherConfig(model=str(tiny_teacher))).model_dump(exclude_unset=True)
     assert set(meta) == {"model", "revision", "weights_sha256", "id2label", "architecture", "name", "task",
                          "max_length"}
 

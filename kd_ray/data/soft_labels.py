@@ -97,7 +97,8 @@ class RepresentationInfo(BaseModel):
 
 
 class TeacherInfo(ModelInfo):
-    """One entry of the metadata's ``teachers``: a labeling run's teacher and its provenance."""
+    """One entry of the metadata's ``teachers``: a labeling run's teacher and its provenance. Stored with the
+    fields it was given (``model_dump(exclude_unset=True)``): a field a teacher does not use stays out."""
 
     name: str
     task: str
@@ -110,14 +111,6 @@ class TeacherInfo(ModelInfo):
     label_token_ids: list[list[int]] | None = None  # label -> its words' tokens
     calibration: dict | None = None
     chat: bool = False  # the prompt went into the LM's chat template
-
-    def metadata(self) -> dict:
-        """Its entry in the soft labels' metadata: fields added since kd-ray first wrote them are left out
-        while unset, so that the config hash of runs that do not use them stays what it was."""
-        later = ("representation", "kind", "prompt", "prompt_sha256", "verbalizer", "label_token_ids", "calibration",
-                 "chat")
-        unset = {k for k in later if getattr(self, k) == type(self).model_fields[k].default}
-        return self.model_dump(exclude=unset)
 
     @property
     def column(self) -> str:

@@ -277,7 +277,7 @@ def multitask_loss(
             ``weight`` (kd_ray.stages.plan.TaskPlan).
         teacher_logits: task -> (batch, C_k) teacher logits (several teachers already combined), or None
             for a task learned from gold labels alone (fine-tuning a teacher): plain cross-entropy.
-        gold: task -> (batch,) long gold indices, -100 where the row has no gold label for that task:
+        gold: task -> (batch,) long gold indices, NO_GOLD where the row has no gold label for that task:
             such a row contributes only the distillation term of that task.
         extra_terms: dicts task -> scalar added to that task's loss (kd_ray.models.components' loss terms).
 

@@ -176,9 +176,10 @@ class PromptedTeacher(ClassifierTeacher):
                   "kind": cfg.kind}
         words = dict(zip(cfg.labels, cfg.label_words))
         tokenizer = cls(TeacherInfo(**common)).load_tokenizer()
+        used = {k: v for k, v in {"calibration": CALIBRATION if cfg.calibrate else None, "chat": cfg.chat}.items() if v}
         return TeacherInfo(**common, prompt=cfg.prompt, prompt_sha256=hashlib.sha256(cfg.prompt.encode()).hexdigest(),
                            verbalizer=words, label_token_ids=label_token_ids(tokenizer, cfg.name, cfg.model, words),
-                           calibration=CALIBRATION if cfg.calibrate else None, chat=cfg.chat)
+                           **used)
 
     @property
     def encoding(self) -> tuple:

@@ -130,7 +130,7 @@ def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "kd_ray_version": __version__,
-        "teachers": [t.metadata() for t in teachers],
+        "teachers": [t.model_dump(exclude_unset=True) for t in teachers],
         "gold": ({first.task: label_names} if label_names else {}) | task_labels,
         "normalize": cfg.corpus.normalize,
         "logits_dtype": cfg.output.logits_dtype,
