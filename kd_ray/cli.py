@@ -45,11 +45,9 @@ def _field_help(field) -> str:
     annotation = config.unwrap_optional(field.annotation)
     if typing.get_origin(annotation) is typing.Literal:
         parts.append("one of " + ", ".join(map(str, typing.get_args(annotation))))
-    bounds = []
-    for m in field.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(m, attr, None) is not None:
-                bounds.append(f"{sym} {getattr(m, attr)}")
+    bounds = [f"{sym} {getattr(m, attr)}" for m in field.metadata
+              for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if getattr(m, attr, None) is not None]
     if bounds:
         parts.append("allowed: " + ", ".join(bounds))
     parts.append("required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}")
@@ -67,7 +65,7 @@ def config_sections(model: type[BaseModel], prefix: str = ""):
         if section is not None:
             nested.append((section, dotted + "."))
         elif list_section is not None:
-            # documented for the first element; any index works (see _parse_overrides)
+            # documented for the first element; any index works (see _parse_extra)
             nested.append((list_section, dotted + ".0."))
         else:
             fields.append((dotted, field))
@@ -80,9 +78,8 @@ def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     for prefix, section, fields in config_sections(model):
         group = parser.add_argument_group(prefix.rstrip(".") or "options", section.__doc__ if prefix else None)
         for dotted, field in fields:
-            group.add_argument(
-                "--" + dotted, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=_field_help(field)
-            )
+            group.add_argument("--" + dotted, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE",
+                               help=_field_help(field))
 
 
 def _parse_value(raw: str) -> Any:
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd-ray {args.command}: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        print(config.dump_config(cfg), end="")
         return 0
     if args.verbose or console.verbose():
         return _run(lambda: entry(cfg), args.command, log=None)

@@ -109,9 +109,7 @@ class TeacherConfig(Section):
     @model_validator(mode="after")
     def _llm_fields(self) -> TeacherConfig:
         if self.encoder:
-            given = [k for k, v in {"prompt": self.prompt, "verbalizer": self.verbalizer,
-                                    "calibrate": self.calibrate or None, "chat": self.chat or None}.items()
-                     if v is not None]
+            given = [k for k in ("prompt", "verbalizer", "calibrate", "chat") if getattr(self, k) not in (None, False)]
             if given:
                 raise ValueError(f"only an LLM teacher (kind: llm) takes {', '.join(given)}; a classifier's "
                                  "prompt is its own fine-tuning")
@@ -754,11 +752,15 @@ class ExportConfig(Section):
         return self
 
 
-def _teacher_with_labels(data: Any) -> Any:
-    """A run's or task's ``labels`` are its teacher's, unless the teacher sets its own."""
-    if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and data.get("labels") is not None:
-        return {**data, "teacher": {"labels": data["labels"], **data["teacher"]}}
-    return data
+class _TeacherLabelsSection(Section):
+    """A run or a task of it: its ``labels`` are its teacher's, unless the teacher sets its own."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_takes_the_labels(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and data.get("labels") is not None:
+            return {**data, "teacher": {"labels": data["labels"], **data["teacher"]}}
+        return data
 
 
 class RunTeacherConfig(TeacherConfig):
@@ -807,7 +809,7 @@ class PipelineDataConfig(Section):
         return self
 
 
-class PipelineTaskConfig(Section):
+class PipelineTaskConfig(_TeacherLabelsSection):
     """One task of a multi-task run: its gold column and labels, its teacher, its share of the loss."""
 
     label_column: str = Field(description="Column of this task's gold labels in data.train, data.validation and "
@@ -816,13 +818,8 @@ class PipelineTaskConfig(Section):
     teacher: RunTeacherConfig
     loss: TaskLossConfig = Field(default_factory=TaskLossConfig, description="w_k, and T and alpha if not loss's.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _teacher_takes_the_labels(cls, data: Any) -> Any:
-        return _teacher_with_labels(data)
 
-
-class PipelineConfig(Section):
+class PipelineConfig(_TeacherLabelsSection):
     """`kd-ray run`: fine-tune the teacher, label, distill, evaluate, from one YAML."""
 
     output: str = Field(description="Run folder: teacher/, soft_labels/, student/, metrics.json land here.")
@@ -855,11 +852,6 @@ class PipelineConfig(Section):
         if self.tasks is None:
             return {"teacher": self.teacher}
         return {f"tasks.{n}.teacher": t.teacher for n, t in self.tasks.items()}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _teachers_take_the_labels(cls, data: Any) -> Any:
-        return _teacher_with_labels(data)
 
     @model_validator(mode="after")
     def _teacher_source(self) -> PipelineConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -28,16 +29,8 @@ from kd_ray.data.normalize import normalize_post
 from kd_ray.data.storage import filesystem
 from kd_ray.errors import CorpusError
 
-EXTENSIONS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".json": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "text",
-}
+EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+              ".csv": "csv", ".tsv": "tsv", ".txt": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")
 LINE_FORMATS = ("jsonl", "csv", "tsv", "text")  # one record per line (a CSV's quoted field may hold newlines)
 READ_ROWS = 65_536  # rows per Arrow batch while reading a Parquet file or dataset
@@ -45,16 +38,8 @@ CHUNK_BYTES = 8 << 20  # bytes of whole records parsed at a time from a line fil
 SNIFF_BYTES = 1 << 20  # bytes of a big CSV checked for quoted newlines before it is split
 ALREADY_LABELED = "already labeled"  # reject_reason of rows an interrupted run committed (kd_ray.stages.label)
 SHARD_COLUMN = "shard"  # while labeling: the key of the shard a row was read from (kd_ray.stages.label)
-ROW_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("text", pa.string()),
-        pa.field("label", pa.int32()),
-        pa.field("reject_reason", pa.string()),
-    ]
-)
-
-
+ROW_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.int32()),
+                        ("reject_reason", pa.string())])
 
 
 def task_label_column(task: str) -> str:
@@ -94,23 +79,19 @@ class Shard:
         """Rows are records of a line file, placed by byte offset (else by row number)."""
         return self.format in LINE_FORMATS
 
+    def byte_ranges(self, start: int, step: int) -> list[Shard]:
+        """The file's bytes from ``start`` to its end as shards of at most ``step`` bytes each."""
+        bounds = [*range(start, self.file_size, step), self.file_size]
+        return [replace(self, start=a, stop=b, size=b - a) for a, b in zip(bounds, bounds[1:])]
+
 
 def _file_format(name: str, configured: str) -> str | None:
     if configured != "auto":
         return configured
     lower = name.lower()
     for comp in COMPRESSIONS:
-        if lower.endswith(comp):
-            lower = lower[: -len(comp)]
-    for ext, fmt in EXTENSIONS.items():
-        if lower.endswith(ext):
-            return fmt
-    return None
-
-
-def _is_hf_dataset_dir(fs: pafs.FileSystem, path: str) -> bool:
-    probes = fs.get_file_info([f"{path}/state.json", f"{path}/dataset_dict.json"])
-    return any(p.type == pafs.FileType.File for p in probes)
+        lower = lower.removesuffix(comp)
+    return next((fmt for ext, fmt in EXTENSIONS.items() if lower.endswith(ext)), None)
 
 
 def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shard]:
@@ -118,9 +99,8 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
     ``cfg.unlabeled_path``, to shards."""
     if cfg.unlabeled_path is not None:
         unlabeled = cfg.model_copy(update={"path": cfg.unlabeled_path, "unlabeled_path": None})
-        shards = (list_shards(cfg.model_copy(update={"unlabeled_path": None}), hf_rows_per_shard)
-                  + [replace(s, gold=False) for s in list_shards(unlabeled, hf_rows_per_shard)])
-        return _distinct_names(shards)
+        return _distinct_names(list_shards(cfg.model_copy(update={"unlabeled_path": None}), hf_rows_per_shard)
+                               + [replace(s, gold=False) for s in list_shards(unlabeled, hf_rows_per_shard)])
     if isinstance(cfg.path, list):
         return _distinct_names([s for p in cfg.path
                                 for s in list_shards(cfg.model_copy(update={"path": p}), hf_rows_per_shard)])
@@ -139,8 +119,8 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
         if info.type == pafs.FileType.File:
             root, candidates = base.rsplit("/", 1)[0] if "/" in base else ".", [info]
         else:
-            if _is_hf_dataset_dir(fs, base):
-                return _hf_shards(cfg, hf_rows_per_shard)
+            if any(p.is_file for p in fs.get_file_info([f"{base}/state.json", f"{base}/dataset_dict.json"])):
+                return _hf_shards(cfg, hf_rows_per_shard)  # a folder written by datasets' save_to_disk
             root = base
             candidates = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.is_file]
     shards, skipped = [], []
@@ -154,7 +134,7 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
             continue
         uri = info.path if "://" not in cfg.path else f"{cfg.path.split('://')[0]}://{info.path}"
         shards += _split(Shard(uri=uri, name=rel, format=fmt, size=info.size, file_size=info.size,
-                               mtime_ns=info.mtime_ns), info.size, cfg)
+                               mtime_ns=info.mtime_ns), cfg)
     if not shards:
         hint = f" (found only {skipped[:3]}; set corpus.format)" if skipped else ""
         raise CorpusError(f"corpus.path {cfg.path!r} matches no readable corpus files{hint}; "
@@ -162,18 +142,16 @@ def list_shards(cfg: CorpusConfig, hf_rows_per_shard: int = 50_000) -> list[Shar
     return shards
 
 
-def _split(shard: Shard, size: int | None, cfg: CorpusConfig) -> list[Shard]:
+def _split(shard: Shard, cfg: CorpusConfig) -> list[Shard]:
     """A file over corpus.split_bytes as several shards (byte ranges, or runs of Parquet row groups)."""
-    if not cfg.split_bytes or cfg.limit is not None or size is None or size <= cfg.split_bytes:
+    if (not cfg.split_bytes or cfg.limit is not None or shard.size is None or shard.size <= cfg.split_bytes
+            or shard.uri.lower().endswith(COMPRESSIONS)):  # a compressed stream cannot be entered in the middle
         return [shard]
-    if shard.uri.lower().endswith(COMPRESSIONS):
-        return [shard]  # a compressed stream cannot be entered in the middle
     if shard.format == "parquet":
         return _row_group_runs(shard, cfg.split_bytes)
     if shard.format in ("csv", "tsv") and _has_quoted_newlines(shard):
         return [shard]
-    bounds = [*range(0, size, cfg.split_bytes), size]
-    return [replace(shard, start=a, stop=b, size=b - a) for a, b in zip(bounds, bounds[1:])]
+    return shard.byte_ranges(0, cfg.split_bytes)
 
 
 def _row_group_runs(shard: Shard, split_bytes: int) -> list[Shard]:
@@ -232,8 +210,7 @@ def _has_quoted_newlines(shard: Shard) -> bool:
 
 
 def _distinct_names(shards: list[Shard]) -> list[Shard]:
-    names = [s.name for s in shards]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    clashes = sorted(name for name, n in Counter(s.name for s in shards).items() if n > 1)
     if clashes:
         raise CorpusError(f"corpus.path / corpus.unlabeled_path entries share the file names {clashes}, which would "
                           f"give rows the same derived ids; rename the files or set corpus.id_column")
@@ -276,8 +253,6 @@ def _read_tables(shard: Shard, cfg: CorpusConfig) -> Iterator[tuple[pa.Table, np
             table = dataset[start:min(start + READ_ROWS, shard.stop)]
             yield table, np.arange(start, start + table.num_rows)
         return
-    if shard.format != "parquet":
-        raise CorpusError(f"{shard.uri}: unknown corpus.format {shard.format!r}")
     fs, path = filesystem(shard.uri)
     try:
         with fs.open_input_file(path) as f:
@@ -318,8 +293,8 @@ def _open_at(fs: pafs.FileSystem, path: str, start: int):
 def _csv_header(fs: pafs.FileSystem, path: str, shard: Shard) -> tuple[list[str], int]:
     """A CSV's column names, and where the range's reading starts (after the header for the first range)."""
     with _open_at(fs, path, 0) as f:
-        first = next(_record_chunks(f, 0, float("inf"), quoted=True, split=False, uri=shard.uri), (0, b"", [0]))
-    chunk, starts = first[1], first[2]
+        _, chunk, starts = next(_record_chunks(f, 0, float("inf"), quoted=True, split=False, uri=shard.uri),
+                                (0, b"", [0]))
     end = starts[1] if len(starts) > 1 else len(chunk)
     try:
         names = pacsv.read_csv(pa.BufferReader(chunk[:end]), parse_options=_csv_parse(shard.format)).column_names
@@ -337,9 +312,7 @@ def _record_ends(buf: bytes, *, quoted: bool) -> np.ndarray:
     (an even count of quote characters before them; an escaped quote is doubled, so it keeps the count even)."""
     raw = np.frombuffer(buf, np.uint8)
     newlines = np.flatnonzero(raw == 10)
-    if not quoted:
-        return newlines
-    return newlines[np.searchsorted(np.flatnonzero(raw == 34), newlines) % 2 == 0]
+    return newlines[np.searchsorted(np.flatnonzero(raw == 34), newlines) % 2 == 0] if quoted else newlines
 
 
 def _record_chunks(f, start: int, stop: float, *, quoted: bool, split: bool,
@@ -394,10 +367,11 @@ def _parse_chunk(chunk: bytes, offset: int, starts: np.ndarray, shard: Shard, he
                                                                               block_size=len(chunk) + 1))
             starts = _non_blank(chunk, starts, b" \t\r\n")
         else:
+            # ids and texts stay strings even when they look like numbers
+            strings = pacsv.ConvertOptions(column_types={c: pa.string() for c in (cfg.text_column, cfg.id_column) if c})
             table = pacsv.read_csv(block, read_options=pacsv.ReadOptions(column_names=header, use_threads=False,
                                                                             block_size=len(chunk) + 1),
-                                   parse_options=_csv_parse(fmt),
-                                   convert_options=pacsv.ConvertOptions(column_types=_string_columns(cfg)))
+                                   parse_options=_csv_parse(fmt), convert_options=strings)
             starts = _non_blank(chunk, starts, b"\r\n")
     except pa.ArrowInvalid as e:
         raise CorpusError(f"{where}: cannot read as {fmt}: {e}") from e
@@ -428,11 +402,6 @@ def _text_lines(chunk: bytes, starts: np.ndarray, offset: int, uri: str) -> pa.A
         raise
 
 
-def _string_columns(cfg: CorpusConfig) -> dict[str, pa.DataType]:
-    # ids and texts stay strings even when they look like numbers
-    return {c: pa.string() for c in (cfg.text_column, cfg.id_column) if c}
-
-
 def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] | None,
                task_labels: dict[str, dict[str, int]] | None = None) -> Iterator[pa.Table]:
     """Yield checked rows of ``shard`` with columns ``ROW_SCHEMA``, then ``label_<task>`` per task_labels.
@@ -455,9 +424,8 @@ def read_shard(shard: Shard, cfg: CorpusConfig, label_to_index: dict[str, int] |
 
 
 def _missing_column(shard: Shard, table: pa.Table, column: str, field_name: str) -> CorpusError:
-    return CorpusError(
-        f"{shard.uri}: has no column {column!r} (corpus.{field_name}); its columns are {table.column_names}"
-    )
+    return CorpusError(f"{shard.uri}: has no column {column!r} (corpus.{field_name}); "
+                       f"its columns are {table.column_names}")
 
 
 def _where(shard: Shard, position: int) -> str:
@@ -525,8 +493,7 @@ def _texts(texts: pa.ChunkedArray, cfg: CorpusConfig) -> tuple[pa.Array, list[st
     lengths = pc.utf8_length(texts)
     reasons: list[str | None] = [None] * len(texts)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)
-    too_long = pc.greater(lengths, cfg.max_text_chars)
-    bad = pc.or_kleene(pc.or_kleene(pc.is_null(texts), blank), too_long)
+    bad = pc.or_kleene(pc.or_kleene(pc.is_null(texts), blank), pc.greater(lengths, cfg.max_text_chars))
     for i in np.flatnonzero(bad.to_numpy(zero_copy_only=False)):
         if not texts[i].is_valid:
             reasons[i] = "null text"
@@ -567,9 +534,7 @@ def _gold_indices(table: pa.Table, shard: Shard, cfg: CorpusConfig, spec: tuple,
 def _label_name(raw, cfg: CorpusConfig) -> str | None:
     if isinstance(raw, bool):
         raw = int(raw)
-    if isinstance(raw, (int, float)) or (isinstance(raw, str) and raw.lstrip("-").isdigit() and cfg.label_names):
-        if not cfg.label_names:
-            return str(raw)
+    if cfg.label_names and (isinstance(raw, (int, float)) or (isinstance(raw, str) and raw.lstrip("-").isdigit())):
         i = int(raw)
         return cfg.label_names[i] if 0 <= i < len(cfg.label_names) else None
     return str(raw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kd_ray.config import CorpusConfig
 from kd_ray.data.corpus import COMPRESSIONS, LINE_FORMATS, Shard
@@ -81,7 +81,8 @@ def corpus_growth(cfg: CorpusConfig, shards: list[Shard], recorded: dict[str, di
         elif (shard.file_size or 0) > old["size"] and (old["tail"] or "").endswith("|nl") and _appendable(shard) \
                 and tail_digest(shard.uri, old["size"]) == old["tail"]:
             growth.appended.append(name)
-            growth.shards += _appended_range(shard, old["size"], cfg.split_bytes)
+            # the new bytes, as shards whose keys differ from every range of the first labeling (all end by old size)
+            growth.shards += shard.byte_ranges(old["size"], cfg.split_bytes or shard.file_size - old["size"])
         else:
             how = "shrank" if (shard.file_size or 0) < old["size"] else "changed in place"
             problems.append(f"{shard.uri} {how} since it was labeled ({old['size']:,} bytes then, "
@@ -102,12 +103,3 @@ def corpus_growth(cfg: CorpusConfig, shards: list[Shard], recorded: dict[str, di
                             "(on top of a finished folder only new files and records appended to line files are "
                             "labeled)")
     return growth
-
-
-def _appended_range(shard: Shard, old_size: int, split_bytes: int | None) -> list[Shard]:
-    """The byte range a line file gained, as shards of at most ``split_bytes`` (their keys differ from every
-    range of the file's first labeling, which all end at or before ``old_size``)."""
-    size = shard.file_size
-    step = split_bytes or size - old_size
-    bounds = [*range(old_size, size, step), size]
-    return [replace(shard, start=a, stop=b, size=b - a) for a, b in zip(bounds, bounds[1:])]

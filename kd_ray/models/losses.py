@@ -37,31 +37,18 @@ POOLINGS = ("mean", "cls")
 REPRESENTATION_LOSSES = ("cosine", "mse")
 
 
-def _check_alpha(alpha: float) -> None:
+def _check_inputs(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-
-
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.ndim != 2 or teacher_logits.ndim != 2:
-        raise ValueError(
-            "student_logits and teacher_logits must be (batch, num_classes), got shapes "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
+        raise ValueError("student_logits and teacher_logits must be (batch, num_classes), got shapes "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if student_logits.shape[1] != teacher_logits.shape[1]:
-        raise ValueError(
-            f"student has {student_logits.shape[1]} classes but teacher has "
-            f"{teacher_logits.shape[1]}; their label sets must match"
-        )
+        raise ValueError(f"student has {student_logits.shape[1]} classes but teacher has "
+                         f"{teacher_logits.shape[1]}; their label sets must match")
     if student_logits.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(
-            f"student batch size {student_logits.shape[0]} != teacher batch size " f"{teacher_logits.shape[0]}"
-        )
+        raise ValueError(f"student batch size {student_logits.shape[0]} != teacher batch size "
+                         f"{teacher_logits.shape[0]}")
 
 
 NO_GOLD = -100  # the gold index of a row without a gold label for a task (cross-entropy's ignore_index)
@@ -88,15 +75,8 @@ def gold_cross_entropy(student_logits: Tensor, gold_labels: Tensor | None, *, ig
     return summed / num_labelled
 
 
-def distill_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    gold_labels: Tensor | None,
-    *,
-    temperature: float,
-    alpha: float,
-    ignore_index: int = NO_GOLD,
-) -> Tensor:
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, gold_labels: Tensor | None, *, temperature: float,
+                 alpha: float, ignore_index: int = NO_GOLD) -> Tensor:
     """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, gold)``.
 
     The KL uses ``reduction="batchmean"`` (sum over classes, mean over all rows).
@@ -111,9 +91,9 @@ def distill_loss(
     Returns:
         Scalar float32 loss.
     """
-    _check_temperature(temperature)
-    _check_alpha(alpha)
-    _check_logits(student_logits, teacher_logits)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_inputs(student_logits, teacher_logits, alpha)
     # Upcast: softmax/KL in bf16 loses the small probabilities that soft targets carry.
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -122,41 +102,27 @@ def distill_loss(
     return alpha * temperature**2 * kl + (1 - alpha) * ce
 
 
-def mse_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    gold_labels: Tensor | None,
-    *,
-    alpha: float,
-    ignore_index: int = NO_GOLD,
-) -> Tensor:
+def mse_loss(student_logits: Tensor, teacher_logits: Tensor, gold_labels: Tensor | None, *, alpha: float,
+             ignore_index: int = NO_GOLD) -> Tensor:
     """``alpha * MSE(student_logits, teacher_logits) + (1 - alpha) * CE(student, gold)``.
 
     Logit matching (Ba & Caruana 2014); the MSE is the mean over all batch * num_classes
     entries. Shapes as in ``distill_loss``.
     """
-    _check_alpha(alpha)
-    _check_logits(student_logits, teacher_logits)
+    _check_inputs(student_logits, teacher_logits, alpha)
     mse = F.mse_loss(student_logits.float(), teacher_logits.float())
     ce = gold_cross_entropy(student_logits, gold_labels, ignore_index=ignore_index)
     return alpha * mse + (1 - alpha) * ce
 
 
-def hard_label_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    gold_labels: Tensor | None,
-    *,
-    alpha: float,
-    ignore_index: int = NO_GOLD,
-) -> Tensor:
+def hard_label_loss(student_logits: Tensor, teacher_logits: Tensor, gold_labels: Tensor | None, *, alpha: float,
+                    ignore_index: int = NO_GOLD) -> Tensor:
     """``alpha * CE(student, argmax teacher) + (1 - alpha) * CE(student, gold)``.
 
     Pseudo-labelling: the teacher's top class is the target for every row. Shapes as in
     ``distill_loss``.
     """
-    _check_alpha(alpha)
-    _check_logits(student_logits, teacher_logits)
+    _check_inputs(student_logits, teacher_logits, alpha)
     teacher_labels = teacher_logits.argmax(dim=-1)
     pseudo = F.cross_entropy(student_logits.float(), teacher_labels)
     ce = gold_cross_entropy(student_logits, gold_labels, ignore_index=ignore_index)
@@ -183,10 +149,8 @@ def combine_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[f
         if logits.ndim != 2:
             raise ValueError(f"teacher {i} logits must be (batch, num_classes), got {tuple(logits.shape)}")
         if logits.shape[1] != first_shape[1]:
-            raise ValueError(
-                f"teacher {i} has {logits.shape[1]} classes but teacher 0 has {first_shape[1]}; "
-                "combined teachers must share one label set"
-            )
+            raise ValueError(f"teacher {i} has {logits.shape[1]} classes but teacher 0 has {first_shape[1]}; "
+                             "combined teachers must share one label set")
         if logits.shape[0] != first_shape[0]:
             raise ValueError(f"teacher {i} batch size {logits.shape[0]} != teacher 0 batch size {first_shape[0]}")
     if weights is None:
@@ -247,16 +211,8 @@ class Projections(nn.Module):
 LOSSES: dict[str, Callable[..., Tensor]] = {"kl": distill_loss, "mse": mse_loss, "hard": hard_label_loss}
 
 
-def compute_loss(
-    kind: str,
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    gold_labels: Tensor | None,
-    *,
-    temperature: float,
-    alpha: float,
-    ignore_index: int = NO_GOLD,
-) -> Tensor:
+def compute_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, gold_labels: Tensor | None, *,
+                 temperature: float, alpha: float, ignore_index: int = NO_GOLD) -> Tensor:
     """Dispatch to ``LOSSES[kind]``. ``temperature`` is used only by ``"kl"``."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss kind {kind!r}; allowed: {sorted(LOSSES)}")
@@ -288,15 +244,11 @@ def multitask_loss(
     parts = {}
     for task in tasks:
         teacher = teacher_logits.get(task.name)
-        parts[task.name] = (
-            gold_cross_entropy(task.of(logits), gold[task.name])
-            if teacher is None
-            else compute_loss(
-                task.kind, task.of(logits), teacher, gold[task.name], temperature=task.temperature, alpha=task.alpha
-            )
-        )
-        for terms in extra_terms:
-            if task.name in terms:
-                parts[task.name] = parts[task.name] + terms[task.name]
+        if teacher is None:
+            loss = gold_cross_entropy(task.of(logits), gold[task.name])
+        else:
+            loss = compute_loss(task.kind, task.of(logits), teacher, gold[task.name], temperature=task.temperature,
+                                alpha=task.alpha)
+        parts[task.name] = sum((terms[task.name] for terms in extra_terms if task.name in terms), loss)
         total = total + task.weight * parts[task.name]
     return total, parts

@@ -34,16 +34,18 @@ _FEED_FORWARD_PATHS = (
 )
 
 
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+    return module
+
+
 def _find_layer_list(model: PreTrainedModel) -> tuple[str, nn.ModuleList] | None:
     """(state_dict prefix of the layer list, the list), or None if the architecture is unsupported."""
-    base = model.base_model
     for path in _LAYER_LIST_PATHS:
-        module = base
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
+        module = _submodule(model.base_model, path)
         if isinstance(module, nn.ModuleList):
-            prefix = next(name for name, m in model.named_modules() if m is module)
-            return prefix, module
+            return next(name for name, m in model.named_modules() if m is module), module
     return None
 
 
@@ -57,9 +59,7 @@ def select_layers(num_teacher_layers: int, num_layers: int, layer_selection: str
     hidden-state distillation).
     """
     if not 1 <= num_layers <= num_teacher_layers:
-        raise ValueError(
-            f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_layers}"
-        )
+        raise ValueError(f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_layers}")
     if not isinstance(layer_selection, str):
         layers = [int(i) for i in layer_selection]
         if len(layers) != num_layers or layers != sorted(set(layers)) or not all(
@@ -93,11 +93,9 @@ def cut_student_from_teacher(
     """
     found = _find_layer_list(teacher)
     if found is None:
-        raise ValueError(
-            f"cannot cut layers from a {type(teacher).__name__} (model_type "
-            f"{teacher.config.model_type!r}): only BERT-like models and DistilBERT are supported; "
-            "use a pretrained student path or a config student instead"
-        )
+        raise ValueError(f"cannot cut layers from a {type(teacher).__name__} (model_type "
+                         f"{teacher.config.model_type!r}): only BERT-like models and DistilBERT are supported; "
+                         "use a pretrained student path or a config student instead")
     teacher_prefix, teacher_layers = found
     layer_ids = select_layers(len(teacher_layers), num_layers, layer_selection)
 
@@ -106,9 +104,8 @@ def cut_student_from_teacher(
     student = type(teacher)(config)
     student_prefix, student_layers = _find_layer_list(student)
     if len(student_layers) != num_layers:
-        raise ValueError(
-            f"{type(teacher).__name__} ignores config.num_hidden_layers; cannot cut it to {num_layers} layers"
-        )
+        raise ValueError(f"{type(teacher).__name__} ignores config.num_hidden_layers; cannot cut it to "
+                         f"{num_layers} layers")
 
     # Rename student layer i's keys to teacher layer layer_ids[i]; every other key matches 1:1.
     teacher_state = teacher.state_dict()
@@ -124,12 +121,6 @@ def cut_student_from_teacher(
         prune_feed_forward(student, ffn_size)
     student.train(teacher.training)
     return student.to(dtype=teacher.dtype, device=teacher.device)
-
-
-def _submodule(module: nn.Module, path: str) -> nn.Module | None:
-    for attr in path.split("."):
-        module = getattr(module, attr, None)
-    return module
 
 
 def _feed_forward_spec(model: PreTrainedModel) -> tuple[list[nn.Module], tuple[str, str, str]]:
@@ -211,19 +202,11 @@ def student_from_config(
     Vocabulary size, pad token and maximum length come from ``teacher_config`` so the
     teacher's tokenizer feeds the student unchanged.
     """
-    problems = []
-    for name, value in [
-        ("num_layers", num_layers),
-        ("hidden_size", hidden_size),
-        ("num_attention_heads", num_attention_heads),
-        ("intermediate_size", intermediate_size),
-    ]:
-        if value < 1:
-            problems.append(f"{name} must be >= 1, got {value}")
+    sizes = {"num_layers": num_layers, "hidden_size": hidden_size, "num_attention_heads": num_attention_heads,
+             "intermediate_size": intermediate_size}
+    problems = [f"{name} must be >= 1, got {value}" for name, value in sizes.items() if value < 1]
     if hidden_size >= 1 and num_attention_heads >= 1 and hidden_size % num_attention_heads:
-        problems.append(
-            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
-        )
+        problems.append(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
     if problems:
         raise ValueError("; ".join(problems))
 

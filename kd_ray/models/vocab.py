@@ -64,9 +64,7 @@ def _affixes(model: dict) -> tuple[str, str]:
 
 def _bare(token: str, prefix: str, suffix: str) -> str:
     """A piece without its continuing-subword prefix and end-of-word suffix: its characters."""
-    if prefix and token.startswith(prefix):
-        token = token[len(prefix):]
-    return token[:-len(suffix)] if suffix and token.endswith(suffix) else token
+    return token.removeprefix(prefix).removesuffix(suffix)
 
 
 def _merge_pairs(model: dict) -> list[tuple[str, str]]:
@@ -75,7 +73,7 @@ def _merge_pairs(model: dict) -> list[tuple[str, str]]:
 
 
 def _merged(a: str, b: str, prefix: str) -> str:
-    return a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
+    return a + b.removeprefix(prefix)
 
 
 def _merge_closure(keep: set[str], merges: list[tuple[str, str]], prefix: str) -> set[str]:

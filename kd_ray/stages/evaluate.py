@@ -45,7 +45,7 @@ def read_eval_set(test: EvalSetConfig, tasks: dict[str, list[str]]) -> tuple[lis
             for task, column in columns.items():
                 gold[task] += [NO_GOLD if g is None else g for g in table.column(column).to_pylist()]
     gold_arrays = {t: np.array(g, dtype=np.int64) for t, g in gold.items()}
-    keep = np.flatnonzero(np.any([g >= 0 for g in gold_arrays.values()], axis=0)) if texts else np.array([], int)
+    keep = np.flatnonzero(np.any([g >= 0 for g in gold_arrays.values()], axis=0))
     if not len(keep):
         raise KdRayUserError(f"test set {test.path} has no rows with a gold label in column {test.label_column!r}")
     return [texts[i] for i in keep], {t: g[keep] for t, g in gold_arrays.items()}
@@ -138,8 +138,7 @@ def metrics_report(report: dict) -> dict:
     out = {"labels": entry["labels"], "test": report["test"], "eval": report["eval"]}
     for name in [n for n in entry if isinstance(entry[n], dict)]:
         key = "teachers" if name == "teacher" else name
-        out[name] = {**entry[name], "params": report["params"][key], "size_mb": report["size_mb"][key],
-                     "rows_per_s": report["rows_per_s"][key]}
+        out[name] = {**entry[name], **{k: report[k][key] for k in ("params", "size_mb", "rows_per_s")}}
         if name != "teacher":
             out[name].update(speedup=report["speedup"][name], compression=report["compression"][name])
     if "student" in out:  # kd-ray evaluate's and run's student, also at the top

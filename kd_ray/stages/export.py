@@ -15,6 +15,7 @@ wherever kd-ray runs a model (``kd-ray evaluate`` takes an ``.onnx`` path as a m
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -72,12 +73,7 @@ def corpus_texts(data: CorpusConfig) -> Iterator[list[str]]:
 
 def held_out_texts(data: CorpusConfig, rows: int) -> list[str]:
     """The first ``rows`` usable texts of ``data``."""
-    texts: list[str] = []
-    for batch in corpus_texts(data):
-        texts += batch
-        if len(texts) >= rows:
-            break
-    return texts[:rows]
+    return list(itertools.islice(itertools.chain.from_iterable(corpus_texts(data)), rows))
 
 
 def export_graph(model_dir: str | Path, output: Path, *, opset: int):
@@ -280,11 +276,6 @@ def export_trimmed(folder: Path, *, opset: int, setting: QuantSetting | None) ->
     return files
 
 
-def _write(report: dict, output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / REPORT).write_text(json.dumps(report, indent=2))
-
-
 def run_export(cfg: ExportConfig) -> dict:
     """Export, optimize, quantize (and trim), check parity on the held-out texts, write ``export.json``; refuse a
     parity below the bar."""
@@ -300,7 +291,7 @@ def run_export(cfg: ExportConfig) -> dict:
     if cfg.quantize:
         setting, report["quantization"] = choose_quantization(files["fp32"], output, parity, cfg.min_agreement)
         if setting is None:
-            _write(report, output)
+            (output / REPORT).write_text(json.dumps(report, indent=2))  # export_graph made the folder
             raise ModelError(no_setting_message(report["quantization"], output, len(texts), cfg.min_agreement))
         files["int8"] = output / FILES["int8"]
     if cfg.trim_vocab:
@@ -309,7 +300,7 @@ def run_export(cfg: ExportConfig) -> dict:
     for variant, path in files.items():
         report["files"][variant] = str(path.relative_to(output))
         report["parity"][variant] = parity.compare(path)
-    _write(report, output)
+    (output / REPORT).write_text(json.dumps(report, indent=2))
     low = {v: r["argmax_agreement"] for v, r in report["parity"].items() if v != "rows"
            and r["argmax_agreement"] < cfg.min_agreement}
     if low:

@@ -117,15 +117,11 @@ def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
     """Provenance stored in every part file (see kd_ray.data.soft_labels)."""
     teachers = [make_teacher(t, hash_weights=True).info for t in cfg.teachers]
     first = teachers[0]
-    label_names = None
-    if cfg.corpus.label_column:
-        label_names = first.labels
-        for name in cfg.corpus.label_names or []:
-            if name not in label_names:
-                raise KdRayUserError(
-                    f"corpus.label_names has {name!r}, which teacher {first.name!r} ({first.model}) "
-                    f"does not predict; its labels are {label_names}"
-                )
+    label_names = first.labels if cfg.corpus.label_column else None
+    unknown = [name for name in cfg.corpus.label_names or [] if name not in first.labels]
+    if label_names is not None and unknown:
+        raise KdRayUserError(f"corpus.label_names has {unknown[0]!r}, which teacher {first.name!r} ({first.model}) "
+                             f"does not predict; its labels are {label_names}")
     task_labels = task_label_names(teachers, cfg.corpus.task_label_columns, first_task=first.task)
     metadata = {
         "schema_version": SCHEMA_VERSION,
@@ -146,15 +142,18 @@ def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
     return SoftLabelMetadata.model_validate(metadata)
 
 
-def _write_part(fs: pafs.FileSystem, path: str, table: pa.Table, schema: pa.Schema, stats: dict[str, Any]) -> None:
-    """Write ``table`` (with its ``shard`` column) as one row group per corpus shard; the footer lists
-    the shards in row-group order beside ``stats``, so that resuming and checking read footers only."""
+def _write_part(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table, schema: pa.Schema,
+                stats: dict[str, Any]) -> None:
+    """Write ``table`` (with its ``shard`` column) as one row group per corpus shard to ``folder/name``, committed
+    by renaming a temporary file; the footer lists the shards in row-group order beside ``stats``, so that
+    resuming and checking read footers only."""
     shards = pc.unique(table.column(SHARD_COLUMN)).to_pylist()
-    with fs.open_output_stream(path) as f, parquet_writer(f, schema) as writer:
+    with fs.open_output_stream(f"{folder}/.tmp-{name}") as f, parquet_writer(f, schema) as writer:
         for key in shards:
             rows = table.filter(pc.equal(table.column(SHARD_COLUMN), key))
             writer.write_table(rows.select(schema.names).cast(schema), row_group_size=rows.num_rows)
         writer.add_key_value_metadata({PART_KEY: json.dumps({**stats, "shards": shards})})
+    fs.move(f"{folder}/.tmp-{name}", f"{folder}/{name}")
 
 
 class SoftLabelDatasink(Datasink):
@@ -194,13 +193,9 @@ class SoftLabelDatasink(Datasink):
         name = f"part-{ctx.task_idx:05d}-{digest.hexdigest()}.parquet"
         if rejected.num_rows:
             fs.create_dir(f"{root}/{REJECTED_DIR}", recursive=True)
-            tmp = f"{root}/{REJECTED_DIR}/.tmp-{name}"
-            _write_part(fs, tmp, rejected, REJECTED_SCHEMA, {"rows": rejected.num_rows})
-            fs.move(tmp, f"{root}/{REJECTED_DIR}/{name}")
+            _write_part(fs, f"{root}/{REJECTED_DIR}", name, rejected, REJECTED_SCHEMA, {"rows": rejected.num_rows})
         if table.num_rows:
-            tmp = f"{root}/.tmp-{name}"
-            _write_part(fs, tmp, table, soft_label_schema(self.metadata), part_stats(table, self.metadata))
-            fs.move(tmp, f"{root}/{name}")
+            _write_part(fs, root, name, table, soft_label_schema(self.metadata), part_stats(table, self.metadata))
             print(f"kd-ray label: wrote {name} ({table.num_rows:,} rows"
                   f"{f', {rejected.num_rows:,} set aside' if rejected.num_rows else ''})",
                   flush=True)  # a write task's progress line: Ray forwards it to the driver
@@ -210,15 +205,20 @@ class SoftLabelDatasink(Datasink):
         self.results = write_result.write_returns
 
 
+def _part_files(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    """The committed part files in ``folder`` (none where it does not exist)."""
+    return [info for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            if info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")]
+
+
 def _written_schema_version(fs: pafs.FileSystem, root: str) -> int:
     """The soft-label schema version of a folder's committed part files (this version if it has none)."""
-    for info in fs.get_file_info(pafs.FileSelector(root)):
-        if info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
-            try:
-                meta = pq.read_schema(info.path, filesystem=fs).metadata or {}
-            except (pa.ArrowInvalid, OSError):
-                return SCHEMA_VERSION  # not a part file of any version; the caller names the folder's state
-            return json.loads(meta.get(METADATA_KEY, b"{}")).get("schema_version", SCHEMA_VERSION)
+    for info in _part_files(fs, root):
+        try:
+            meta = pq.read_schema(info.path, filesystem=fs).metadata or {}
+        except (pa.ArrowInvalid, OSError):
+            return SCHEMA_VERSION  # not a part file of any version; the caller names the folder's state
+        return json.loads(meta.get(METADATA_KEY, b"{}")).get("schema_version", SCHEMA_VERSION)
     return SCHEMA_VERSION
 
 
@@ -253,10 +253,9 @@ def prepare_output(cfg: LabelConfig, metadata: SoftLabelMetadata) -> tuple[dict 
                 state = f"an unfinished run of another config (hash {run.get('config_hash')})"
             else:
                 state = "files that `kd-ray label` did not write"
-            raise KdRayUserError(
-                f"output.path {cfg.output.path} already holds {state}; this config's hash is "
-                f"{metadata.config_hash}. Choose another output.path or set output.overwrite=true to replace it"
-            )
+            raise KdRayUserError(f"output.path {cfg.output.path} already holds {state}; this config's hash is "
+                                 f"{metadata.config_hash}. Choose another output.path or set output.overwrite=true "
+                                 f"to replace it")
         fs.delete_dir(root)
     _start_run(cfg, metadata)
     return None, False
@@ -281,24 +280,16 @@ class Parts:
     problems: list[str] = field(default_factory=list)  # non-finite logits, gold labels out of range
 
 
-def _remove_temporary_files(fs: pafs.FileSystem, root: str) -> None:
-    """Delete ``.tmp-*`` files: writes an interruption cut short, or of write tasks Ray retried."""
-    for folder in (root, f"{root}/{REJECTED_DIR}"):
-        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-            if info.is_file and info.base_name.startswith(".tmp-"):
-                fs.delete_file(info.path)
-
-
 def read_parts(output: str, metadata: SoftLabelMetadata) -> Parts:
     """Merge the footers of the committed part and rejected files; delete uncommitted temporary files
     (their rows are labeled again). Memory grows with the files, not with the rows."""
     fs, root = filesystem(output)
-    _remove_temporary_files(fs, root)
     parts = Parts(shards={})
     for folder in (root, f"{root}/{REJECTED_DIR}"):
         for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-            if not (info.is_file and info.base_name.startswith("part-") and info.base_name.endswith(".parquet")):
-                continue
+            if info.is_file and info.base_name.startswith(".tmp-"):  # cut short by an interruption, or retried by Ray
+                fs.delete_file(info.path)
+        for info in _part_files(fs, folder):
             try:
                 stats = json.loads(pq.read_metadata(info.path, filesystem=fs).metadata[PART_KEY])
             except (pa.ArrowInvalid, OSError, KeyError) as e:
@@ -365,10 +356,10 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     kept_rows = kept.rows + kept.rejected if kept else 0
     written = sum(r["rows"] + r["rejected"] for r in results)
     in_scope = committed_rows(kept, [s.key for s in grew.shards]) if grew else kept_rows
-    if kept and sum(r["already_labeled"] for r in results) != in_scope:
-        _fail(cfg.output.path, f"the corpus gave {sum(r['already_labeled'] for r in results)} rows whose ids the "
-              f"interrupted run committed, which committed {in_scope}: the corpus changed since, or its ids are not "
-              f"unique")
+    already_labeled = sum(r["already_labeled"] for r in results)
+    if kept and already_labeled != in_scope:
+        _fail(cfg.output.path, f"the corpus gave {already_labeled} rows whose ids the interrupted run committed, "
+              f"which committed {in_scope}: the corpus changed since, or its ids are not unique")
     if parts.rows + parts.rejected != kept_rows + written:
         parts.problems.append(f"the part files hold {parts.rows + parts.rejected} rows (labeled and rejected), the "
                               f"write tasks wrote {written} and {kept_rows} were kept")
@@ -428,13 +419,12 @@ def labeled_dataset(cfg: LabelConfig, metadata: SoftLabelMetadata, kept: Parts |
                         committed=kept.shards if kept else {},
                         task_labels=task_labels, augment=cfg.augment if cfg.augment.copies else None,
                         mask_token=(metadata.augment or {}).get("mask_token"), shards=shards)
-    teachers = metadata.teachers
     if c.tokenize == "stage":
-        ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": teachers}, batch_size=None,
+        ds = ds.map_batches(tokenize_batch, fn_kwargs={"teachers": metadata.teachers}, batch_size=None,
                             batch_format="pyarrow", num_cpus=c.tokenize_cpus)
     return ds.map_batches(
         TeacherLabeler,
-        fn_constructor_kwargs={"teachers": teachers, "batch_size": c.batch_size,
+        fn_constructor_kwargs={"teachers": metadata.teachers, "batch_size": c.batch_size,
                                "batch_tokens": c.batch_tokens, "num_gpus": c.num_gpus,
                                "threads": c.threads_per_actor, "precision": c.precision,
                                "logits_dtype": cfg.output.logits_dtype},
@@ -455,8 +445,8 @@ def _shard_duplicates(groups: str) -> list[str]:
     if ids is None or pc.count_distinct(ids).as_py() == len(ids):
         return []
     counts = pc.value_counts(ids)
-    return [f"id {v!r} appears more than once ({n} rows)" for v, n in zip(counts.field("values").to_pylist(),
-                                                                         counts.field("counts").to_pylist()) if n > 1][:5]
+    return [f"id {v!r} appears more than once ({n} rows)"
+            for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()) if n > 1][:5]
 
 
 def _duplicate_ids(parts: Parts, id_column: str | None) -> list[str]:
@@ -494,8 +484,7 @@ def _commit(cfg: LabelConfig, metadata: SoftLabelMetadata, summary: LabelSummary
                 if cfg.corpus.id_column and duplicates else "")
         _fail(cfg.output.path, f"soft labels at {cfg.output.path} failed validation:\n  "
               + "\n  ".join((parts.problems + duplicates)[:20]) + hint)
-    files = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
-                   if i.is_file and i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    files = sorted(info.base_name for info in _part_files(fs, root))
     manifest = {**asdict(summary), "files": files, "config_hash": metadata.config_hash,
                 "rows_per_s": summary.rows_per_s, "corpus": corpus, "shards": sorted(parts.shards)}
     write_json(fs, f"{root}/{MANIFEST}", manifest)

@@ -14,7 +14,9 @@ tune_summary.json, and experiment/ (Ray Tune's own state).
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import operator
 import re
 import shutil
 import time
@@ -45,20 +47,10 @@ def searched_paths(search: SearchConfig) -> dict[str, str]:
 def param_space(search: SearchConfig) -> dict[str, Any]:
     from ray import tune
 
-    make = {
-        "uniform": lambda s: tune.uniform(s.low, s.high),
-        "loguniform": lambda s: tune.loguniform(s.low, s.high),
-        "choice": lambda s: tune.choice(s.values),
-        "grid": lambda s: tune.grid_search(s.values),
-    }
+    make = {"uniform": lambda s: tune.uniform(s.low, s.high), "loguniform": lambda s: tune.loguniform(s.low, s.high),
+            "choice": lambda s: tune.choice(s.values), "grid": lambda s: tune.grid_search(s.values)}
     return {path: make[search.space[name].distribution](search.space[name])
             for name, path in searched_paths(search).items()}
-
-
-def _get_dotted(tree: dict, dotted: str) -> Any:
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
 
 
 def trial_config(base: dict, values: dict[str, Any]) -> DistillConfig:
@@ -166,23 +158,19 @@ def _tuner(cfg: TuneConfig, out: Path, trainable):
         (out / STARTS_FILE).unlink(missing_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
-    search, epochs = cfg.search, cfg.distill.total_epochs
-    points = []
-    if _runs_default_first(search):
-        base = cfg.distill.model_dump(mode="json")
-        points = [{path: _get_dotted(base, path) for path in searched_paths(search).values()}]
-    if search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace_period(cfg),
-                                  reduction_factor=search.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    search, base = cfg.search, cfg.distill.model_dump(mode="json")
+    points = ([{path: functools.reduce(operator.getitem, path.split("."), base)  # the distill config's own values
+                for path in searched_paths(search).values()}] if _runs_default_first(search) else None)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.distill.total_epochs, grace_period=grace_period(cfg),
+                               reduction_factor=search.reduction_factor)
+                 if search.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
         param_space=param_space(search),
         tune_config=tune.TuneConfig(
             metric=search.metric, mode="max", num_samples=search.num_samples, scheduler=scheduler,
             # BasicVariantGenerator takes the concurrency limit itself (TuneConfig's applies to Searchers only)
-            search_alg=BasicVariantGenerator(points_to_evaluate=points or None, random_state=search.seed,
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, random_state=search.seed,
                                              max_concurrent=search.max_concurrent_trials),
             trial_dirname_creator=trial_dirname,
         ),
@@ -303,9 +291,8 @@ def main(cfg: TuneConfig) -> dict:
 
     summary = run_tune(cfg)
     table = pd.read_csv(Path(cfg.output) / "trials.csv")
-    shown = [c for c in table.columns if c not in ("error",)]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-        say(table[shown].to_string(index=False))
+        say(table.drop(columns="error").to_string(index=False))
     say(f"kd-ray tune: best {summary['metric']} {summary['best_value']:.4f} with {summary['best_values']} "
           f"({summary['trials']} trials, {summary['stopped_early']} stopped early by ASHA, {summary['errors']} failed). "
           f"Student: {summary['student']}; config: {Path(cfg.output) / 'best_config.yaml'}")
