@@ -152,7 +152,7 @@ def test_the_performance_page_holds_the_readme_tables():
 SMALL = {"teacher.train.epochs": 1, "teacher.train.num_workers": 0, "teacher.train.max_length": 32,
          "teacher.max_length": 32, "student.num_layers": 1, "student.ffn_size": None, "distill.epochs": 1,
          "distill.num_workers": 0, "distill.max_length": 32, "distill.keep": "last", "eval.max_length": 32,
-         "eval.timing_rows": 40, "eval.timing_repeats": 1}
+         "eval.timing_rows": 40, "eval.timing_repeats": 1, "baseline_without_distillation": False}
 
 
 @pytest.mark.slow
@@ -178,7 +178,8 @@ def test_the_getting_started_commands_run_as_written(tmp_path, tiny_teacher, ray
     (tmp_path / "jobs/configs/pipeline-demo.yaml").write_text(yaml.safe_dump(demo_config))
     for name, text in page_configs(GETTING_STARTED).items():
         (tmp_path / name).write_text(text)
-    small = [f"--{k}={'null' if v is None else v}" for k, v in {**SMALL, "teacher.base_model": tiny_teacher}.items()]
+    small = [f"--{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in {**SMALL, "teacher.base_model": tiny_teacher}.items()]
     ray = ["--ray.address", ray_session.get_runtime_context().gcs_address]
     kd_ray = str(Path(sys.executable).with_name("kd-ray"))
     make_demo = ["run", "--config", "jobs/configs/pipeline-demo.yaml"]  # what `make demo` runs after its data

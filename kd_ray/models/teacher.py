@@ -118,7 +118,8 @@ class ClassifierTeacher:
         extra = {}
         if cfg.representation:
             width = hidden_width(AutoConfig.from_pretrained(info.model, revision=cfg.revision))
-            extra["representation"] = RepresentationInfo(pooling=cfg.representation, width=width).model_dump()  # every field stored
+            # a dict of every field, so that all of them are stored (the soft labels keep the fields given)
+            extra["representation"] = RepresentationInfo(pooling=cfg.representation, width=width).model_dump()
         return TeacherInfo(**info.model_dump(), name=cfg.name, task=cfg.task, max_length=cfg.max_length, **extra)
 
     @property
