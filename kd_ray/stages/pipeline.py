@@ -89,6 +89,8 @@ class Evaluate(Stage):
 
 @dataclass
 class Report(Stage):
+    """report.html and its plots (``cfg``: the run folder)."""
+
     @property
     def output(self) -> str:
         return str(Path(self.cfg) / "report.html")
