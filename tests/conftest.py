@@ -33,6 +33,18 @@ def random_posts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 30)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
 
 
+def byte_level_bpe(lines: list[str], special_tokens: list[str]):
+    """A byte-level BPE tokenizer (RoBERTa's and GPT-2's kind, 400 tokens) trained on ``lines``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 def build_tiny_classifier(folder: Path, *, num_layers: int = 2, labels=LABELS, seed: int = 0) -> Path:
     """A 2-layer BERT sequence classifier with a WordPiece tokenizer trained on a few lines."""
     import torch

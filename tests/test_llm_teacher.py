@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import LABELS, random_posts
+from conftest import LABELS, byte_level_bpe, random_posts
 
 from kd_ray.config import TeacherConfig
 from kd_ray.errors import ModelError
@@ -22,21 +22,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
 
 def build_tiny_causal_lm(folder: Path, family: str, seed: int = 0) -> Path:
     """A random causal LM whose byte-level BPE tokenizer has ' negative', ' neutral', ' positive' as tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        AutoModelForCausalLM,
-        GPT2Config,
-        LlamaConfig,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     lines = [PROMPT.format(text=p) + f" {LABELS[i % 3]}" for i, p in enumerate(random_posts(300, seed=2))]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(lines * 3, trainer=trainer)
+    tok = byte_level_bpe(lines * 3, ["<|endoftext|>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                         unk_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import WORDS, build_tiny_classifier, random_posts
+from conftest import WORDS, build_tiny_classifier, byte_level_bpe, random_posts
 
 KNOWN = WORDS[:20]  # the trimming corpus uses these words only; held-out posts use them all
 CORPUS = [" ".join(random.Random(i).choices(KNOWN, k=8)) for i in range(60)]
@@ -19,26 +19,10 @@ SPECIALS = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
 def build_tiny_roberta(folder):
     """A 2-layer RoBERTa classifier with a byte-level BPE trained on a few lines."""
     import torch
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import (
-        PreTrainedTokenizerFast,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-    )
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(random_posts(200, seed=1) + [" ".join(WORDS)], trainer=trainer)
+    tok = byte_level_bpe(random_posts(200, seed=1) + [" ".join(WORDS)], ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
                                                       ("<s>", tok.token_to_id("<s>")))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",

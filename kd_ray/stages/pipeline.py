@@ -19,10 +19,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from kd_ray.config import (CorpusConfig, DistillConfig, EvalSetConfig, ExportConfig, FinetuneConfig,
-                           LabelConfig, LabelOutputConfig, PipelineConfig, TuneConfig)
+                           LabelConfig, LabelOutputConfig, PipelineConfig, RunTeacherConfig, TuneConfig)
 from kd_ray.console import say
 from kd_ray.stages.evaluate import SINGLE_TASK, evaluate_models, headline, metrics_report, summary_table
 from kd_ray.stages.export import run_export
@@ -119,46 +119,66 @@ def label_corpus(cfg: PipelineConfig) -> CorpusConfig:
     return cfg.data.train.model_copy(update=update)
 
 
-def stages(cfg: PipelineConfig) -> list[Stage]:
-    """The stages this run is made of, in order (each could be run alone with its own command)."""
+class RunTeacher(NamedTuple):
+    """One task's teacher in a run: the task, its config, its gold column in data.train, where the model is (or
+    will be fine-tuned to)."""
+
+    task: str
+    cfg: RunTeacherConfig
+    gold: str | None
+    path: str
+
+
+def run_teachers(cfg: PipelineConfig) -> list[RunTeacher]:
     out = Path(cfg.output)
-    teachers = cfg.teacher_fields()
-    tasks = [SINGLE_TASK] if cfg.tasks is None else list(cfg.tasks)
-    gold = {task: (cfg.data.train.label_column if cfg.tasks is None else cfg.tasks[task].label_column)
-            for task in tasks}
-    paths = {task: t.model or str(out / ("teacher" if cfg.tasks is None else f"teachers/{task}"))
-             for task, t in zip(tasks, teachers.values())}
-    finetune = lambda cfg: finetune_plan(cfg, rows=0)  # noqa: E731 (its rows are counted once it reads them)
-    run: list[Stage] = [Stage(
-        "finetune" if task == SINGLE_TASK else f"finetune_{task}", FinetuneConfig(
-            data=cfg.data.train.model_copy(update={"label_column": gold[task], "task_label_columns": {}}),
-            base_model=t.base_model, labels=t.labels, validation=_eval_set(cfg, cfg.data.validation, task),
-            train=t.train, output=paths[task], ray=cfg.ray), run_finetune, finetune)
-        for task, t in zip(tasks, teachers.values()) if t.base_model is not None]
-    named = {} if cfg.tasks is None else {task: {"name": task, "task": task} for task in tasks}
-    # the run folder is the pipeline's own: labels of an older teacher are replaced, not refused
-    run.append(Stage("label", LabelConfig(
+    if cfg.tasks is None:
+        return [RunTeacher(SINGLE_TASK, cfg.teacher, cfg.data.train.label_column,
+                           cfg.teacher.model or str(out / "teacher"))]
+    return [RunTeacher(task, tc.teacher, tc.label_column, tc.teacher.model or str(out / "teachers" / task))
+            for task, tc in cfg.tasks.items()]
+
+
+def _finetune_stages(cfg: PipelineConfig, teachers: list[RunTeacher]) -> list[Stage]:
+    """The fine-tuning of each teacher given as a base model (its rows are counted once it reads them)."""
+    return [Stage("finetune" if t.task == SINGLE_TASK else f"finetune_{t.task}", FinetuneConfig(
+        data=cfg.data.train.model_copy(update={"label_column": t.gold, "task_label_columns": {}}),
+        base_model=t.cfg.base_model, labels=t.cfg.labels, validation=_eval_set(cfg, cfg.data.validation, t.task),
+        train=t.cfg.train, output=t.path, ray=cfg.ray), run_finetune, lambda ft: finetune_plan(ft, rows=0))
+        for t in teachers if t.cfg.base_model is not None]
+
+
+def _label_stage(cfg: PipelineConfig, teachers: list[RunTeacher]) -> Stage:
+    """Every teacher over train + transfer in one pass; one teacher keeps the default name (teacher_logits). The
+    run folder is the pipeline's own: labels of an older teacher are replaced, not refused."""
+    named = lambda t: {} if cfg.tasks is None else {"name": t.task, "task": t.task}  # noqa: E731
+    return Stage("label", LabelConfig(
         corpus=label_corpus(cfg), compute=cfg.label, augment=cfg.augment, ray=cfg.ray,
-        teachers=[t.labeling(paths[task], **named.get(task, {})) for task, t in zip(tasks, teachers.values())],
-        output=LabelOutputConfig(path=str(out / "soft_labels"), logits_dtype=cfg.logits_dtype, overwrite=True)),
-        label_main))
+        teachers=[t.cfg.labeling(t.path, **named(t)) for t in teachers],
+        output=LabelOutputConfig(path=str(Path(cfg.output) / "soft_labels"), logits_dtype=cfg.logits_dtype,
+                                 overwrite=True)), label_main)
+
+
+def _student_stages(cfg: PipelineConfig, teachers: list[RunTeacher]) -> tuple[list[Stage], dict[str, str]]:
+    """The student (or the search that picks it), its alpha=0 twin, its ONNX export; and every model the
+    evaluation scores, by name."""
+    out = Path(cfg.output)
     distill = DistillConfig(soft_labels=str(out / "soft_labels"), student=cfg.student, loss=cfg.loss,
                             validation=_eval_set(cfg, cfg.data.validation), train=cfg.distill, ray=cfg.ray,
                             output=str(out / "student"),
                             tasks={t: tc.loss for t, tc in cfg.tasks.items()} if cfg.tasks else None)
-    students = {"student": distill.output}
+    plan = lambda d: distill_plan(d)[0]  # noqa: E731
     if cfg.tune is not None:  # the search replaces the single distillation; its first trial is that one
-        run.append(Stage("tune", TuneConfig(distill=distill, search=cfg.tune, output=str(out / "tune"), ray=cfg.ray),
-                         run_tune))
-        students["student"] = str(out / "tune" / "student")
+        run = [Stage("tune", TuneConfig(distill=distill, search=cfg.tune, output=str(out / "tune"), ray=cfg.ray),
+                     run_tune)]
+        students = {"student": str(out / "tune" / "student")}
     else:
-        run.append(Stage("distill", distill, run_distill, lambda cfg: distill_plan(cfg)[0]))
-    if cfg.baseline_without_distillation and any(gold.values()):  # alpha=0 learns from gold
+        run, students = [Stage("distill", distill, run_distill, plan)], {"student": distill.output}
+    if cfg.baseline_without_distillation and any(t.gold for t in teachers):  # alpha=0 learns from gold
         alpha0 = distill.model_copy(update={
             "loss": cfg.loss.model_copy(update={"alpha": 0.0}), "output": str(out / "student_alpha0"),
             "tasks": {t: tc.model_copy(update={"alpha": 0.0}) for t, tc in distill.tasks.items()}
             if distill.tasks else None})
-        run.append(Stage("distill_alpha0", alpha0, run_distill, lambda cfg: distill_plan(cfg)[0]))
+        run.append(Stage("distill_alpha0", alpha0, run_distill, plan))
         students["student_alpha0"] = alpha0.output
     if cfg.export:  # the served student, in the same evaluation
         # no parity bar here: the evaluation reports the int8 file's quality and agreement beside the student's;
@@ -168,13 +188,19 @@ def stages(cfg: PipelineConfig) -> list[Stage]:
                               max_length=cfg.eval.max_length, min_agreement=0.0)
         run.append(Stage("export", export, run_export))
         students["student_int8"] = str(Path(export.output) / "model.int8.onnx")
+    return run, students
+
+
+def stages(cfg: PipelineConfig) -> list[Stage]:
+    """The stages this run is made of, in order (each could be run alone with its own command)."""
+    teachers = run_teachers(cfg)
+    students, students_by_name = _student_stages(cfg, teachers)
     # each teacher is scored as it labels (an LLM teacher through its prompt)
-    run.append(Evaluate("evaluate", {"teachers": {task: t.labeling(paths[task], task=task) for task, t in
-                                                  zip(tasks, teachers.values())},
-                                     "students": students, "test": _eval_set(cfg, cfg.data.test), "args": cfg.eval},
-                        evaluate_models, folder=cfg.output))
-    run.append(Report("report", cfg.output, write_report))
-    return run
+    evaluate = {"teachers": {t.task: t.cfg.labeling(t.path, task=t.task) for t in teachers},
+                "students": students_by_name, "test": _eval_set(cfg, cfg.data.test), "args": cfg.eval}
+    return [*_finetune_stages(cfg, teachers), _label_stage(cfg, teachers), *students,
+            Evaluate("evaluate", evaluate, evaluate_models, folder=cfg.output),
+            Report("report", cfg.output, write_report)]
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
