@@ -783,8 +783,7 @@ class RunTeacherConfig(TeacherConfig):
 
     def labeling(self, model: str, **update) -> TeacherConfig:
         """The teacher as the labeling stage runs it, from ``model``."""
-        fields = self.model_dump(exclude={"base_model", "train"}) | {"model": model, **update}
-        return TeacherConfig(**fields)
+        return TeacherConfig(**self.model_dump(exclude={"base_model", "train"}) | {"model": model, **update})
 
 
 class PipelineDataConfig(Section):

@@ -22,7 +22,7 @@ REASONS = ["Late Flight", "Lost Luggage", "Customer Service Issue", "Other"]
 def test_an_earlier_schemas_folder_validates_and_names_its_gold_columns(folder, gold):
     assert validate_soft_labels(str(FIXTURES / folder))["rows"] == 48
     info = read_soft_label_info(str(FIXTURES / folder))
-    assert {task: info.gold_column(task) for task in gold} == gold
+    assert {task: info.metadata.gold_column(task) for task in gold} == gold
 
 
 @pytest.mark.slow

@@ -237,7 +237,6 @@ class SoftLabelInfo:
     files: list[str]
     metadata: SoftLabelMetadata
     num_rows: int
-    extra: dict[str, Any] = field(default_factory=dict)
     files_digest: str = ""  # the part files' names, sizes and modification times: a relabeled folder differs
     # corpus shard key -> [[part file, [row group, ...]], ...] (a file without a kd-ray footer: [[file, None]] under
     # its own name): what `read_units` reads, per shard, not per row
@@ -257,12 +256,8 @@ class SoftLabelInfo:
         for t in self.teachers:
             if name in (None, t.name):
                 return t
-        raise SoftLabelError(
-            f"soft labels at {self.path} have no teacher named {name!r}; they hold {[t.name for t in self.teachers]}"
-        )
-
-    def gold_column(self, task: str) -> str | None:
-        return self.metadata.gold_column(task)
+        raise SoftLabelError(f"soft labels at {self.path} have no teacher named {name!r}; they hold "
+                             f"{[t.name for t in self.teachers]}")
 
 
 def list_part_files(path: str) -> tuple[pafs.FileSystem, list[str]]:

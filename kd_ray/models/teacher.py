@@ -67,9 +67,7 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
         raise ModelError(f"cannot load the {what} config from {model!r}: {e}") from e
     architectures = config.architectures or []
     if labels is not None:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_classifier_config(config):
             raise ModelError(f"{what} {model!r} is a {architectures or config.model_type} model, not a causal "

@@ -120,8 +120,7 @@ def label_corpus(cfg: PipelineConfig) -> CorpusConfig:
 
 
 class RunTeacher(NamedTuple):
-    """One task's teacher in a run: the task, its config, its gold column in data.train, where the model is (or
-    will be fine-tuned to)."""
+    """One task's teacher in a run: its config, its gold column in data.train, where its model is (or goes)."""
 
     task: str
     cfg: RunTeacherConfig

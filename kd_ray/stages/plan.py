@@ -154,7 +154,7 @@ def _task_plans(cfg: DistillConfig, info: SoftLabelInfo, requested: dict[str, Ta
         weights = tc.teachers or {t.name: 1.0 for t in chosen[task]}
         beta = tc.beta if tc.beta is not None else cfg.loss.beta
         plans.append(TaskPlan(
-            **spec.model_dump(), gold_column=info.gold_column(task), teacher_model=chosen[task][0].model,
+            **spec.model_dump(), gold_column=info.metadata.gold_column(task), teacher_model=chosen[task][0].model,
             teachers={logits_column(n): w for n, w in weights.items()}, kind=tc.kind or cfg.loss.kind,
             temperature=tc.temperature if tc.temperature is not None else cfg.loss.temperature,
             alpha=tc.alpha if tc.alpha is not None else cfg.loss.alpha, weight=tc.weight,
