@@ -35,6 +35,10 @@ STAGES: dict[str, tuple[str, str | None, str]] = {
     "run": ("kd_ray.stages.pipeline", "PipelineConfig", "Run the whole job from one YAML: finetune, label, distill, evaluate."),
     "export": ("kd_ray.stages.export", "ExportConfig",
                "Export a trained model to ONNX (and int8) with its tokenizer and labels; check it against PyTorch."),
+    "predict": ("kd_ray.stages.predict", "PredictConfig",
+                "Write a trained model's label and probabilities per task for every post of a corpus, as Parquet."),
+    "serve": ("kd_ray.stages.serve", "ServeConfig",
+              "Answer HTTP posts with a trained model's labels and probabilities (a Ray Serve application)."),
     "report": ("kd_ray.stages.report", None, "Write an HTML page with plots (and the plots as PNG) for a run folder."),
     "validate": ("kd_ray.data.soft_labels", None, "Check a soft-label folder: schema, metadata, ids, finite logits."),
 }

@@ -79,10 +79,12 @@ Verbalizer = dict[str, str | list[str]]  # an LLM teacher's label -> its word, o
 
 class TeacherConfig(Section):
     model: str = Field(description="Teacher: a Hugging Face sequence-classification model folder or hub id (kind "
-                       "'classifier'), or a causal language model's (kind 'llm').")
-    kind: Literal["classifier", "llm"] = Field("classifier", description="'classifier': a fine-tuned sequence "
+                       "'classifier'), a causal language model's (kind 'llm'), or an .onnx file `kd-ray export` wrote "
+                       "(kind 'onnx', beside its tokenizer and config.json).")
+    kind: Literal["classifier", "llm", "onnx"] = Field("classifier", description="'classifier': a fine-tuned sequence "
         "classifier, its logits stored; 'llm': a (instruction-tuned) causal LM prompted with each post, its "
-        "next-token log-probabilities of the label words stored as the logits.")
+        "next-token log-probabilities of the label words stored as the logits; 'onnx': an exported classifier run "
+        "by ONNX Runtime on CPU (a model path ending in .onnx is this kind).")
     prompt: str | None = Field(None, description="kind llm: the prompt, with {text} where the post goes (few-shot "
         "examples may precede it; write other braces as {{ }}). The label word follows it directly.")
     labels: list[str] | None = Field(None, min_length=2, description="The label set, in the order of the stored "
@@ -106,9 +108,16 @@ class TeacherConfig(Section):
         "encoders such as all-mpnet-base-v2 were trained to put meaning in) or the first token's ('cls'). null: "
         "logits only.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _onnx_file(cls, data: Any) -> Any:
+        onnx = isinstance(data, dict) and str(data.get("model", "")).endswith(".onnx")
+        return {**data, "kind": "onnx"} if onnx and data.get("kind") in (None, "classifier") else data
+        return data
+
     @model_validator(mode="after")
     def _llm_fields(self) -> TeacherConfig:
-        if self.encoder:
+        if not self.prompted:
             given = [k for k in ("prompt", "verbalizer", "calibrate", "chat") if getattr(self, k) not in (None, False)]
             if given:
                 raise ValueError(f"only an LLM teacher (kind: llm) takes {', '.join(given)}; a classifier's "
@@ -131,8 +140,13 @@ class TeacherConfig(Section):
         return self
 
     @property
+    def prompted(self) -> bool:
+        """Whether the teacher is a prompted LM (its prompt, labels and label words are its config)."""
+        return self.kind == "llm"
+
+    @property
     def encoder(self) -> bool:
-        """Whether the teacher is an encoder (a classifier): one a student can be cut from, or fine-tuned."""
+        """Whether the teacher is an encoder (a PyTorch classifier): one a student can be cut from, or fine-tuned."""
         return self.kind == "classifier"
 
     @property
@@ -750,6 +764,77 @@ class ExportConfig(Section):
             raise ValueError("export.trim_corpus is set but export.trim_vocab is false: set trim_vocab true to trim "
                              "the vocabulary to it, or remove trim_corpus")
         return self
+
+
+class ScoredModelConfig(Section):
+    """A trained classifier that `kd-ray predict` and `kd-ray serve` run: its file, its task, its input length."""
+
+    model: str = Field(description="The model: a Hugging Face sequence-classifier folder (a kd-ray student, multi-task "
+        "too) or an .onnx file `kd-ray export` wrote (model.int8.onnx: the fast one on CPU).")
+    task: str = Field("sentiment", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="A single-task model's task: its "
+        "columns are '<task>_label' and '<task>_probs' (a multi-task model names its own tasks).")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated and counted.")
+
+    def teacher(self, name: str = "model") -> TeacherConfig:
+        """The model as the labeler runs it."""
+        return TeacherConfig(model=self.model, name=name, task=self.task, max_length=self.max_length)
+
+
+class PredictOutputConfig(Section):
+    path: str = Field(description="Output folder (local, s3://, gs://) for the prediction Parquet files.")
+    rows_per_file: int = Field(100_000, ge=1, le=10_000_000, description="Rows per Parquet file, at least (the last "
+        "file may hold fewer).")
+    logits: bool = Field(False, description="Also store the raw logits (column 'model_logits').")
+    text: bool = Field(False, description="Also store each post's text (as the model saw it).")
+    overwrite: bool = Field(False, description="Delete an existing, different output folder instead of refusing.")
+
+
+class PredictConfig(ScoredModelConfig):
+    """`kd-ray predict`: a trained model's label and probabilities, per task, for every post of a corpus, as
+    Parquet: labeling's reading, sharding, resume and exactly-once writing, with the model as the teacher."""
+
+    corpus: CorpusConfig
+    compute: LabelComputeConfig = Field(default_factory=LabelComputeConfig)
+    output: PredictOutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _no_gold(self) -> PredictConfig:
+        given = [f"corpus.{k}" for k in ("label_column", "task_label_columns") if getattr(self.corpus, k)]
+        if given:
+            raise ValueError(f"kd-ray predict reads no gold labels, but {' and '.join(given)} is set: remove it "
+                             "(`kd-ray evaluate` scores a model against gold labels)")
+        return self
+
+    def label_config(self) -> LabelConfig:
+        """The labeling run that writes these predictions."""
+        output = LabelOutputConfig(path=self.output.path, rows_per_file=self.output.rows_per_file,
+                                   overwrite=self.output.overwrite)
+        return LabelConfig(corpus=self.corpus, teachers=[self.teacher()], compute=self.compute, output=output,
+                           ray=self.ray)
+
+
+class ServeConfig(ScoredModelConfig):
+    """`kd-ray serve`: the model as a Ray Serve application answering HTTP posts of JSON with each text's label and
+    probabilities per task (the columns `kd-ray predict` writes)."""
+
+    normalize: bool = Field(False, description="Normalise each post as the corpus reader does with corpus.normalize "
+        "(set it when the model was trained on normalised posts).")
+    replicas: int = Field(1, ge=1, le=1024, description="Replicas of the model (Ray Serve deployment replicas).")
+    threads_per_replica: int = Field(1, ge=1, le=64, description="Threads each replica's model runs with.")
+    num_cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs Ray reserves per replica (scheduling).")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most texts a replica runs in one forward pass: "
+        "texts of concurrent requests are batched together (Ray Serve's serve.batch).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="Longest a text waits for others to "
+        "fill its batch.")
+    max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters (longer: HTTP 400).")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
+    route_prefix: str = Field("/", pattern=r"^/", description="Path the application answers under.")
+    name: str = Field("kd-ray", description="Name of the Ray Serve application.")
+    output: str = Field("runs/serve", description="Folder for the log and serve.json (the model, its tasks, "
+        "the URL).")
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class _TeacherLabelsSection(Section):

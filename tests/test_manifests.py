@@ -211,8 +211,8 @@ def operator_errors(doc: dict) -> list[str]:
 
 def test_every_kuberay_manifest_has_a_validator():
     kinds = {p.values[0].get("kind") for p in KUBERAY_DOCS}
-    assert kinds <= {"RayCluster", "RayJob", "PersistentVolumeClaim"}, f"no validator here for {kinds}"
-    assert {"RayCluster", "RayJob", "PersistentVolumeClaim"} <= kinds
+    assert kinds <= {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"}, f"no validator here for {kinds}"
+    assert {"RayCluster", "RayJob", "RayService", "PersistentVolumeClaim"} <= kinds
 
 
 @pytest.mark.parametrize("doc", RAY_DOCS)
@@ -278,6 +278,82 @@ def test_ray_manifest_follows_project_conventions(doc):
         flag = "--output.path" if "--output.path" in argv else "--output"  # label vs training stages
         assert argv[argv.index(flag) + 1].startswith(SHARED_MOUNT + "/")
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
+
+
+# ------------------------------------------------------------------ the RayService (kd-ray serve)
+#
+# No RayService CRD is in ../shared/kuberay-crds/: its rayClusterConfig is a RayCluster spec (checked by the
+# RayCluster CRD, the operator's checks and the conventions), its other fields are the few of KubeRay's
+# RayServiceSpec listed here, and serveConfigV2 is checked by Ray Serve's own schema and kd-ray's ServeConfig.
+
+RAYSERVICE_SPEC_FIELDS = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
+                          "excludeHeadPodFromServeSvc", "rayClusterDeletionDelaySeconds"}
+SERVE_APP = "kd_ray.stages.serve:build_app"
+
+
+def _rayservice() -> dict:
+    return copy.deepcopy(next(p.values[0] for p in KUBERAY_DOCS if p.values[0]["kind"] == "RayService"))
+
+
+def _as_raycluster(service: dict) -> dict:
+    return {"apiVersion": service["apiVersion"], "kind": "RayCluster", "metadata": service["metadata"],
+            "spec": service["spec"]["rayClusterConfig"]}
+
+
+def serve_config_errors(service: dict) -> list[str]:
+    """serveConfigV2 as Ray Serve reads it (`serve deploy`'s schema), and each kd-ray application's args as
+    build_app validates them (kd_ray.config.ServeConfig)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from kd_ray.config import ServeConfig
+
+    errors, config = [], yaml.safe_load(service["spec"]["serveConfigV2"])
+    try:
+        ServeDeploySchema.parse_obj(config)
+    except Exception as e:  # noqa: BLE001  (Ray's pydantic-compat error type)
+        errors.append(f"serveConfigV2: {e}")
+    for app in config.get("applications", []):
+        if app.get("import_path") != SERVE_APP:
+            errors.append(f"application {app.get('name')}: import_path {app.get('import_path')!r}, not {SERVE_APP}")
+            continue
+        try:
+            args = ServeConfig.model_validate(app.get("args", {}))
+        except ValidationError as e:
+            errors.append(f"application {app.get('name')}: args: {e}")
+            continue
+        if not args.model.startswith(SHARED_MOUNT + "/"):
+            errors.append(f"application {app['name']}: model {args.model} is not on the shared volume")
+    return errors
+
+
+def test_the_rayservice_cluster_and_serve_config_validate(crd_validators):
+    pytest.importorskip("ray.serve", reason="needs the serve extra: pip install -e '.[serve]'")
+    service = _rayservice()
+    assert service["apiVersion"] == "ray.io/v1" and set(service["spec"]) <= RAYSERVICE_SPEC_FIELDS
+    cluster = _as_raycluster(service)
+    errors = schema_errors(crd_validators["RayCluster"], cluster) + operator_errors(cluster)
+    errors += serve_config_errors(service)
+    assert not errors, "\n".join(errors)
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == _dockerfile_ray_version()
+    for where, pod in _pod_specs(spec):
+        for container in pod["containers"]:
+            assert container["image"] == _pinned_image().replace("-gpu", "-cpu"), f"{where}: {container['image']}"
+            assert SHARED_MOUNT in {m["mountPath"] for m in container.get("volumeMounts", [])}, where
+
+
+def test_the_serve_config_check_can_fail():
+    pytest.importorskip("ray.serve", reason="needs the serve extra: pip install -e '.[serve]'")
+    service = _rayservice()
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["applications"][0]["args"]["replicas"] = 0
+    config["applications"][0]["args"]["modle"] = "typo"
+    config["http_options"]["port"] = "eighty"
+    service["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    errors = serve_config_errors(service)
+    assert any("http_options" in e or "port" in e for e in errors), errors
+    assert any("replicas" in e and "modle" in e for e in errors), errors
 
 
 # ------------------------------------------------------------------ negative tests: validators can fail

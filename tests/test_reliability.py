@@ -278,13 +278,16 @@ def test_a_labeling_actor_killed_mid_run_is_replaced_and_no_row_is_lost(ray_sess
 
 
 @pytest.mark.fault
-def test_a_labeling_driver_killed_then_rerun_finishes_with_every_row_once(ray_session, teacher, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("command", ["label", "predict"])  # predictions are written by labeling's path
+def test_a_labeling_driver_killed_then_rerun_finishes_with_every_row_once(command, ray_session, teacher,  # noqa: F811
+                                                                          tmp_path):
     ids = write_corpus(tmp_path / "corpus", files=4, rows_per_file=5_000)
     out = tmp_path / "labels"
-    flags = ["--corpus.path", str(tmp_path / "corpus"), "--corpus.id_column", "id", "--teachers.0.model", str(teacher),
+    model = {"label": "--teachers.0.model", "predict": "--model"}[command]
+    flags = ["--corpus.path", str(tmp_path / "corpus"), "--corpus.id_column", "id", model, str(teacher),
              "--output.path", str(out), "--compute.block_rows", "500", "--output.rows_per_file", "2000",
              "--compute.concurrency", "2", "--ray.address", ray_session.get_runtime_context().gcs_address]
-    command = [sys.executable, "-m", "kd_ray.cli", "label", *flags]
+    command = [sys.executable, "-m", "kd_ray.cli", command, *flags]
     # The driver is its own job in the session's Ray instance: killing it ends its job's actors and
     # tasks, as when a `ray job submit` driver or its node dies.
     log = open(tmp_path / "first.log", "w")

@@ -122,6 +122,21 @@ class TeacherInfo(ModelInfo):
         return (representation_column(self.name),) if self.representation else ()
 
 
+class PredictionsInfo(BaseModel):
+    """A prediction folder's (`kd-ray predict`): each task's labels, in the order of the model's joint output, and
+    what is stored besides each task's label and probabilities."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: dict[str, list[str]]
+    logits: bool = False
+    text: bool = False
+
+    def columns(self, task: str) -> tuple[str, str]:
+        """The columns of a task's predicted label and of its probabilities."""
+        return f"{task}_label", f"{task}_probs"
+
+
 class SoftLabelMetadata(BaseModel):
     """The ``kd_ray`` metadata of every part file, typed: what labeling stores and every reader reads."""
 
@@ -139,6 +154,7 @@ class SoftLabelMetadata(BaseModel):
     corpus: str | list[str] | None = None
     unlabeled_corpus: str | list[str] | None = None
     augment: dict[str, Any] | None = None
+    predictions: PredictionsInfo | None = None  # a prediction folder: the model's labels and probabilities per task
     config_hash: str
 
     def stored(self) -> dict[str, Any]:
@@ -169,6 +185,8 @@ class SoftLabelMetadata(BaseModel):
     @property
     def gold_columns(self) -> list[str]:
         """The gold columns of the files, in order."""
+        if self.predictions:
+            return []
         if self.schema_version >= 3:
             return [self.gold_column(task) for task in self.tasks]
         return ["label", *(task_label_column(task) for task in self.task_labels or {})]
@@ -181,13 +199,22 @@ class SoftLabelMetadata(BaseModel):
         """Rows as the corpus reader gives them (the first teacher's task's gold in 'label', another task's in
         'label_<task>') with the gold columns of the files: renamed, and null where the corpus has none."""
         read = {self.tasks[0]: "label"} | {task: task_label_column(task) for task in self.tasks[1:]}
-        for task in self.tasks:
+        for task in self.tasks if not self.predictions else ():
             column, stored = read[task], self.gold_column(task)
             if column in rows.column_names:
                 rows = rows.rename_columns([stored if n == column else n for n in rows.column_names])
             else:
                 rows = rows.append_column(stored, pa.nulls(rows.num_rows, pa.int32()))
         return rows
+
+    @property
+    def value_columns(self) -> list[str]:
+        """The files' float columns: the teachers' logits (a prediction folder's only if kept) and representations,
+        each predicted task's probabilities."""
+        p = self.predictions
+        columns = [c for t in self.teachers for c in ((t.column,) if not p or p.logits else ())
+                   + t.representation_columns]
+        return columns + [p.columns(task)[1] for task in p.tasks] if p else columns
 
 
 def logits_column(teacher_name: str) -> str:
@@ -202,13 +229,18 @@ def soft_label_schema(metadata: SoftLabelMetadata | dict[str, Any]) -> pa.Schema
     """Arrow schema of a part file for the teachers described in ``metadata``."""
     metadata = SoftLabelMetadata.model_validate(metadata)
     value_type = pa.float16() if metadata.logits_dtype == "float16" else pa.float32()
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-    ]
+    predictions = metadata.predictions
+    fields = [pa.field("id", pa.string(), nullable=False)]
+    if not predictions or predictions.text:
+        fields.append(pa.field("text", pa.string(), nullable=False))
     fields += [pa.field(column, pa.int32()) for column in metadata.gold_columns]
+    for task, labels in (predictions.tasks if predictions else {}).items():
+        label, probs = predictions.columns(task)
+        fields += [pa.field(label, pa.string(), nullable=False),
+                   pa.field(probs, pa.list_(pa.float32(), len(labels)), nullable=False)]
     for t in metadata.teachers:
-        fields.append(pa.field(t.column, pa.list_(value_type, len(t.id2label)), nullable=False))
+        if t.column in metadata.value_columns:
+            fields.append(pa.field(t.column, pa.list_(value_type, len(t.id2label)), nullable=False))
         if t.representation:
             fields.append(pa.field(representation_column(t.name), pa.list_(pa.float16(), t.representation.width),
                                    nullable=False))
@@ -221,9 +253,9 @@ REJECTED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.fie
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
-    """How part files are written: zstd, and the logits and representations BYTE_STREAM_SPLIT-encoded
-    (dictionary encoding of floats only wastes space; benchmarks/soft_label_storage.py)."""
-    logits = [f.name for f in schema if f.name.endswith(("_logits", "_representation"))]
+    """How part files are written: zstd, and the float columns (logits, representations, probabilities)
+    BYTE_STREAM_SPLIT-encoded (dictionary encoding of floats only wastes space; benchmarks/soft_label_storage.py)."""
+    logits = [f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)]
     return pq.ParquetWriter(sink, schema, compression="zstd",
                             use_dictionary=[f.name for f in schema if f.name not in logits],
                             column_encoding={f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in logits})
@@ -380,7 +412,7 @@ def part_stats(table: pa.Table, metadata: SoftLabelMetadata) -> dict[str, Any]:
         "rows": table.num_rows,
         "truncated": pc.sum(table.column("truncated")).as_py() or 0,
         "nonfinite": {c: int(pc.sum(pc.invert(pc.is_finite(pc.list_flatten(table.column(c))))).as_py() or 0)
-                      for t in metadata.teachers for c in (t.column, *t.representation_columns)},
+                      for c in metadata.value_columns},
         "gold": {c: [pc.min(table.column(c)).as_py(), pc.max(table.column(c)).as_py()] for c in metadata.gold_sizes()},
     }
 
@@ -402,8 +434,7 @@ def validate_soft_labels(path: str, *, require_manifest: bool = True) -> dict[st
     info = read_soft_label_info(path)
     fs, _ = filesystem(path)
     problems = _duplicate_ids(fs, info.files)
-    columns = ["truncated", *info.metadata.gold_sizes(),
-               *(c for t in info.teachers for c in (t.column, *t.representation_columns))]
+    columns = ["truncated", *info.metadata.gold_sizes(), *info.metadata.value_columns]
     for file, table in _iter_tables(fs, info.files, columns):  # checked as labeling checks the footers' stats
         problems += [p for p in stats_problems(file, part_stats(table, info.metadata), info.metadata)
                      if p not in problems]

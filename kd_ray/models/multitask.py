@@ -75,6 +75,30 @@ def joint_labels(layout: list[TaskSlice]) -> list[str]:
     return [f"{t.name}{SEPARATOR}{label}" for t in layout for label in t.labels]
 
 
+def task_predictions(logits: np.ndarray, tasks: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """task -> (each row's predicted label index, its (rows, C) softmax probabilities), from a model's joint
+    logits: each task a slice of them, in order, with its own softmax."""
+    results, start = {}, 0
+    for task, labels in tasks.items():
+        z = logits[:, start:start + len(labels)].astype(np.float64)
+        start += len(labels)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        results[task] = probs.argmax(axis=1), probs
+    return results
+
+
+def model_tasks(folder: str | Path, task: str | None) -> dict[str, list[str]]:
+    """A model folder's tasks and their labels, in output order: a multi-task model's layout, or ``task`` with the
+    labels of a single-task classifier's config.json."""
+    if task is None or (Path(folder) / TASKS_FILE).is_file():
+        return {t.name: list(t.labels) for t in read_layout(folder)}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return {task: [config.id2label[i] for i in range(config.num_labels)]}
+
+
 def write_layout(folder: str | Path, layout: list[TaskSlice]) -> None:
     tasks = [{"name": t.name, "labels": list(t.labels), "start": t.start} for t in layout]  # a plan's tasks hold more
     (Path(folder) / TASKS_FILE).write_text(json.dumps({"tasks": tasks}, indent=2))
@@ -148,12 +172,8 @@ class MultiTaskClassifier:
             model, folder = OnnxModel(path), Path(path).parent
         else:
             model, folder = AutoModelForSequenceClassification.from_pretrained(path), path
-        if task is None or (Path(folder) / TASKS_FILE).is_file():
-            layout = read_layout(folder)
-        else:
-            labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-            layout = [TaskSlice(name=task, labels=labels)]
-        return cls(model, AutoTokenizer.from_pretrained(folder), layout, path=path, **kwargs)
+        return cls(model, AutoTokenizer.from_pretrained(folder), task_layout(model_tasks(folder, task)), path=path,
+                   **kwargs)
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -172,9 +192,6 @@ class MultiTaskClassifier:
 
     def predict(self, texts: list[str], batch_size: int = 64) -> dict[str, dict[str, Any]]:
         """task -> {"labels": predicted label per text, "probs": (n, C_task) softmax}."""
-        joint = torch.from_numpy(self.logits(texts, batch_size))
-        results = {}
-        for task in self.layout:
-            probs = task.of(joint).softmax(dim=-1).numpy()
-            results[task.name] = {"labels": [task.labels[i] for i in probs.argmax(axis=1)], "probs": probs}
-        return results
+        predicted = task_predictions(self.logits(texts, batch_size), self.tasks)
+        return {task: {"labels": [labels[i] for i in predicted[task][0]], "probs": predicted[task][1]}
+                for task, labels in self.tasks.items()}

@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kd_ray.data.soft_labels import ModelInfo, RepresentationInfo, TeacherInfo, representation_column
+from kd_ray.data.soft_labels import ModelInfo, PredictionsInfo, RepresentationInfo, TeacherInfo, representation_column
 from kd_ray.errors import ModelError
 from kd_ray.models.inference import (encode, encode_prompts, encoder, hidden_width, is_classifier_config, length_groups,
                                      padded_batches, sorted_outputs)
-from kd_ray.models.multitask import MultiTaskClassifier, TaskSlice
+from kd_ray.models.multitask import MultiTaskClassifier, TaskSlice, task_predictions
+from kd_ray.models.onnx import OnnxModel
 
 if TYPE_CHECKING:  # the labeler runs where only torch, transformers and pyarrow are installed
     from kd_ray.config import TeacherConfig
@@ -31,9 +32,10 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 
 
 def weights_sha256(folder: Path) -> str:
-    """sha256 over a model folder's weight files (shards included), in name order."""
+    """sha256 over a model folder's weight files (shards included), in name order; or over one model file."""
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    files = [folder] if folder.is_file() else sorted(
+        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     for p in files:
         digest.update(p.name.encode())
         with p.open("rb") as f:
@@ -45,21 +47,25 @@ def weights_sha256(folder: Path) -> str:
 def describe_model(model: str, *, revision: str | None = None, what: str = "teacher",
                    hash_weights: bool = True, labels: list[str] | None = None) -> ModelInfo:
     """Check that ``model`` is a loadable sequence classifier (or, given the ``labels`` an LLM teacher
-    names, a causal LM); return its provenance.
+    names, a causal LM; or an .onnx file beside its config.json); return its provenance.
 
     Loads only the config (and hashes local weights), so it is cheap on the driver.
     """
     from transformers import AutoConfig
 
-    folder = Path(model)
+    folder = weights = Path(model).expanduser()
     is_local = folder.exists() or model.startswith((".", "/", "~"))
+    if model.endswith(".onnx"):
+        if not weights.is_file():
+            raise ModelError(f"{what} model file {model} does not exist (an .onnx file `kd-ray export` wrote)")
+        folder = weights.parent
     if is_local:
-        folder = folder.expanduser()
         if not folder.is_dir():
             raise ModelError(f"{what} model folder {model} does not exist")
         if not (folder / "config.json").is_file():
-            raise ModelError(f"{what} model folder {model} has no config.json: not a Hugging Face model folder")
-        if not any((folder / w).is_file() for w in WEIGHT_FILES):
+            raise ModelError(f"{what} model folder {folder} has no config.json: not a Hugging Face model folder "
+                             "(or an export's)")
+        if weights == folder and not any((folder / w).is_file() for w in WEIGHT_FILES):
             raise ModelError(f"{what} model folder {model} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
     try:
         config = AutoConfig.from_pretrained(str(folder) if is_local else model, revision=revision)
@@ -82,9 +88,9 @@ def describe_model(model: str, *, revision: str | None = None, what: str = "teac
     else:
         id2label = {str(k): v for k, v in sorted(config.id2label.items(), key=lambda kv: int(kv[0]))}
     return ModelInfo(
-        model=str(folder.resolve()) if is_local else model,
+        model=str(weights.resolve()) if is_local else model,
         revision=revision,
-        weights_sha256=(weights_sha256(folder) if is_local else f"hub:{model}@{revision or 'main'}")
+        weights_sha256=(weights_sha256(weights) if is_local else f"hub:{model}@{revision or 'main'}")
         if hash_weights else None,
         id2label=id2label,
         architecture=architectures[0] if architectures else config.model_type,
@@ -213,7 +219,31 @@ class PromptedTeacher(ClassifierTeacher):
         return TeacherClassifier(self.info, batch_size=batch_size)
 
 
-TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher}  # TeacherConfig.kind -> its class
+class OnnxTeacher(ClassifierTeacher):
+    """A classifier `kd-ray export` wrote: its .onnx file run by ONNX Runtime on CPU, its tokenizer and labels from
+    the file's folder. Scores posts (`kd-ray predict`, `kd-ray serve`, `kd-ray evaluate`); no student is cut from
+    it."""
+
+    encoder = False
+
+    @classmethod
+    def describe(cls, cfg: TeacherConfig, *, hash_weights: bool = True) -> TeacherInfo:
+        if cfg.representation:
+            raise ModelError(f"teacher {cfg.name!r}: an .onnx file has only its logits; representation is stored "
+                             "from PyTorch classifiers")
+        info = super().describe(cfg, hash_weights=hash_weights)
+        return TeacherInfo(**info.model_dump(exclude_unset=True) | {"kind": cfg.kind})
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(Path(self.info.model).parent)
+
+    def load(self, device: str):
+        return OnnxModel(self.info.model).to(device)
+
+
+TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher, "onnx": OnnxTeacher}  # TeacherConfig.kind -> its class
 
 
 def make_teacher(spec: TeacherConfig | TeacherInfo, *, hash_weights: bool = False) -> ClassifierTeacher:
@@ -331,12 +361,13 @@ class TeacherLabeler:
     stage ran) -> soft-label rows: the same rows plus each teacher's raw logits and ``truncated``.
 
     Rows are sorted by token length and cut into batches of ``batch_size`` rows (and at most
-    ``batch_tokens`` padded tokens) so that little compute goes to padding.
+    ``batch_tokens`` padded tokens) so that little compute goes to padding. With ``predictions`` (one
+    model: `kd-ray predict`, `kd-ray serve`), each of its tasks' predicted label and probabilities too.
     """
 
     def __init__(self, teachers: list[TeacherConfig | TeacherInfo], *, batch_size: int, num_gpus: float = 0.0,
                  threads: int = 1, precision: str = "auto", logits_dtype: str = "float32",
-                 batch_tokens: int | None = None):
+                 batch_tokens: int | None = None, predictions: PredictionsInfo | dict | None = None):
         import torch
 
         self.device = pick_device(num_gpus)
@@ -349,6 +380,9 @@ class TeacherLabeler:
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.logits_type = pa.float16() if logits_dtype == "float16" else pa.float32()
         self.teachers = [make_teacher(t) for t in teachers]
+        self.predictions = PredictionsInfo.model_validate(predictions) if predictions else None
+        if self.predictions and len(self.teachers) != 1:
+            raise ValueError("predictions are made by one model")
         self.tokenizers = Tokenizers(self.teachers)
         self.models = []
         for t, k in zip(self.teachers, self.tokenizers.of_teacher):
@@ -393,6 +427,12 @@ class TeacherLabeler:
                 flat = pa.array(values.reshape(-1), pa.float32()).cast(value_type)
                 columns[column] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
         columns["truncated"] = pa.array(truncated)
+        if self.predictions:
+            logits = outputs[self.teachers[0].info.column][0]
+            for task, (index, probs) in task_predictions(logits, self.predictions.tasks).items():
+                label, probs_column = self.predictions.columns(task)
+                columns[label] = pa.array(np.asarray(self.predictions.tasks[task], dtype=object)[index], pa.string())
+                columns[probs_column] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
         return pa.table(columns)
 
 

@@ -47,7 +47,7 @@ from kd_ray.data.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, estimated_r
 from kd_ray.data.growth import corpus_growth, file_records
 from kd_ray.data.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
 from kd_ray.data.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION,
-                                     SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer, part_stats,
+                                     PredictionsInfo, SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer, part_stats,
                                      read_soft_label_info, soft_label_schema, stats_problems)
 from kd_ray.data.storage import filesystem, read_json, write_json
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
@@ -71,6 +71,7 @@ class LabelSummary:
     skipped_existing: bool = False
     kept_rows: int = 0  # rows (labeled or rejected) already in the folder, kept by this run
     grew: str = ""  # what the corpus gained since a finished labeling of this config (kd_ray.data.growth.Growth.line)
+    command: str = "label"  # 'predict': a model's predictions
 
     @property
     def rows_per_s(self) -> float:
@@ -79,12 +80,13 @@ class LabelSummary:
 
     def line(self) -> str:
         if self.skipped_existing:
-            return f"kd-ray label: {self.output} already holds {self.rows} rows labeled with this config; nothing to do"
+            return (f"kd-ray {self.command}: {self.output} already holds {self.rows} rows labeled with this config; "
+                    "nothing to do")
         kept = ("grew: {} rows kept from the folder's labeling" if self.grew
                 else "resumed: {} rows kept from the interrupted run")
         resumed = (f"; {kept.format(self.kept_rows)}, "
                    f"{self.rows + self.rejected - self.kept_rows} done now" if self.kept_rows else "")
-        return (f"kd-ray label: {self.rows} rows -> {self.files} files in {self.seconds:.1f} s "
+        return (f"kd-ray {self.command}: {self.rows} rows -> {self.files} files in {self.seconds:.1f} s "
                 f"({self.rows_per_s:.0f} rows/s; {self.truncated} truncated, {self.rejected} rejected{resumed}) "
                 f"-> {self.output}")
 
@@ -113,8 +115,9 @@ def task_label_names(teachers: list[TeacherInfo], task_label_columns: dict[str, 
     return {task: by_task[task] for task in task_label_columns}
 
 
-def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
-    """Provenance stored in every part file (see kd_ray.data.soft_labels)."""
+def build_metadata(cfg: LabelConfig, predictions: PredictionsInfo | None = None) -> SoftLabelMetadata:
+    """Provenance stored in every part file (see kd_ray.data.soft_labels); with ``predictions``, a prediction
+    folder's."""
     teachers = [make_teacher(t, hash_weights=True).info for t in cfg.teachers]
     first = teachers[0]
     label_names = first.labels if cfg.corpus.label_column else None
@@ -133,6 +136,8 @@ def build_metadata(cfg: LabelConfig) -> SoftLabelMetadata:
         "corpus": cfg.corpus.path,
         "unlabeled_corpus": cfg.corpus.unlabeled_path,
     }
+    if predictions is not None:
+        metadata["predictions"] = predictions.model_dump()
     if cfg.augment.copies:  # only then, so that the hash of runs without copies stays what it was
         metadata["augment"] = {**cfg.augment.model_dump(), "separator": SEPARATOR,
                                "mask_token": resolve_mask_token(cfg.augment, first.model, cfg.teachers[0].revision)}
@@ -196,7 +201,7 @@ class SoftLabelDatasink(Datasink):
             _write_part(fs, f"{root}/{REJECTED_DIR}", name, rejected, REJECTED_SCHEMA, {"rows": rejected.num_rows})
         if table.num_rows:
             _write_part(fs, root, name, table, soft_label_schema(self.metadata), part_stats(table, self.metadata))
-            print(f"kd-ray label: wrote {name} ({table.num_rows:,} rows"
+            print(f"kd-ray {'predict' if self.metadata.predictions else 'label'}: wrote {name} ({table.num_rows:,} rows"
                   f"{f', {rejected.num_rows:,} set aside' if rejected.num_rows else ''})",
                   flush=True)  # a write task's progress line: Ray forwards it to the driver
         return {"rows": table.num_rows, "rejected": rejected.num_rows, "already_labeled": pc.sum(done).as_py() or 0}
@@ -326,9 +331,11 @@ def actor_count(cfg: LabelConfig) -> int:
     return max(1, int(resources.get("CPU", 1) // c.threads_per_actor))
 
 
-def run_label(cfg: LabelConfig) -> LabelSummary:
+def run_label(cfg: LabelConfig, predictions: PredictionsInfo | None = None) -> LabelSummary:
+    """Label ``cfg.corpus`` into ``cfg.output.path``; with ``predictions``, write its one model's predictions."""
     start = time.perf_counter()
-    metadata = build_metadata(cfg)  # validates teachers before any Ray work starts
+    metadata = build_metadata(cfg, predictions)  # validates teachers before any Ray work starts
+    command = "predict" if predictions else "label"
     done, resume = prepare_output(cfg, metadata)
     shards, grew = list_shards(cfg.corpus), None
     kept = read_parts(cfg.output.path, metadata) if resume else None
@@ -338,13 +345,13 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
             done = None
         elif not grew.shards:
             return LabelSummary(cfg.output.path, done["rows"], len(done["files"]), done["rejected"],
-                                done["truncated"], 0.0, skipped_existing=True)
+                                done["truncated"], 0.0, skipped_existing=True, command=command)
         else:
-            say(f"kd-ray label: corpus grew: {grew.line()}; labeling them into {cfg.output.path}")
+            say(f"kd-ray {command}: corpus grew: {grew.line()}; labeling them into {cfg.output.path}")
             kept = read_parts(cfg.output.path, metadata)
             _start_run(cfg, metadata)
     elif kept is not None:
-        say(f"kd-ray label: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
+        say(f"kd-ray {command}: resuming: {cfg.output.path} holds {kept.rows} rows in {kept.files} committed files "
             f"(and {kept.rejected} rejected rows) from an interrupted run of this config; they are kept and "
             f"only the other rows are labeled")
     init_ray(cfg.ray)
@@ -365,7 +372,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                               f"write tasks wrote {written} and {kept_rows} were kept")
     summary = LabelSummary(output=cfg.output.path, rows=parts.rows, files=parts.files, rejected=parts.rejected,
                            truncated=parts.truncated, seconds=time.perf_counter() - start, kept_rows=kept_rows,
-                           grew=grew.line() if grew else "")
+                           grew=grew.line() if grew else "", command=command)
     changed = set(grew.new_files + grew.appended) if grew else None  # (the record of every other file stands)
     corpus = {**(done or {}).get("corpus", {}),
               **file_records([s for s in shards if changed is None or s.name in changed])}
@@ -427,7 +434,7 @@ def labeled_dataset(cfg: LabelConfig, metadata: SoftLabelMetadata, kept: Parts |
         fn_constructor_kwargs={"teachers": metadata.teachers, "batch_size": c.batch_size,
                                "batch_tokens": c.batch_tokens, "num_gpus": c.num_gpus,
                                "threads": c.threads_per_actor, "precision": c.precision,
-                               "logits_dtype": cfg.output.logits_dtype},
+                               "logits_dtype": cfg.output.logits_dtype, "predictions": metadata.predictions},
         batch_size=block_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
