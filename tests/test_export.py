@@ -84,25 +84,32 @@ def test_every_quantization_candidate_is_recorded_and_the_fastest_passing_one_is
     assert chosen["argmax_agreement"] == report["parity"]["int8"]["argmax_agreement"]  # the kept file is that one
 
 
-def _measured(monkeypatch, figures: list[tuple[int, float]]):
-    """Quantization candidates that 'measure' ``figures`` (rows predicted wrong, rows/s) in turn: each candidate file
-    is the fp32 graph, and its logits are PyTorch's with that many rows' predictions moved to another class."""
+def _measured(monkeypatch, figures):
+    """Quantization candidates that 'measure' ``figures`` (rows predicted wrong, rows/s): in turn from a list, or
+    as a function of the candidate's setting. Each candidate file is the fp32 graph, and its logits are PyTorch's
+    with that many rows' predictions moved to another class."""
     import shutil
 
     import kd_ray.stages.export as export
 
     real = export.ParityTexts.onnx_logits
+    settings = {}
+
+    def quantize(fp32, output, setting):
+        settings[output.stem] = setting
+        return shutil.copy(fp32, output) and output
 
     def onnx_logits(self, file, *, tokenizer=None, passes=1):
         if not file.name.startswith("candidate"):
             return real(self, file, tokenizer=tokenizer, passes=passes)
-        wrong, rows_per_s = figures[int(file.stem.removeprefix("candidate"))]
+        index = int(file.stem.removeprefix("candidate"))
+        wrong, rows_per_s = figures(settings[file.stem]) if callable(figures) else figures[index]
         logits = self.expected.copy()
         logits[:wrong] = np.roll(logits[:wrong], 1, axis=1)
         return logits, rows_per_s
 
     monkeypatch.setattr(export, "cpu_has_vnni", lambda: True)
-    monkeypatch.setattr(export, "quantize", lambda fp32, output, setting: shutil.copy(fp32, output) and output)
+    monkeypatch.setattr(export, "quantize", quantize)
     monkeypatch.setattr(export.ParityTexts, "onnx_logits", onnx_logits)
 
 
@@ -120,13 +127,37 @@ def test_the_int8_setting_is_the_fastest_that_meets_the_bar_not_the_fastest(tmp_
 def test_no_setting_meeting_the_bar_is_refused_with_every_figure(tmp_path, tiny_teacher, monkeypatch):
     from kd_ray.errors import ModelError
 
-    _measured(monkeypatch, [(6, 900.0), (3, 500.0), (12, 700.0), (3, 1000.0)])
+    candidates = {("QUInt8", True): (6, 900.0), ("QUInt8", False): (3, 500.0), ("QInt8", True): (12, 700.0),
+                  ("QInt8", False): (3, 1000.0)}  # of 120: 95 %, 97.5 %, 90 %, 97.5 %; no fallback step helps
+    _measured(monkeypatch, lambda s: candidates[s.weight_type, s.per_channel])
     with pytest.raises(ModelError, match=r"no int8 setting .*min_agreement=0.99 of the 120 held-out texts: "
                                          r"QUInt8 per-channel 95.00% \(900 rows/s\), .*export.quantize false"):
         _export(tiny_teacher, tmp_path / "onnx", _posts(tmp_path / "data"), max_length=32)
     record = json.loads((tmp_path / "onnx" / "export.json").read_text())["quantization"]
     assert record["chosen"] is None and len(record["candidates"]) == 4
+    fallback = record["fallback"]
+    assert fallback["base"] == "QInt8 per-tensor"  # the fastest within a point of the best agreement
+    assert len(fallback["steps"]) == fallback["nodes"] // 2 and fallback["nodes"] >= 4
     assert not (tmp_path / "onnx" / "model.int8.onnx").exists()
+
+
+def test_without_a_passing_setting_the_nodes_quantization_hurts_most_stay_fp32(tmp_path, tiny_teacher, monkeypatch):
+    from kd_ray.stages.export import weight_nodes
+
+    _export(tiny_teacher, tmp_path / "first", _posts(tmp_path / "data"), max_length=32, quantize=False)
+    nodes = weight_nodes(tmp_path / "first" / "model.onnx")
+    hurt = {nodes[-1]: 2, nodes[1]: 3}  # rows each node's quantization gets wrong; the others none
+
+    def figures(setting):
+        return sum(n for node, n in hurt.items() if node not in setting.exclude), 900.0 - 10 * len(setting.exclude)
+
+    _measured(monkeypatch, figures)
+    report = _export(tiny_teacher, tmp_path / "onnx", _posts(tmp_path / "data"), max_length=32)
+    fallback = report["quantization"]["fallback"]
+    assert fallback["agreement_with_one_node_fp32"][nodes[1]] == pytest.approx(118 / 120)
+    assert [step["exclude"] for step in fallback["steps"]] == [[nodes[1]], [nodes[1], nodes[-1]]]
+    assert report["quantization"]["chosen"] == "QUInt8 per-channel, 2 node(s) kept fp32"
+    assert report["parity"]["int8"]["argmax_agreement"] == 1.0
 
 
 def test_vnni_is_read_from_the_cpu_flags_and_without_it_int8_weights_are_also_tried_at_7_bits(tmp_path):

@@ -125,11 +125,13 @@ class QuantSetting:
     weight_type: str = "QUInt8"  # 'QUInt8' or 'QInt8'
     per_channel: bool = True  # a scale per output channel, else one per weight tensor
     reduce_range: bool = False  # 7-bit weights: no u8 x s8 saturation on CPUs without VNNI
+    exclude: tuple[str, ...] = ()  # nodes left in fp32 (the ones quantization hurts most)
 
     @property
     def name(self) -> str:
         scale = "per-channel" if self.per_channel else "per-tensor"
-        return f"{self.weight_type} {scale}" + (" reduce-range" if self.reduce_range else "")
+        kept = f", {len(self.exclude)} node(s) kept fp32" if self.exclude else ""
+        return f"{self.weight_type} {scale}" + (" reduce-range" if self.reduce_range else "") + kept
 
 
 def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
@@ -156,8 +158,18 @@ def quantize(fp32: Path, output: Path, setting: QuantSetting) -> Path:
     # the fused operators (com.microsoft domain) have no ONNX shape inference: their outputs are float32
     quantize_dynamic(str(fp32), str(output), weight_type=getattr(QuantType, setting.weight_type),
                      per_channel=setting.per_channel, reduce_range=setting.reduce_range,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     nodes_to_exclude=list(setting.exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return output
+
+
+def weight_nodes(fp32: Path) -> list[str]:
+    """The nodes dynamic quantization changes: those of its operator types that read a weight (an initializer)."""
+    import onnx
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    graph = onnx.load(str(fp32)).graph
+    weights = {init.name for init in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in IntegerOpsRegistry and n.name and weights & set(n.input)]
 
 
 @dataclass
@@ -220,28 +232,61 @@ class ParityTexts:
 def choose_quantization(fp32: Path, output: Path, parity: ParityTexts,
                         min_agreement: float) -> tuple[QuantSetting | None, dict]:
     """Quantize ``fp32`` in every candidate setting and keep, as ``output/model.int8.onnx``, the fastest whose
-    agreement is at least ``min_agreement``; return it (None: no setting reached it) and every candidate's figures."""
+    agreement is at least ``min_agreement``; return it (None: no setting reached it) and every candidate's figures.
+
+    When no setting reaches it, the fastest of those within a point of the best agreement is tried with the nodes
+    quantization hurts most left in fp32 (accuracy-driven fallback): each weight node is measured alone in fp32 (the
+    rest quantized), then the most helpful ones are kept in fp32, one more at a time, until the bar is met (at most
+    half of them)."""
     vnni = cpu_has_vnni()
     record, best = {"cpu_vnni": vnni, "candidates": [], "chosen": None}, None
     (output / FILES["int8"]).unlink(missing_ok=True)  # an earlier export's file must not pass for this one's
     with tempfile.TemporaryDirectory(dir=output) as scratch:
+        def measure(setting: QuantSetting, passes: int = TIMING_PASSES) -> tuple[float, float, Path]:
+            file = quantize(fp32, Path(scratch) / f"candidate{next(counter)}.onnx", setting)
+            logits, rows_per_s = parity.onnx_logits(file, tokenizer=output, passes=passes)
+            return parity.agreement(logits), rows_per_s, file
+
+        counter = itertools.count()
         for setting in quantization_candidates(vnni):
-            file = quantize(fp32, Path(scratch) / f"candidate{len(record['candidates'])}.onnx", setting)
-            logits, rows_per_s = parity.onnx_logits(file, tokenizer=output, passes=TIMING_PASSES)
-            agreement = parity.agreement(logits)
-            record["candidates"].append({"setting": setting.name, **asdict(setting), "argmax_agreement": agreement,
+            agreement, rows_per_s, file = measure(setting)
+            record["candidates"].append({"setting": setting.name, **asdict(setting), "exclude": [],
+                                         "argmax_agreement": agreement,
                                          "rows_per_s": round(rows_per_s, 1), "size_mb": file.stat().st_size / 1e6})
             if agreement >= min_agreement and (best is None or rows_per_s > best[1]):
                 best = setting, rows_per_s, file
+        if best is None:
+            best = _fallback(fp32, record, min_agreement, measure)
         if best is not None:
             shutil.move(best[2], output / FILES["int8"])
             record["chosen"] = best[0].name
     return (best[0] if best else None), record
 
 
+def _fallback(fp32: Path, record: dict, min_agreement: float, measure) -> tuple[QuantSetting, float, Path] | None:
+    """The accuracy-driven fallback of ``choose_quantization``, recorded in ``record['fallback']``."""
+    top = max(c["argmax_agreement"] for c in record["candidates"])
+    base = max((c for c in record["candidates"] if c["argmax_agreement"] >= top - 0.01), key=lambda c: c["rows_per_s"])
+    setting = QuantSetting(base["weight_type"], base["per_channel"], base["reduce_range"])
+    nodes = weight_nodes(fp32)
+    alone = {node: measure(QuantSetting(**{**asdict(setting), "exclude": (node,)}), passes=1)[0] for node in nodes}
+    ranked = sorted(nodes, key=lambda n: -alone[n])
+    steps = []
+    record["fallback"] = {"base": setting.name, "nodes": len(nodes), "agreement_with_one_node_fp32": alone,
+                          "steps": steps}
+    for k in range(1, len(nodes) // 2 + 1):
+        kept = QuantSetting(**{**asdict(setting), "exclude": tuple(ranked[:k])})
+        agreement, rows_per_s, file = measure(kept)
+        steps.append({"setting": kept.name, "exclude": list(kept.exclude), "argmax_agreement": agreement,
+                      "rows_per_s": round(rows_per_s, 1), "size_mb": file.stat().st_size / 1e6})
+        if agreement >= min_agreement:
+            return kept, rows_per_s, file
+    return None
+
+
 def no_setting_message(record: dict, output: Path, rows: int, min_agreement: float) -> str:
     figures = ", ".join(f"{c['setting']} {c['argmax_agreement']:.2%} ({c['rows_per_s']:.0f} rows/s)"
-                        for c in record["candidates"])
+                        for c in record["candidates"] + record.get("fallback", {}).get("steps", [])[-1:])
     return (f"no int8 setting predicts PyTorch's class on export.min_agreement={min_agreement} of the {rows} held-out "
             f"texts: {figures}; {output / FILES['fp32']} (fp32) is written: set export.quantize false to ship it "
             f"alone, or lower export.min_agreement; see {output / REPORT}")
