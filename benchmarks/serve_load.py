@@ -8,7 +8,9 @@ Each server answers POST {"text": ...} with each task's label and probabilities:
   plain   one process: Starlette on uvicorn, one onnxruntime session with every core's threads, each request
           tokenized and run as it comes (no batching), the answer built as kd-ray's
   kd-ray  `kd-ray serve` on a local Ray instance (--replicas replicas of --threads threads, dynamic batching up to
-          --max-batch-size texts)
+          --max-batch-size texts); --variants adds servers of other flags or environment, e.g.
+          '{"kd-ray no wait": {"flags": ["--batch_wait_timeout_s", "0"]},
+            "kd-ray throughput": {"flags": ["--batch_wait_timeout_s", "0"], "env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}}'
 
 wrk (Debian's package: apt-get install wrk) sends the load from one thread, --concurrency connections each
 posting one real tweet after another (the CSV's tweets, normalised, cycled), for --seconds after a --warmup;
@@ -93,6 +95,7 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 300) -> 
 
 
 def start(server: str, args, port: int) -> subprocess.Popen:
+    variant = args.variants.get(server, {})
     if server == "plain":
         command = [sys.executable, __file__, "--serve-plain", "--model", str(args.model), "--max-length",
                    str(args.max_length), "--task", args.task, "--port", str(port)]
@@ -101,9 +104,9 @@ def start(server: str, args, port: int) -> subprocess.Popen:
                    "--task", args.task, "--max_length", str(args.max_length), "--port", str(port),
                    "--replicas", str(args.replicas), "--threads_per_replica", str(args.threads),
                    "--num_cpus_per_replica", str(args.threads), "--max_batch_size", str(args.max_batch_size),
-                   "--output", str(args.work / "serve")]
+                   "--output", str(args.work / "serve"), *variant.get("flags", [])]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **variant.get("env", {})})
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -159,6 +162,7 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--variants", type=json.loads, default={}, help="more kd-ray servers: name -> flags, env")
     parser.add_argument("--work", type=Path, default=Path("runs/serve-load"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
@@ -178,9 +182,10 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     script = lua_script(texts, Path(tempfile.mkdtemp()) / "posts.lua")
     levels = [int(c) for c in args.concurrency.split(",")]
-    runs: dict[str, dict[int, list[dict]]] = {"plain": {c: [] for c in levels}, "kd-ray": {c: [] for c in levels}}
+    servers = ["plain", "kd-ray", *args.variants]
+    runs: dict[str, dict[int, list[dict]]] = {server: {c: [] for c in levels} for server in servers}
     for round_ in range(args.rounds):
-        for server in ("plain", "kd-ray"):
+        for server in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}/"
             process = start(server, args, port)
@@ -199,8 +204,8 @@ def main() -> int:
     record = {"config": {**{k: str(v) for k, v in vars(args).items() if k not in ("serve_plain", "port")},
                          "cores": os.cpu_count(), "cpu": platform.processor(), "date": datetime.date.today().isoformat()},
               "median": summary, "runs": runs,
-              "ratio_kd_ray_over_plain": {c: summary["kd-ray"][c]["requests_per_s"] / summary["plain"][c]["requests_per_s"]
-                                          for c in levels}}
+              "ratio_over_plain": {server: {c: summary[server][c]["requests_per_s"] / summary["plain"][c]["requests_per_s"]
+                                            for c in levels} for server in servers[1:]}}
     print(json.dumps(record["median"], indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -825,8 +825,8 @@ class ServeConfig(ScoredModelConfig):
     num_cpus_per_replica: float = Field(1.0, gt=0, le=64, description="CPUs Ray reserves per replica (scheduling).")
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most texts a replica runs in one forward pass: "
         "texts of concurrent requests are batched together (Ray Serve's serve.batch).")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="Longest a text waits for others to "
-        "fill its batch.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description="Longest a text waits for others to fill "
+        "its batch (0: a batch takes what has queued and runs; texts arriving meanwhile form the next one).")
     max_text_chars: int = Field(100_000, ge=1, description="Longest text accepted, in characters (longer: HTTP 400).")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
