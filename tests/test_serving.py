@@ -214,3 +214,20 @@ def test_serve_answers_http_posts_with_what_predict_wrote(ray_session, multitask
     assert server.returncode == 0, output
     assert "kd-ray serve: stopped" in output
     assert (tmp_path / "predictions" / MANIFEST).is_file()
+
+
+def test_a_missing_or_wrong_model_is_named_before_any_ray_work(tmp_path):
+    from kd_ray.errors import ModelError
+    from kd_ray.stages.predict import run_predict
+    from kd_ray.stages.serve import build_app
+
+    (tmp_path / "not-a-model").mkdir()
+    for model, message in [(tmp_path / "gone" / "model.int8.onnx", "the model file .*model.int8.onnx does not exist"),
+                           (tmp_path / "not-a-model", "the model folder .*not-a-model has no config.json")]:
+        cfg = load_config(PredictConfig, overrides={"model": str(model), "corpus.path": str(tmp_path / "x.jsonl"),
+                                                    "output.path": str(tmp_path / "out")})
+        with pytest.raises(ModelError, match=message):
+            run_predict(cfg)
+        with pytest.raises(ModelError, match=message):
+            build_app({"model": str(model)})
+    assert not (tmp_path / "out").exists()

@@ -16,11 +16,14 @@ from kd_ray.config import PredictConfig
 from kd_ray.console import say
 from kd_ray.data.soft_labels import PredictionsInfo
 from kd_ray.models.multitask import model_tasks
+from kd_ray.models.teacher import describe_model
 from kd_ray.stages.label import LabelSummary, run_label
 
 
 def predictions_info(model: str, task: str, *, logits: bool = False, text: bool = False) -> PredictionsInfo:
-    """What a model predicts: its tasks and their labels (a multi-task model's layout, or ``task``)."""
+    """What a model predicts: its tasks and their labels (a multi-task model's layout, or ``task``); the model
+    checked first (a folder or .onnx file that exists, a sequence classifier's config)."""
+    describe_model(model, what="the", hash_weights=False)
     folder = Path(model).parent if model.endswith(".onnx") else model
     return PredictionsInfo(tasks=model_tasks(folder, task), logits=logits, text=text)
 

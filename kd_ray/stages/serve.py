@@ -96,7 +96,7 @@ class ModelServer:
 def build_app(args: ServeConfig) -> serve.Application:
     """The application, from a ServeConfig (Ray Serve validates a Serve config's ``args`` against it)."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
-    make_teacher(cfg.teacher(), hash_weights=False)  # a bad model path fails here, not in every replica
+    predictions_info(cfg.model, cfg.task)  # a bad model path fails here, not in every replica
     return ModelServer.options(
         num_replicas=cfg.replicas, max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
         ray_actor_options={"num_cpus": cfg.num_cpus_per_replica}).bind(cfg)
