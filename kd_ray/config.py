@@ -113,7 +113,6 @@ class TeacherConfig(Section):
     def _onnx_file(cls, data: Any) -> Any:
         onnx = isinstance(data, dict) and str(data.get("model", "")).endswith(".onnx")
         return {**data, "kind": "onnx"} if onnx and data.get("kind") in (None, "classifier") else data
-        return data
 
     @model_validator(mode="after")
     def _llm_fields(self) -> TeacherConfig:

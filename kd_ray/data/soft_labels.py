@@ -208,6 +208,11 @@ class SoftLabelMetadata(BaseModel):
         return rows
 
     @property
+    def command(self) -> str:
+        """The command that writes such a folder."""
+        return "predict" if self.predictions else "label"
+
+    @property
     def value_columns(self) -> list[str]:
         """The files' float columns: the teachers' logits (a prediction folder's only if kept) and representations,
         each predicted task's probabilities."""

@@ -243,7 +243,7 @@ class OnnxTeacher(ClassifierTeacher):
         return OnnxModel(self.info.model).to(device)
 
 
-TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher, "onnx": OnnxTeacher}  # TeacherConfig.kind -> its class
+TEACHERS = {"classifier": ClassifierTeacher, "llm": PromptedTeacher, "onnx": OnnxTeacher}  # TeacherConfig.kind -> class
 
 
 def make_teacher(spec: TeacherConfig | TeacherInfo, *, hash_weights: bool = False) -> ClassifierTeacher:
@@ -407,6 +407,7 @@ class TeacherLabeler:
         keep = pa.array(ok)
         columns = {n: batch.column(n) for n in batch.column_names if not n.startswith(("_token_ids_", "_truncated_"))}
         truncated = np.zeros(len(ok), dtype=bool)
+        logits = {}  # teacher column -> its (rows, labels) logits
         for t, model, k in zip(self.teachers, self.models, self.tokenizers.of_teacher):
             pooling = t.info.representation.pooling if t.info.representation else None
             outputs = {t.info.column: (np.full((len(ok), t.width(model)), np.nan, np.float32),
@@ -423,13 +424,14 @@ class TeacherLabeler:
                 if t.log_prior is not None:  # calibrated: p(label | post) / p(label | content-free post)
                     outputs[t.info.column][0][ok] -= t.log_prior
             truncated |= batch.column(truncated_column(k)).to_numpy(zero_copy_only=False)
+            logits[t.info.column] = outputs[t.info.column][0]
             for column, (values, value_type) in outputs.items():
                 flat = pa.array(values.reshape(-1), pa.float32()).cast(value_type)
                 columns[column] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
         columns["truncated"] = pa.array(truncated)
         if self.predictions:
-            logits = outputs[self.teachers[0].info.column][0]
-            for task, (index, probs) in task_predictions(logits, self.predictions.tasks).items():
+            joint = logits[self.teachers[0].info.column]
+            for task, (index, probs) in task_predictions(joint, self.predictions.tasks).items():
                 label, probs_column = self.predictions.columns(task)
                 columns[label] = pa.array(np.asarray(self.predictions.tasks[task], dtype=object)[index], pa.string())
                 columns[probs_column] = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])

@@ -158,7 +158,8 @@ def quantize(fp32: Path, output: Path, setting: QuantSetting) -> Path:
     # the fused operators (com.microsoft domain) have no ONNX shape inference: their outputs are float32
     quantize_dynamic(str(fp32), str(output), weight_type=getattr(QuantType, setting.weight_type),
                      per_channel=setting.per_channel, reduce_range=setting.reduce_range,
-                     nodes_to_exclude=list(setting.exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     nodes_to_exclude=list(setting.exclude),
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return output
 
 
@@ -244,13 +245,13 @@ def choose_quantization(fp32: Path, output: Path, parity: ParityTexts,
     vnni = cpu_has_vnni()
     record, best = {"cpu_vnni": vnni, "candidates": [], "chosen": None}, None
     (output / FILES["int8"]).unlink(missing_ok=True)  # an earlier export's file must not pass for this one's
+    counter = itertools.count()
     with tempfile.TemporaryDirectory(dir=output) as scratch:
         def measure(setting: QuantSetting, passes: int = TIMING_PASSES) -> tuple[float, float, Path]:
             file = quantize(fp32, Path(scratch) / f"candidate{next(counter)}.onnx", setting)
             logits, rows_per_s = parity.onnx_logits(file, tokenizer=output, passes=passes)
             return parity.agreement(logits), rows_per_s, file
 
-        counter = itertools.count()
         for setting in quantization_candidates(vnni):
             agreement, rows_per_s, file = measure(setting)
             record["candidates"].append({"setting": setting.name, **asdict(setting), "exclude": [],
@@ -259,7 +260,8 @@ def choose_quantization(fp32: Path, output: Path, parity: ParityTexts,
             if agreement >= min_agreement and (best is None or rows_per_s > best[1]):
                 best = setting, rows_per_s, file
         top = max(c["argmax_agreement"] for c in record["candidates"])
-        base = max((c for c in record["candidates"] if c["argmax_agreement"] >= top - 0.01), key=lambda c: c["rows_per_s"])
+        base = max((c for c in record["candidates"] if c["argmax_agreement"] >= top - 0.01),
+                   key=lambda c: c["rows_per_s"])
         if best is None or base["rows_per_s"] > best[1]:  # a faster setting misses the bar: try it with a fallback
             found = _fallback(fp32, record, base, min_agreement, measure)
             if found is not None and (best is None or found[1] > best[1]):

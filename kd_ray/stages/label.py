@@ -47,8 +47,8 @@ from kd_ray.data.corpus import ALREADY_LABELED, SHARD_COLUMN, Shard, estimated_r
 from kd_ray.data.growth import corpus_growth, file_records
 from kd_ray.data.ray_data import committed_ids, corpus_dataset, parquet_files_dataset
 from kd_ray.data.soft_labels import (MANIFEST, METADATA_KEY, PART_KEY, REJECTED_DIR, REJECTED_SCHEMA, SCHEMA_VERSION,
-                                     PredictionsInfo, SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer, part_stats,
-                                     read_soft_label_info, soft_label_schema, stats_problems)
+                                     PredictionsInfo, SoftLabelMetadata, TeacherInfo, add_shard_groups, parquet_writer,
+                                     part_stats, read_soft_label_info, soft_label_schema, stats_problems)
 from kd_ray.data.storage import filesystem, read_json, write_json
 from kd_ray.errors import CorpusError, KdRayUserError, SoftLabelError
 from kd_ray.models.teacher import TeacherLabeler, make_teacher, tokenize_batch
@@ -201,7 +201,7 @@ class SoftLabelDatasink(Datasink):
             _write_part(fs, f"{root}/{REJECTED_DIR}", name, rejected, REJECTED_SCHEMA, {"rows": rejected.num_rows})
         if table.num_rows:
             _write_part(fs, root, name, table, soft_label_schema(self.metadata), part_stats(table, self.metadata))
-            print(f"kd-ray {'predict' if self.metadata.predictions else 'label'}: wrote {name} ({table.num_rows:,} rows"
+            print(f"kd-ray {self.metadata.command}: wrote {name} ({table.num_rows:,} rows"
                   f"{f', {rejected.num_rows:,} set aside' if rejected.num_rows else ''})",
                   flush=True)  # a write task's progress line: Ray forwards it to the driver
         return {"rows": table.num_rows, "rejected": rejected.num_rows, "already_labeled": pc.sum(done).as_py() or 0}
@@ -335,7 +335,7 @@ def run_label(cfg: LabelConfig, predictions: PredictionsInfo | None = None) -> L
     """Label ``cfg.corpus`` into ``cfg.output.path``; with ``predictions``, write its one model's predictions."""
     start = time.perf_counter()
     metadata = build_metadata(cfg, predictions)  # validates teachers before any Ray work starts
-    command = "predict" if predictions else "label"
+    command = metadata.command
     done, resume = prepare_output(cfg, metadata)
     shards, grew = list_shards(cfg.corpus), None
     kept = read_parts(cfg.output.path, metadata) if resume else None
@@ -391,7 +391,7 @@ def _growth(cfg: LabelConfig, metadata: SoftLabelMetadata, shards: list[Shard], 
     except CorpusError as e:
         if not cfg.output.overwrite:
             raise
-        say(f"kd-ray label: {str(e).splitlines()[0]}; output.overwrite is set: labeling it again from scratch")
+        say(f"kd-ray {metadata.command}: {str(e).splitlines()[0]}; output.overwrite is set: labeling it again from scratch")
         fs, root = filesystem(cfg.output.path)
         fs.delete_dir(root)
         _start_run(cfg, metadata)
